@@ -1,0 +1,61 @@
+"""laet_fast: fused kernels and tools for layer-selective fine-tuning on one consumer GPU.
+
+Public names are imported lazily so that ``import laet_fast`` stays cheap (no transformers import).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+__version__ = "0.1.0"
+
+
+def _mount_source_kernels() -> None:
+    """Make ``laet_fast.kernels`` importable from a source checkout.
+
+    setup.py installs the top-level ``kernels/`` folder as ``laet_fast.kernels``. When Python picks
+    this package up from the checkout itself (running from the repo root), that mapping is absent,
+    so the same folder is registered under the same name here.
+    """
+    name = f"{__name__}.kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    folder = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "kernels"))
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module
+
+
+_mount_source_kernels()
+
+_EXPORTS = {
+    "find_layers": "laet_fast.layers",
+    "LayerStack": "laet_fast.layers",
+    "LayerProbe": "laet_fast.probe",
+    "LayerScores": "laet_fast.scores",
+    "Selection": "laet_fast.selection",
+    "select_layers": "laet_fast.selection",
+    "Reselector": "laet_fast.reselect",
+    "apply_selection": "laet_fast.apply",
+    "export_model": "laet_fast.apply",
+    "build_optimizer": "laet_fast.apply",
+    "plan_memory": "laet_fast.memory",
+    "max_layers_for_budget": "laet_fast.memory",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'laet_fast' has no attribute {name!r}")

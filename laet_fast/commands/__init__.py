@@ -1,0 +1,1 @@
+"""Sub-commands of the ``laet-fast`` command line (see ``laet_fast.cli``)."""

