@@ -46,6 +46,7 @@ _EXPORTS = {
     "apply_selection": "laet_fast.apply",
     "export_model": "laet_fast.apply",
     "build_optimizer": "laet_fast.apply",
+    "suspend_backward_cut": "laet_fast.apply",
     "plan_memory": "laet_fast.memory",
     "max_layers_for_budget": "laet_fast.memory",
 }

@@ -1,0 +1,170 @@
+"""Swap the linear layers of a module for bitsandbytes 4-bit / 8-bit ones, and back.
+
+A flat ``named_children`` walk in the style of gpt-fast: every ``nn.Linear`` (and GPT-2's ``Conv1D``,
+which is a linear layer with a transposed weight) is replaced in place by
+
+* ``bnb.nn.Linear4bit`` for ``"nf4"`` / ``"fp4"``: weights in 4 bits with blockwise absmax scales
+  (double-quantized), matmuls in ``compute_dtype``;
+* ``bnb.nn.Linear8bitLt`` for ``"int8"``: weights in int8 with one scale per output row
+  (``has_fp16_weights=False``, i.e. inference only).
+
+Quantization happens on the device the weight already lives on (bitsandbytes quantizes when a
+``Params4bit`` / ``Int8Params`` is moved to a device; its CPU backend works in 0.50).
+``dequantize_linears`` is the inverse: it rebuilds the original layer class from the quantized weight.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+
+MODES = ("nf4", "fp4", "int8")
+
+_INSTALL_HINT = "Install it with `pip install bitsandbytes` (version 0.45 or newer; 0.50 has a CPU backend)."
+
+# Name of the attribute on a quantized layer that remembers the class it replaced (Conv1D, FalconLinear...).
+_SOURCE_CLASS = "_laet_source_class"
+
+
+def require_bitsandbytes():
+    """Import bitsandbytes or raise an ImportError that says how to install it."""
+    try:
+        import bitsandbytes as bnb
+
+        bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, bnb.functional.dequantize_4bit  # noqa: B018
+    except Exception as error:  # a missing package and a broken install (no native library) look alike to users
+        raise ImportError(f"Quantization needs bitsandbytes, which could not be imported ({error}). {_INSTALL_HINT}") from error
+    return bnb
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D: ``y = x @ weight + bias`` with ``weight`` of shape (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def quant_mode(module: nn.Module) -> str | None:
+    """``"nf4"``, ``"fp4"`` or ``"int8"`` for a bitsandbytes linear layer, None for anything else."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # never imported, so no module can be one of its layers
+        return None
+    if isinstance(module, bnb.nn.Linear4bit):
+        return getattr(module.weight, "quant_type", None) or module.quant_type
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return "int8"
+    return None
+
+
+def quant_modes(module: nn.Module) -> set[str]:
+    """The quantization modes present among the submodules of ``module`` (empty set if none)."""
+    return {mode for mode in map(quant_mode, module.modules()) if mode is not None}
+
+
+def quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Tensors a bitsandbytes layer holds besides its parameters and buffers (scales, code tables)."""
+    mode = quant_mode(module)
+    if mode is None:
+        return []
+    if mode == "int8":
+        return [t for t in (module.weight.SCB, module.state.SCB) if t is not None]
+    state = module.weight.quant_state
+    if state is None:
+        return []
+    tensors = [state.absmax, state.code]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code]
+    return [t for t in tensors if t is not None]
+
+
+def _quantized_linear(layer: nn.Module, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+    bnb = require_bitsandbytes()
+    weight = layer.weight.detach()
+    if _is_conv1d(layer):
+        weight = weight.t()
+    out_features, in_features = weight.shape
+    device = weight.device
+    has_bias = layer.bias is not None
+    if mode == "int8":
+        quantized = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias, has_fp16_weights=False, device="meta")
+        quantized.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
+    else:
+        quantized = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, compute_dtype=compute_dtype,
+                                      quant_type=mode, device="meta")
+        quantized.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, quant_type=mode)
+    if has_bias:
+        quantized.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
+    quantized = quantized.to(device)  # moving the weight to its device is what quantizes it
+    setattr(quantized, _SOURCE_CLASS, type(layer))
+    quantized.train(layer.training)
+    return quantized
+
+
+def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a bitsandbytes layer, in the dtype it was quantized from (float32 for int8)."""
+    bnb = require_bitsandbytes()
+    if quant_mode(layer) == "int8":
+        scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scales)
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def _dequantized_linear(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    weight = _dequantized_weight(layer)
+    dtype = dtype or (layer.bias.dtype if layer.bias is not None else weight.dtype)
+    source = getattr(layer, _SOURCE_CLASS, nn.Linear)
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        if source.__name__ == "Conv1D":
+            restored = source(out_features, in_features)
+            weight = weight.t()
+        else:
+            restored = source(in_features, out_features, bias=layer.bias is not None)
+    restored.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+    if layer.bias is not None:
+        restored.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+    restored.train(layer.training)
+    return restored
+
+
+def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
+    """Replace every ``nn.Linear`` / ``Conv1D`` under ``module`` by a frozen bitsandbytes layer, in place.
+
+    Args:
+        module: any module (here: one transformer block); its linear weights are float tensors on any device.
+        mode: ``"nf4"``, ``"fp4"`` (``Linear4bit``, matmuls in ``compute_dtype``) or ``"int8"`` (``Linear8bitLt``).
+        compute_dtype: dtype of the 4-bit layers' matmuls and outputs (the model's training dtype).
+
+    Returns:
+        How many layers were replaced.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown quantization {mode!r}; choose one of {', '.join(MODES)}.")
+    require_bitsandbytes()
+    count = 0
+    for name, child in module.named_children():
+        if quant_mode(child) is not None:  # bitsandbytes layers subclass nn.Linear: leave them as they are
+            continue
+        if isinstance(child, nn.Linear) or _is_conv1d(child):
+            setattr(module, name, _quantized_linear(child, mode, compute_dtype))
+            count += 1
+        else:
+            count += quantize_linears(child, mode, compute_dtype)
+    return count
+
+
+def dequantize_linears(module: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace every bitsandbytes linear layer under ``module`` by the layer class it came from, in place.
+
+    The weights are ``bnb.functional.dequantize_4bit`` / int8 row-scale dequantized (the quantization
+    error stays); ``dtype`` is the dtype of the restored weights (default: the bias dtype, else the
+    dtype the weight was quantized from). Layers bitsandbytes quantized on load (not through
+    :func:`quantize_linears`) come back as ``nn.Linear``. Returns how many layers were replaced.
+    """
+    count = 0
+    for name, child in module.named_children():
+        if quant_mode(child) is not None:
+            setattr(module, name, _dequantized_linear(child, dtype))
+            count += 1
+        else:
+            count += dequantize_linears(child, dtype)
+    return count
