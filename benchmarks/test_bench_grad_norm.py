@@ -1,0 +1,228 @@
+"""Per-layer gradient norms: fused Triton kernels vs the ways they are usually computed.
+
+Trainable blocks: squared gradient norm per block of a Llama-3.2-1B-shaped model (16 blocks,
+hidden 2048, intermediate 8192, 32 heads, 8 kv heads, head_dim 64; random bf16 tensors of the block
+parameter shapes). ``grouped_sq_norms`` (one fused multi-tensor launch) against
+
+* ``per_tensor_item``: IR-Tuning style, ``t.norm().item()`` for every tensor, summed per block;
+* ``foreach_grouped``: ``torch._foreach_norm`` then squaring and ``index_add_`` per block;
+* ``torch_path``: ``grouped_sq_norms`` under ``LAET_FAST_BACKEND=torch`` (its reference path).
+
+Bytes read = all gradient bytes once; the GPU rows give GB/s and the fraction of the measured
+copy bandwidth (goal: >= 1.5x faster than ``foreach_grouped``, >= 80% of copy bandwidth).
+
+Frozen linear layers: ``||X^T dY||_F^2`` by ``linear_grad_sq_norm`` ("tiled", "gram", "auto")
+against materialising ``dW = dY^T X`` with a matmul and taking its norm, and against the plain
+weight-gradient matmul alone (goal: within 1.2x of it, no weight-sized allocation), at 4096x4096 and
+4096x14336 with 512 to 8192 tokens. Rows give time and peak memory above the inputs.
+
+On a CPU only the PyTorch paths run, at tiny sizes; the Triton cases are skipped. On a GPU the
+suite writes ``benchmarks/results/grad_norm_trainable.json`` and ``grad_norm_frozen.json``.
+
+    python -m pytest benchmarks/test_bench_grad_norm.py -q
+"""
+import pytest
+import torch
+
+from conftest import bandwidth_gbps, copy_bandwidth_gbps, write_result
+from laet_fast.kernels.grad_norm import (
+    grouped_sq_norms,
+    grouped_sq_norms_reference,
+    linear_grad_sq_norm,
+    linear_grad_sq_norm_reference,
+)
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+ROUNDS = 20 if ON_CUDA else 5
+NEEDS_CUDA = "needs CUDA (the interpreter on CPU is a correctness tool, not something to time)"
+
+# ---------------------------------------------------------------------------------------------
+# Trainable blocks
+# ---------------------------------------------------------------------------------------------
+
+LLAMA_1B = dict(blocks=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64)
+TINY = dict(blocks=2, hidden=64, intermediate=256, heads=4, kv_heads=2, head_dim=16)
+MODEL = LLAMA_1B if ON_CUDA else TINY
+TRAINABLE_IMPLS = ["triton", "foreach_grouped", "per_tensor_item", "torch_path"]
+
+
+def _block_shapes(hidden, intermediate, heads, kv_heads, head_dim, **_):
+    """Parameter shapes of one Llama decoder block (nn.Linear weights are [out, in])."""
+    return [
+        (heads * head_dim, hidden),  # q_proj
+        (kv_heads * head_dim, hidden),  # k_proj
+        (kv_heads * head_dim, hidden),  # v_proj
+        (hidden, heads * head_dim),  # o_proj
+        (intermediate, hidden),  # gate_proj
+        (intermediate, hidden),  # up_proj
+        (hidden, intermediate),  # down_proj
+        (hidden,),  # input_layernorm
+        (hidden,),  # post_attention_layernorm
+    ]
+
+
+@pytest.fixture(scope="module")
+def block_grads():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    tensors, groups = [], []
+    for block in range(MODEL["blocks"]):
+        for shape in _block_shapes(**MODEL):
+            tensors.append((torch.randn(shape, generator=gen, device=DEVICE) * 1e-3).to(torch.bfloat16))
+            groups.append(block)
+    return tensors, groups
+
+
+@pytest.fixture(scope="module")
+def trainable_results():
+    rows = []
+    copy_gbps = copy_bandwidth_gbps(DEVICE) if ON_CUDA else None
+    yield {"rows": rows, "copy_gbps": copy_gbps}
+    if ON_CUDA and rows:
+        baseline = {r["impl"]: r["median_us"] for r in rows}.get("foreach_grouped")
+        for r in rows:
+            r["speedup_vs_foreach_grouped"] = baseline / r["median_us"] if baseline else None
+        write_result("grad_norm_trainable", {"model": "Llama-3.2-1B block shapes, bf16", **MODEL,
+                                             "copy_bandwidth_gbps": copy_gbps,
+                                             "bytes_read": "every gradient byte once", "cases": rows})
+
+
+def _foreach_grouped(tensors, index, out):
+    norms = torch._foreach_norm(tensors)
+    out.index_add_(0, index, torch.stack(norms).float().square())
+
+
+def _per_tensor_item(tensors, groups, out_list):
+    for t, g in zip(tensors, groups):
+        out_list[g] += t.norm().item() ** 2
+
+
+@pytest.mark.parametrize("impl", TRAINABLE_IMPLS)
+def test_trainable_block_norms(benchmark, monkeypatch, trainable_results, block_grads, impl):
+    if impl == "triton" and not ON_CUDA:
+        pytest.skip(NEEDS_CUDA)
+    if impl == "torch_path":
+        monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    tensors, groups = block_grads
+    num_blocks = MODEL["blocks"]
+    index = torch.tensor(groups, device=DEVICE)
+
+    def run(out):
+        if impl in ("triton", "torch_path"):
+            grouped_sq_norms(tensors, groups, out)
+        elif impl == "foreach_grouped":
+            _foreach_grouped(tensors, index, out)
+        else:
+            values = [0.0] * num_blocks
+            _per_tensor_item(tensors, groups, values)
+            out += torch.tensor(values, device=DEVICE)
+
+    # A wrong result is not worth timing (and this call also compiles the kernel).
+    check = torch.zeros(num_blocks, device=DEVICE)
+    run(check)
+    want = grouped_sq_norms_reference(tensors, groups, num_blocks)
+    # foreach_grouped and per_tensor_item round each norm to bf16 / go through bf16 norms.
+    rtol = 1e-4 if impl in ("triton", "torch_path") else 2e-2
+    torch.testing.assert_close(check.double(), want, rtol=rtol, atol=0)
+
+    out = torch.zeros(num_blocks, device=DEVICE)
+
+    def run_round():
+        run(out)
+        if ON_CUDA:
+            torch.cuda.synchronize()
+
+    benchmark.group = "grad_norm trainable blocks"
+    benchmark.pedantic(run_round, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return
+    seconds = benchmark.stats.stats.median
+    bytes_read = sum(t.numel() * t.element_size() for t in tensors)
+    row = {"impl": impl, "tensors": len(tensors), "bytes_read": bytes_read, "median_us": seconds * 1e6,
+           "gbps": bandwidth_gbps(bytes_read, seconds)}
+    if trainable_results["copy_gbps"]:
+        row["fraction_of_copy_bandwidth"] = row["gbps"] / trainable_results["copy_gbps"]
+    benchmark.extra_info.update(row)
+    trainable_results["rows"].append(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen linear layers
+# ---------------------------------------------------------------------------------------------
+
+GPU_LINEAR_CASES = [(tokens, 4096, d_out) for d_out in (4096, 14336) for tokens in (512, 2048, 8192)]
+CPU_LINEAR_CASES = [(16, 64, 96), (256, 64, 96)]
+LINEAR_CASES = GPU_LINEAR_CASES if ON_CUDA else CPU_LINEAR_CASES
+FROZEN_IMPLS = ["tiled", "gram", "auto", "torch_path_auto", "materialise", "matmul_only"]
+
+
+@pytest.fixture(scope="module")
+def frozen_results():
+    rows = []
+    yield rows
+    if ON_CUDA and rows:
+        matmul = {(r["tokens"], r["in"], r["out"]): r["median_us"] for r in rows if r["impl"] == "matmul_only"}
+        for r in rows:
+            plain = matmul.get((r["tokens"], r["in"], r["out"]))
+            r["time_vs_plain_matmul"] = r["median_us"] / plain if plain else None
+        write_result("grad_norm_frozen", {"dtype": "bfloat16", "x": "[tokens, in]", "dy": "[tokens, out]",
+                                          "peak_extra_bytes": "max_memory_allocated delta over the inputs",
+                                          "cases": rows})
+
+
+def _frozen_fn(impl, x, dy, out):
+    if impl in ("tiled", "gram", "auto"):
+        return lambda: linear_grad_sq_norm(x, dy, out, method=impl)
+    if impl == "torch_path_auto":
+        return lambda: linear_grad_sq_norm(x, dy, out)
+    if impl == "materialise":
+        return lambda: out.add_((dy.T @ x).float().square().sum())
+    return lambda: dy.T @ x  # the weight-gradient matmul autograd would run
+
+
+@pytest.mark.parametrize("impl", FROZEN_IMPLS)
+@pytest.mark.parametrize("tokens,d_in,d_out", LINEAR_CASES)
+def test_frozen_linear_norm(benchmark, monkeypatch, frozen_results, impl, tokens, d_in, d_out):
+    if impl in ("tiled", "gram", "auto") and not ON_CUDA:
+        pytest.skip(NEEDS_CUDA)
+    if impl == "torch_path_auto":
+        monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(tokens, d_in, generator=gen, device=DEVICE).to(torch.bfloat16)
+    dy = (torch.randn(tokens, d_out, generator=gen, device=DEVICE) * 1e-2).to(torch.bfloat16)
+    out = torch.zeros(1, device=DEVICE)
+    fn = _frozen_fn(impl, x, dy, out)
+
+    fn()  # compiles / autotunes the kernel outside the timing
+    if impl != "matmul_only":
+        out.zero_()
+        fn()
+        want = linear_grad_sq_norm_reference(x, dy)
+        # bf16 dW in "materialise" rounds each entry; the kernels accumulate in float32.
+        rtol = 1e-2 if impl == "materialise" else 1e-4
+        torch.testing.assert_close(out[0].double(), want, rtol=rtol, atol=0)
+
+    peak_extra = None
+    if ON_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak_extra = torch.cuda.max_memory_allocated() - base
+
+    def run_round():
+        fn()
+        if ON_CUDA:
+            torch.cuda.synchronize()
+
+    benchmark.group = f"grad_norm frozen {tokens}x{d_in}x{d_out}"
+    benchmark.pedantic(run_round, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:
+        return
+    seconds = benchmark.stats.stats.median
+    row = {"impl": impl, "tokens": tokens, "in": d_in, "out": d_out, "median_us": seconds * 1e6,
+           "tflops_as_matmul": 2 * tokens * d_in * d_out / seconds / 1e12, "peak_extra_bytes": peak_extra,
+           "weight_bytes_bf16": d_in * d_out * 2}
+    benchmark.extra_info.update(row)
+    frozen_results.append(row)

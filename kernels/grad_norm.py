@@ -1,0 +1,472 @@
+"""Per-layer gradient norms for IR-Tuning style layer selection.
+
+Two kinds of layers need a squared gradient norm each step:
+
+* Trainable blocks have real ``.grad`` tensors. :func:`grouped_sq_norms` reads every gradient once
+  in one fused multi-tensor launch per dtype and adds each tensor's sum of squares into its block's
+  slot of a float32 device buffer, with no host synchronisation.
+* Frozen linear layers have no ``.grad``. The norm their weight gradient would have is
+  ``||dW||_F^2 = ||X^T dY||_F^2`` for the layer input ``X [T, in]`` and output gradient ``dY [T, out]``.
+  :func:`linear_grad_sq_norm` computes it without materialising the ``[in, out]`` matrix, either
+
+  - "tiled": form ``X^T dY`` tile by tile (``tl.dot`` over the token dimension) and reduce the squares
+    of each tile in the epilogue, costing ``2 * T * in * out`` flops, or
+  - "gram": use ``||X^T dY||_F^2 = <X X^T, dY dY^T>_F``, formed tile by tile over token pairs
+    (only the upper triangle, the Gram matrices being symmetric), costing ``T^2 * (in + out)`` flops.
+
+  "auto" picks "gram" when ``T * (in + out) < in * out``, i.e. when there are few tokens.
+
+Weight layout does not matter: an ``nn.Linear`` weight ``[out, in]`` and a GPT-2 ``Conv1D`` weight
+``[in, out]`` have the same Frobenius norm of their gradient.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from laet_fast.backend import TRITON_INTERPRET, use_triton
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor grouped sum of squares
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_sq_norm_kernel(
+    tensor_table_ptr,  # int64 [3, N]: address, numel, group of each tensor
+    chunk_table_ptr,  # int64 [P]: (tensor index << 32) | chunk index within that tensor
+    out_ptr,  # float32 [G]
+    num_tensors,
+    DTYPE: tl.constexpr,
+    PTR_ALIGN: tl.constexpr,  # bytes every tensor address is a multiple of
+    BLOCK: tl.constexpr,
+    BLOCKS_PER_CHUNK: tl.constexpr,
+):
+    CHUNK: tl.constexpr = BLOCK * BLOCKS_PER_CHUNK
+    entry = tl.load(chunk_table_ptr + tl.program_id(0))
+    tensor = entry >> 32
+    chunk = entry - (tensor << 32)
+    address = tl.load(tensor_table_ptr + tensor)
+    numel = tl.load(tensor_table_ptr + num_tensors + tensor)
+    group = tl.load(tensor_table_ptr + 2 * num_tensors + tensor)
+    base = address.to(tl.pointer_type(DTYPE))
+
+    start = chunk * CHUNK
+    length = tl.minimum(numel - start, CHUNK)
+    full_blocks = length // BLOCK
+    offsets = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # Full blocks need no mask; only the last, partial block of a tensor is masked. A pointer made
+    # from an integer carries no alignment, so state it: each block starts PTR_ALIGN-aligned
+    # (BLOCK-element steps from an aligned address), which lets the loads vectorise to 16 bytes.
+    for b in range(0, full_blocks):
+        block_ptrs = tl.multiple_of(base + start + b * BLOCK + offsets, PTR_ALIGN)
+        values = tl.load(block_ptrs).to(tl.float32)
+        acc += values * values
+    tail = start + full_blocks * BLOCK + offsets
+    values = tl.load(base + tail, mask=tail < start + length, other=0.0).to(tl.float32)
+    acc += values * values
+    tl.atomic_add(out_ptr + group, tl.sum(acc, axis=0))
+
+
+def _grouped_sq_norm_config() -> tuple[int, int, int]:
+    """(BLOCK, BLOCKS_PER_CHUNK, num_warps): 64Ki-element chunks on GPU, small ones when interpreting."""
+    if TRITON_INTERPRET:
+        return 512, 4, 4
+    return 4096, 16, 8
+
+
+def _launch_grouped_sq_norms(tensors: list[torch.Tensor], groups: list[int], out: torch.Tensor) -> None:
+    """One launch for tensors that share a dtype; each program reduces one chunk of one tensor."""
+    block, blocks_per_chunk, num_warps = _grouped_sq_norm_config()
+    chunk = block * blocks_per_chunk
+    addresses = [t.data_ptr() for t in tensors]
+    # 16-byte alignment (true for fresh allocations) allows 16-byte loads; otherwise claim only
+    # the element size, which every tensor start satisfies.
+    ptr_align = 16 if all(a % 16 == 0 for a in addresses) else tensors[0].element_size()
+    numels = [t.numel() for t in tensors]
+    chunks = [triton.cdiv(n, chunk) for n in numels]
+    num_tensors = len(tensors)
+
+    tensor_table = torch.tensor([addresses, numels, groups], dtype=torch.int64)
+    counts = torch.tensor(chunks, dtype=torch.int64)
+    tensor_index = torch.repeat_interleave(torch.arange(num_tensors, dtype=torch.int64), counts)
+    first_chunk = torch.cumsum(counts, 0) - counts
+    chunk_index = torch.arange(int(counts.sum()), dtype=torch.int64) - first_chunk[tensor_index]
+    chunk_table = (tensor_index << 32) | chunk_index
+
+    device = out.device
+    if device.type == "cuda":
+        # Pinned memory + non_blocking: the tables reach the GPU without a host synchronisation.
+        tensor_table = tensor_table.pin_memory().to(device, non_blocking=True)
+        chunk_table = chunk_table.pin_memory().to(device, non_blocking=True)
+    _grouped_sq_norm_kernel[(chunk_table.numel(),)](
+        tensor_table,
+        chunk_table,
+        out,
+        num_tensors,
+        DTYPE=_TL_DTYPES[tensors[0].dtype],
+        PTR_ALIGN=ptr_align,
+        BLOCK=block,
+        BLOCKS_PER_CHUNK=blocks_per_chunk,
+        num_warps=num_warps,
+    )
+
+
+def _check_grouped_args(tensors: Sequence[torch.Tensor], groups: Sequence[int], out: torch.Tensor) -> None:
+    if len(tensors) != len(groups):
+        raise ValueError(f"grouped_sq_norms got {len(tensors)} tensors but {len(groups)} group ids; pass one id per tensor.")
+    if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
+        raise ValueError(
+            f"grouped_sq_norms needs `out` to be a contiguous 1-D float32 tensor, got {out.dtype} of shape "
+            f"{tuple(out.shape)}; allocate it with torch.zeros(num_groups, dtype=torch.float32, device=...)."
+        )
+    bad = [g for g in groups if not 0 <= int(g) < out.numel()]
+    if bad:
+        raise ValueError(f"grouped_sq_norms got group ids {bad[:5]} outside [0, {out.numel()}); `out` has one slot per group.")
+    for t in tensors:
+        if t.dtype not in _TL_DTYPES:
+            raise TypeError(f"grouped_sq_norms supports float32/bfloat16/float16/float64 tensors, got {t.dtype}.")
+        if t.device != out.device:
+            raise ValueError(f"grouped_sq_norms got a tensor on {t.device} but `out` on {out.device}; put them on one device.")
+
+
+def grouped_sq_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], out: torch.Tensor) -> None:
+    """Accumulate per-group sums of squares: ``out[groups[i]] += sum(tensors[i].float() ** 2)``.
+
+    Args:
+        tensors: tensors of any shape, float32 / bfloat16 / float16 (float64 also accepted), on
+            ``out``'s device; dtypes may differ. A non-contiguous tensor is copied with
+            ``.contiguous()`` first (an extra read and write of that tensor only).
+        groups: one group id (Python int in ``[0, G)``) per tensor, e.g. the block index.
+        out: float32 ``[G]``, contiguous; updated in place.
+
+    Each tensor is read once. On the Triton path there is one kernel launch per distinct dtype, the
+    partial sums are accumulated in float32 and added atomically (so the summation order, and the
+    last bits, vary between runs). Nothing synchronises with the host.
+    """
+    _check_grouped_args(tensors, groups, out)
+    pairs = [(t if t.is_contiguous() else t.contiguous(), int(g)) for t, g in zip(tensors, groups) if t.numel() > 0]
+    if not pairs:
+        return
+    if not use_triton(out, *(t for t, _ in pairs)):
+        _grouped_sq_norms_torch(pairs, out)
+        return
+    by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
+    for t, g in pairs:
+        by_dtype.setdefault(t.dtype, []).append((t, g))
+    for members in by_dtype.values():
+        _launch_grouped_sq_norms([t for t, _ in members], [g for _, g in members], out)
+
+
+@torch.no_grad()
+def _grouped_sq_norms_torch(pairs: list[tuple[torch.Tensor, int]], out: torch.Tensor) -> None:
+    """PyTorch path of :func:`grouped_sq_norms`: ``torch._foreach_norm`` in float32, squared, then
+    ``index_add_`` into ``out``; all on the device, no host synchronisation."""
+    tensors = [t for t, _ in pairs]
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    squares = torch.stack(norms).square()
+    index = torch.tensor([g for _, g in pairs], dtype=torch.int64)
+    if out.device.type == "cuda":
+        index = index.pin_memory().to(out.device, non_blocking=True)
+    out.index_add_(0, index, squares)
+
+
+def grouped_sq_norms_reference(tensors: Sequence[torch.Tensor], groups: Sequence[int], num_groups: int) -> torch.Tensor:
+    """Reference for :func:`grouped_sq_norms`: ``result[g] = sum_{i: groups[i] = g} sum(tensors[i] ** 2)``.
+
+    Computed in float64, one tensor at a time. Returns float64 ``[num_groups]`` on the tensors'
+    device (CPU when there are none).
+    """
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    result = torch.zeros(num_groups, dtype=torch.float64, device=device)
+    for t, g in zip(tensors, groups):
+        result[int(g)] += t.detach().double().pow(2).sum()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen linear layers: ||X^T dY||_F^2 without the [in, out] matrix
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _xt_dy_sq_norm_tiled_kernel(
+    x_ptr,  # [T, IN]
+    dy_ptr,  # [T, OUT]
+    out_ptr,  # float32 [1]
+    T,
+    IN,
+    OUT,
+    T_BUCKET,  # autotune key only: log2 of T rounded up
+    stride_xt,
+    stride_xi,
+    stride_dyt,
+    stride_dyo,
+    BLOCK_T: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+    GROUP_IN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # Programs that run together share X column tiles: walk GROUP_IN row-tiles of the output
+    # before moving to the next output column tile, so that X and dY tiles are reused from L2.
+    pid = tl.program_id(0)
+    tiles_in = tl.cdiv(IN, BLOCK_IN)
+    tiles_out = tl.cdiv(OUT, BLOCK_OUT)
+    per_group = GROUP_IN * tiles_out
+    first_in = (pid // per_group) * GROUP_IN
+    group_size = tl.minimum(tiles_in - first_in, GROUP_IN)
+    pid_in = first_in + (pid % per_group) % group_size
+    pid_out = (pid % per_group) // group_size
+
+    offs_in = pid_in * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    offs_out = pid_out * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    offs_t = tl.arange(0, BLOCK_T)
+    x_ptrs = x_ptr + offs_in[:, None].to(tl.int64) * stride_xi + offs_t[None, :].to(tl.int64) * stride_xt
+    dy_ptrs = dy_ptr + offs_t[:, None].to(tl.int64) * stride_dyt + offs_out[None, :].to(tl.int64) * stride_dyo
+    in_mask = offs_in < IN
+    out_mask = offs_out < OUT
+
+    acc = tl.zeros([BLOCK_IN, BLOCK_OUT], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t_mask = offs_t + t0 < T
+        x_tile = tl.load(x_ptrs, mask=in_mask[:, None] & t_mask[None, :], other=0.0).to(DOT_DTYPE)
+        dy_tile = tl.load(dy_ptrs, mask=t_mask[:, None] & out_mask[None, :], other=0.0).to(DOT_DTYPE)
+        if IEEE:
+            acc = tl.dot(x_tile, dy_tile, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_tile, dy_tile, acc)
+        x_ptrs += BLOCK_T * stride_xt
+        dy_ptrs += BLOCK_T * stride_dyt
+    # Epilogue: only the tile's sum of squares leaves the program.
+    tl.atomic_add(out_ptr, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _gram_sq_norm_kernel(
+    x_ptr,  # [T, IN]
+    dy_ptr,  # [T, OUT]
+    out_ptr,  # float32 [1]
+    T,
+    IN,
+    OUT,
+    T_BUCKET,  # autotune key only: log2 of T rounded up
+    stride_xt,
+    stride_xi,
+    stride_dyt,
+    stride_dyo,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # Program (s, t) forms the [BLOCK_T, BLOCK_T] tiles of X X^T and dY dY^T for token tiles s and t
+    # and adds sum(G_x * G_dy). Both Gram matrices are symmetric: only s <= t is computed and
+    # off-diagonal tiles count twice.
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    if pid_s <= pid_t:
+        rows_s = pid_s * BLOCK_T + tl.arange(0, BLOCK_T)
+        rows_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_s = rows_s < T
+        mask_t = rows_t < T
+        offs_k = tl.arange(0, BLOCK_K)
+
+        gram_x = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+        xs_ptrs = x_ptr + rows_s[:, None].to(tl.int64) * stride_xt + offs_k[None, :].to(tl.int64) * stride_xi
+        xt_ptrs = x_ptr + offs_k[:, None].to(tl.int64) * stride_xi + rows_t[None, :].to(tl.int64) * stride_xt
+        for k0 in range(0, IN, BLOCK_K):
+            k_mask = offs_k + k0 < IN
+            xs = tl.load(xs_ptrs, mask=mask_s[:, None] & k_mask[None, :], other=0.0).to(DOT_DTYPE)
+            xt = tl.load(xt_ptrs, mask=k_mask[:, None] & mask_t[None, :], other=0.0).to(DOT_DTYPE)
+            if IEEE:
+                gram_x = tl.dot(xs, xt, gram_x, input_precision="ieee")
+            else:
+                gram_x = tl.dot(xs, xt, gram_x)
+            xs_ptrs += BLOCK_K * stride_xi
+            xt_ptrs += BLOCK_K * stride_xi
+
+        gram_dy = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+        ds_ptrs = dy_ptr + rows_s[:, None].to(tl.int64) * stride_dyt + offs_k[None, :].to(tl.int64) * stride_dyo
+        dt_ptrs = dy_ptr + offs_k[:, None].to(tl.int64) * stride_dyo + rows_t[None, :].to(tl.int64) * stride_dyt
+        for k0 in range(0, OUT, BLOCK_K):
+            k_mask = offs_k + k0 < OUT
+            ds = tl.load(ds_ptrs, mask=mask_s[:, None] & k_mask[None, :], other=0.0).to(DOT_DTYPE)
+            dt = tl.load(dt_ptrs, mask=k_mask[:, None] & mask_t[None, :], other=0.0).to(DOT_DTYPE)
+            if IEEE:
+                gram_dy = tl.dot(ds, dt, gram_dy, input_precision="ieee")
+            else:
+                gram_dy = tl.dot(ds, dt, gram_dy)
+            ds_ptrs += BLOCK_K * stride_dyo
+            dt_ptrs += BLOCK_K * stride_dyo
+
+        weight = tl.where(pid_s < pid_t, 2.0, 1.0)
+        tl.atomic_add(out_ptr, weight * tl.sum(tl.sum(gram_x * gram_dy, axis=1), axis=0))
+
+
+def _tiled_configs(tensor_cores: bool) -> list[triton.Config]:
+    """Autotune candidates of the tiled kernel. Float32 operands take the FMA path (IEEE, no TF32),
+    where large tiles cost minutes of compilation for nothing, so they get small tiles only."""
+    if TRITON_INTERPRET:
+        # Several configs would make the autotuner benchmark, which the interpreter cannot do.
+        return [triton.Config({"BLOCK_IN": 32, "BLOCK_OUT": 64, "BLOCK_T": 32, "GROUP_IN": 2}, num_warps=4)]
+    if tensor_cores:
+        shapes = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+                  (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
+    else:
+        shapes = [(64, 64, 32, 4, 3), (64, 128, 16, 4, 3), (128, 64, 16, 4, 3)]
+    return [
+        triton.Config({"BLOCK_IN": bi, "BLOCK_OUT": bo, "BLOCK_T": bt, "GROUP_IN": 8}, num_warps=w, num_stages=s)
+        for bi, bo, bt, w, s in shapes
+    ]
+
+
+def _gram_configs(tensor_cores: bool) -> list[triton.Config]:
+    """Autotune candidates of the Gram kernel (small token tiles keep enough programs busy when T is small)."""
+    if TRITON_INTERPRET:
+        return [triton.Config({"BLOCK_T": 32, "BLOCK_K": 64}, num_warps=4)]
+    if tensor_cores:
+        shapes = [(32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3)]
+    else:
+        shapes = [(32, 32, 4, 3), (64, 32, 4, 3)]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bt, bk, w, s in shapes]
+
+
+def _autotuned(kernel, configs: list[triton.Config]):
+    # The kernels accumulate into `out` atomically: restore_value undoes the autotuner's trial runs
+    # without zeroing what the caller had already accumulated there.
+    return triton.autotune(configs=configs, key=["IN", "OUT", "T_BUCKET"], restore_value=["out_ptr"])(kernel)
+
+
+# Indexed by "operands go to the tensor cores" (bf16/fp16) versus float32 FMA.
+_TILED_KERNELS = {tc: _autotuned(_xt_dy_sq_norm_tiled_kernel, _tiled_configs(tc)) for tc in (True, False)}
+_GRAM_KERNELS = {tc: _autotuned(_gram_sq_norm_kernel, _gram_configs(tc)) for tc in (True, False)}
+
+_METHODS = ("auto", "tiled", "gram")
+
+
+def _choose_method(method: str, tokens: int, d_in: int, d_out: int) -> str:
+    """"gram" costs T^2 (in + out) flops against 2 T in out for "tiled"; prefer it for few tokens."""
+    if method not in _METHODS:
+        raise ValueError(f"linear_grad_sq_norm: unknown method {method!r}; use one of {_METHODS}.")
+    if method != "auto":
+        return method
+    return "gram" if tokens * (d_in + d_out) < d_in * d_out else "tiled"
+
+
+def _flatten_tokens(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() < 1 or dy.dim() < 1 or x.shape[:-1] != dy.shape[:-1]:
+        raise ValueError(
+            f"linear_grad_sq_norm needs x [..., in] and dy [..., out] with the same leading dims, got "
+            f"{tuple(x.shape)} and {tuple(dy.shape)}."
+        )
+    return x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+
+
+def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, method: str = "auto") -> None:
+    """Accumulate the squared Frobenius norm of a linear layer's weight gradient without forming it.
+
+    ``out += ||x^T dy||_F^2`` where ``x`` is flattened to ``[T, in]`` and ``dy`` to ``[T, out]``.
+
+    Args:
+        x: layer input ``[..., in]``, float32 / bfloat16 / float16.
+        dy: gradient of the layer output ``[..., out]``, same leading dims, float32 / bfloat16 / float16
+            (may differ from ``x``'s dtype; then both are read as float32).
+        out: float32 one-element tensor, e.g. ``buf[i:i+1]``; updated in place.
+        method: "tiled" (X^T dY tile by tile), "gram" (<X X^T, dY dY^T>), or "auto" (gram when
+            ``T * (in + out) < in * out``).
+
+    Products accumulate in float32 (bfloat16/float16 operands go to the tensor cores on GPU; float32
+    operands use full IEEE precision, not TF32). No ``[in, out]`` tensor is allocated and nothing
+    synchronises with the host, except the autotuner's one-off benchmarking on the first call for a
+    new (in, out, token-count bucket) on GPU.
+    """
+    if out.dtype != torch.float32 or out.numel() != 1:
+        raise ValueError(
+            f"linear_grad_sq_norm needs `out` to be a one-element float32 tensor (e.g. buf[i:i+1]), got "
+            f"{out.dtype} with {out.numel()} elements."
+        )
+    for name, t in (("x", x), ("dy", dy)):
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"linear_grad_sq_norm supports float32/bfloat16/float16 {name}, got {t.dtype}.")
+    x2, dy2 = _flatten_tokens(x, dy)
+    tokens, d_in = x2.shape
+    d_out = dy2.shape[1]
+    chosen = _choose_method(method, tokens, d_in, d_out)
+    if tokens == 0 or d_in == 0 or d_out == 0:
+        return
+    if not use_triton(x2, dy2, out):
+        out.add_(_linear_grad_sq_norm_torch(x2, dy2, chosen).reshape(out.shape))
+        return
+
+    same_dtype = x2.dtype == dy2.dtype
+    # bf16 arithmetic (tl.dot included) is wrong under the interpreter; fp32 operands are exact there.
+    if same_dtype and not (TRITON_INTERPRET and x2.dtype == torch.bfloat16):
+        dot_dtype = _TL_DTYPES[x2.dtype]
+    else:
+        dot_dtype = tl.float32
+    common = dict(
+        T=tokens,
+        IN=d_in,
+        OUT=d_out,
+        T_BUCKET=max(tokens - 1, 1).bit_length(),
+        stride_xt=x2.stride(0),
+        stride_xi=x2.stride(1),
+        stride_dyt=dy2.stride(0),
+        stride_dyo=dy2.stride(1),
+        DOT_DTYPE=dot_dtype,
+        IEEE=dot_dtype == tl.float32,
+    )
+    tensor_cores = dot_dtype != tl.float32
+    if chosen == "tiled":
+        grid = lambda meta: (triton.cdiv(d_in, meta["BLOCK_IN"]) * triton.cdiv(d_out, meta["BLOCK_OUT"]),)  # noqa: E731
+        _TILED_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
+    else:
+        grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
+        _GRAM_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
+
+
+# Column chunk of the PyTorch "tiled" path: at most this many elements of X^T dY exist at once.
+_TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+@torch.no_grad()
+def _linear_grad_sq_norm_torch(x: torch.Tensor, dy: torch.Tensor, method: str) -> torch.Tensor:
+    """PyTorch path of :func:`linear_grad_sq_norm` on ``x [T, in]``, ``dy [T, out]``; float32 scalar.
+
+    "gram": ``sum((X X^T) * (dY dY^T))`` with two ``[T, T]`` matmuls. "tiled": ``X^T dY`` in column
+    chunks of at most ``_TORCH_CHUNK_ELEMENTS`` elements and always at least two chunks, so the full
+    ``[in, out]`` matrix never exists.
+    """
+    x32 = x.float()
+    dy32 = dy.float()
+    if method == "gram":
+        return ((x32 @ x32.T) * (dy32 @ dy32.T)).sum()
+    d_in, d_out = x.shape[1], dy.shape[1]
+    columns = max(1, min(triton.cdiv(d_out, 2), _TORCH_CHUNK_ELEMENTS // d_in))
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, d_out, columns):
+        total += (x32.T @ dy32[:, start:start + columns]).square().sum()
+    return total
+
+
+def linear_grad_sq_norm_reference(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`linear_grad_sq_norm`: ``sum((x^T dy) ** 2)`` in float64.
+
+    ``x [..., in]`` and ``dy [..., out]`` are flattened over the leading dims. Materialises the
+    ``[in, out]`` matrix; for tests only. Returns a float64 scalar tensor.
+    """
+    x2, dy2 = _flatten_tokens(x, dy)
+    return (x2.double().T @ dy2.double()).pow(2).sum()

@@ -1,0 +1,376 @@
+"""Per-layer gradient norm kernels (kernels/grad_norm.py) against float64 references.
+
+Runs the Triton kernels through the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1),
+and the PyTorch path with LAET_FAST_BACKEND=torch.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from laet_fast.kernels import grad_norm
+from laet_fast.kernels.grad_norm import (
+    grouped_sq_norms,
+    grouped_sq_norms_reference,
+    linear_grad_sq_norm,
+    linear_grad_sq_norm_reference,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _independent_sq_norm(t: torch.Tensor) -> float:
+    """Sum of squares in float64, computed elementwise here rather than by the module under test."""
+    flat = t.detach().reshape(-1).double()
+    return float((flat * flat).sum())
+
+
+def _mixed_tensors(seed: int):
+    """Odd-sized tensors of mixed dtypes, with their group ids, spread over 4 groups."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = [
+        ((1,), torch.float32, 0),
+        ((37,), torch.bfloat16, 1),
+        ((1000,), torch.float16, 2),
+        ((72, 136), torch.bfloat16, 1),
+        ((5000,), torch.float32, 3),
+        ((3, 7, 11), torch.float16, 0),
+        ((2048,), torch.bfloat16, 3),  # exactly one chunk of full blocks under the interpreter
+        ((2049,), torch.bfloat16, 2),  # one element past a chunk boundary
+        ((136, 72), torch.float32, 1),
+    ]
+    tensors = [(torch.randn(shape, generator=gen) * (i + 1)).to(dtype) for i, (shape, dtype, _) in enumerate(specs)]
+    return tensors, [g for _, _, g in specs]
+
+
+def _expected_groups(tensors, groups, num_groups):
+    expected = [0.0] * num_groups
+    for t, g in zip(tensors, groups):
+        expected[g] += _independent_sq_norm(t)
+    return torch.tensor(expected, dtype=torch.float64)
+
+
+def _check_groups(result: torch.Tensor, expected: torch.Tensor, tensors, groups):
+    # float32 accumulation of exactly representable squares: allow what a float32 torch reduction
+    # of the same values would lose, twice over, plus a small relative slack.
+    torch_fp32 = torch.zeros_like(expected)
+    for t, g in zip(tensors, groups):
+        torch_fp32[g] += float(t.float().pow(2).sum())
+    tolerance = 2 * (torch_fp32 - expected).abs() + 1e-6 * expected.abs() + 1e-6
+    error = (result.double() - expected).abs()
+    assert torch.all(error <= tolerance), f"error {error.tolist()} > tolerance {tolerance.tolist()}"
+
+
+def test_grouped_sq_norms_mixed_dtypes_and_accumulation():
+    tensors, groups = _mixed_tensors(seed=1)
+    start = torch.rand(4) + 0.5
+    out = start.clone()
+    grouped_sq_norms(tensors, groups, out)
+    expected = _expected_groups(tensors, groups, 4)
+    _check_groups(out - start, expected, tensors, groups)
+
+    # A second call adds on top of the first.
+    more, more_groups = _mixed_tensors(seed=2)
+    grouped_sq_norms(more, more_groups, out)
+    _check_groups(out - start, expected + _expected_groups(more, more_groups, 4), tensors + more, groups + more_groups)
+
+
+def test_grouped_sq_norms_one_launch_per_dtype(monkeypatch):
+    launches = []
+    kernel = grad_norm._grouped_sq_norm_kernel
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(grad_norm, "_grouped_sq_norm_kernel", CountingKernel())
+    tensors, groups = _mixed_tensors(seed=3)
+    out = torch.zeros(4)
+    grouped_sq_norms(tensors, groups, out)
+    assert len(launches) == len({t.dtype for t in tensors}) == 3
+    _check_groups(out, _expected_groups(tensors, groups, 4), tensors, groups)
+
+
+def test_grouped_sq_norms_many_small_tensors_and_non_contiguous():
+    gen = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in (1, 2, 3, 5, 8, 13, 21, 34, 55, 89)]
+    tensors.append(torch.randn(40, 24, generator=gen).T)  # non-contiguous view
+    tensors.append(torch.randn(64, 9, generator=gen)[:, ::2])  # strided view
+    tensors.append(torch.empty(0))  # empty tensors are skipped
+    groups = [i % 3 for i in range(len(tensors))]
+    out = torch.zeros(3)
+    grouped_sq_norms(tensors, groups, out)
+    _check_groups(out, _expected_groups(tensors, groups, 3), tensors, groups)
+
+
+def test_grouped_sq_norms_reference_matches_independent_sum():
+    tensors, groups = _mixed_tensors(seed=5)
+    reference = grouped_sq_norms_reference(tensors, groups, 4)
+    assert reference.dtype == torch.float64 and reference.shape == (4,)
+    torch.testing.assert_close(reference, _expected_groups(tensors, groups, 4), rtol=1e-12, atol=0)
+
+
+def test_grouped_sq_norms_torch_backend_agrees(monkeypatch):
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    tensors, groups = _mixed_tensors(seed=6)
+    start = torch.rand(4)
+    out = start.clone()
+    grouped_sq_norms(tensors, groups, out)
+    _check_groups(out - start, _expected_groups(tensors, groups, 4), tensors, groups)
+
+
+@pytest.mark.parametrize(
+    "groups, out, message",
+    [
+        ([0, 5], torch.zeros(3), "outside"),
+        ([0], torch.zeros(3), "group ids"),
+        ([0, 1], torch.zeros(3, dtype=torch.float64), "float32"),
+    ],
+)
+def test_grouped_sq_norms_rejects_bad_arguments(groups, out, message):
+    with pytest.raises(ValueError, match=message):
+        grouped_sq_norms([torch.randn(3), torch.randn(4)], groups, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_grad_sq_norm
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear_inputs(shape_x, shape_dy, dtype, seed, padded_rows=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape_x, generator=gen).to(dtype)
+    dy = (torch.randn(shape_dy, generator=gen) * 0.1).to(dtype)
+    if padded_rows:
+        # A masked loss gives padding tokens a zero output gradient.
+        dy.reshape(-1, dy.shape[-1])[-padded_rows:] = 0
+    return x, dy
+
+
+def _independent_linear_reference(x, dy) -> float:
+    x64 = x.reshape(-1, x.shape[-1]).double()
+    dy64 = dy.reshape(-1, dy.shape[-1]).double()
+    grad = torch.einsum("ti,to->io", x64, dy64)
+    return float((grad * grad).sum())
+
+
+def _check_linear(value: float, x, dy):
+    """FlashAttention rule: error <= 2x PyTorch's own error in the input dtype + small slack."""
+    expected = _independent_linear_reference(x, dy)
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
+    torch_own = float((x2.T @ dy2).double().pow(2).sum())
+    tolerance = 2 * abs(torch_own - expected) + 1e-5 * expected
+    assert abs(value - expected) <= tolerance, f"{value} vs {expected} (torch's own {torch_own})"
+
+
+LINEAR_SHAPES = [(37, 72, 136), (5, 200, 96), (300, 24, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["tiled", "gram"])
+@pytest.mark.parametrize("tokens, d_in, d_out", LINEAR_SHAPES)
+def test_linear_grad_sq_norm_methods(tokens, d_in, d_out, method, dtype):
+    if method == "gram" and tokens == 300 and dtype != torch.float32:
+        pytest.skip("gram over 300 tokens is slow in the interpreter; float32 covers this shape")
+    x, dy = _linear_inputs((tokens, d_in), (tokens, d_out), dtype, seed=tokens + d_in, padded_rows=3)
+    start = 0.25
+    out = torch.full((1,), start)
+    linear_grad_sq_norm(x, dy, out, method=method)
+    _check_linear(float(out) - start, x, dy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape_x, shape_dy",
+    [((2, 9, 72), (2, 9, 136)), ((3, 50, 24), (3, 50, 40))],  # auto -> gram, auto -> tiled
+)
+def test_linear_grad_sq_norm_auto_with_batch_dims_into_buffer_slot(shape_x, shape_dy, dtype):
+    x, dy = _linear_inputs(shape_x, shape_dy, dtype, seed=7, padded_rows=4)
+    buffer = torch.rand(3)
+    before = buffer.clone()
+    linear_grad_sq_norm(x, dy, buffer[1:2])
+    _check_linear(float(buffer[1] - before[1]), x, dy)
+    assert torch.equal(buffer[0::2], before[0::2])
+
+
+def test_linear_grad_sq_norm_auto_choice():
+    assert grad_norm._choose_method("auto", 8, 4096, 4096) == "gram"
+    assert grad_norm._choose_method("auto", 8192, 4096, 4096) == "tiled"
+    with pytest.raises(ValueError, match="method"):
+        grad_norm._choose_method("svd", 8, 4, 4)
+
+
+def test_linear_grad_sq_norm_mixed_input_dtypes():
+    x, _ = _linear_inputs((37, 72), (37, 1), torch.float32, seed=8)
+    _, dy = _linear_inputs((37, 1), (37, 136), torch.bfloat16, seed=9)
+    out = torch.zeros(1)
+    linear_grad_sq_norm(x, dy, out, method="tiled")
+    expected = _independent_linear_reference(x, dy)
+    assert abs(float(out) - expected) <= 1e-5 * expected
+
+
+def test_linear_grad_sq_norm_reference_is_float64():
+    x, dy = _linear_inputs((2, 19, 24), (2, 19, 40), torch.bfloat16, seed=10)
+    reference = linear_grad_sq_norm_reference(x, dy)
+    assert reference.dtype == torch.float64 and reference.dim() == 0
+    assert abs(float(reference) - _independent_linear_reference(x, dy)) <= 1e-10 * float(reference)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest tensors that aten ops return: floating-point ones by element count, and
+    raw byte buffers (the interpreter stages kernel arguments through untyped storage copies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest_float = 0
+        self.largest_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor):
+                if value.is_floating_point():
+                    self.largest_float = max(self.largest_float, value.numel())
+                else:
+                    self.largest_bytes = max(self.largest_bytes, value.numel() * value.element_size())
+        return result
+
+
+# Shapes where tokens < in and tokens < out, so an [in, out] tensor is larger than any copy of x or dy.
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("method, tokens, d_in, d_out", [("tiled", 40, 64, 64), ("gram", 37, 72, 136)])
+def test_linear_grad_sq_norm_never_allocates_weight_sized_tensor(monkeypatch, backend, method, tokens, d_in, d_out):
+    if backend == "torch":
+        monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    assert grad_norm._choose_method("auto", tokens, d_in, d_out) == method
+    x, dy = _linear_inputs((tokens, d_in), (tokens, d_out), torch.bfloat16, seed=11)
+    out = torch.zeros(1)
+    with _LargestAllocation() as tracker:
+        linear_grad_sq_norm(x, dy, out)
+    assert 0 < tracker.largest_float < d_in * d_out
+    assert tracker.largest_bytes <= max(x.nbytes, dy.nbytes)
+    _check_linear(float(out), x, dy)
+
+
+@pytest.mark.parametrize("method", ["tiled", "gram"])
+@pytest.mark.parametrize("tokens, d_in, d_out", LINEAR_SHAPES)
+def test_linear_grad_sq_norm_torch_backend_agrees(monkeypatch, tokens, d_in, d_out, method):
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    x, dy = _linear_inputs((tokens, d_in), (tokens, d_out), torch.bfloat16, seed=12, padded_rows=2)
+    out = torch.full((1,), 1.5)
+    linear_grad_sq_norm(x, dy, out, method=method)
+    _check_linear(float(out) - 1.5, x, dy)
+
+
+def test_linear_grad_sq_norm_rejects_bad_arguments():
+    x, dy = torch.randn(4, 8), torch.randn(5, 6)
+    with pytest.raises(ValueError, match="leading dims"):
+        linear_grad_sq_norm(x, dy, torch.zeros(1))
+    with pytest.raises(ValueError, match="one-element float32"):
+        linear_grad_sq_norm(x, torch.randn(4, 6), torch.zeros(2))
+    with pytest.raises(TypeError, match="float64"):
+        linear_grad_sq_norm(x.double(), torch.randn(4, 6), torch.zeros(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["tiled", "gram"])
+def test_linear_grad_sq_norm_cuda_memory_and_accuracy(method):
+    d_in, d_out, tokens = 1024, 2048, 512
+    x, dy = _linear_inputs((tokens, d_in), (tokens, d_out), torch.bfloat16, seed=13)
+    x, dy = x.cuda(), dy.cuda()
+    out = torch.zeros(1, device="cuda")
+    linear_grad_sq_norm(x, dy, out, method=method)  # autotunes outside the measured call
+    out.zero_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linear_grad_sq_norm(x, dy, out, method=method)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < d_in * d_out * 4
+    _check_linear(float(out), x.cpu(), dy.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_sq_norms_cuda():
+    tensors, groups = _mixed_tensors(seed=14)
+    tensors = [t.cuda() for t in tensors]
+    out = torch.zeros(4, device="cuda")
+    grouped_sq_norms(tensors, groups, out)
+    _check_groups(out.cpu(), _expected_groups(tensors, groups, 4), [t.cpu() for t in tensors], groups)
+
+
+# Compiles the GPU kernels for sm_90 in a subprocess without the interpreter (Triton's compiler and
+# ptxas need no GPU), so that CI without a GPU still catches kernels that do not lower, and checks
+# the code the compiler makes: 16-byte vector loads in the multi-tensor kernel, tensor-core MMAs
+# for bf16 X^T dY and Gram tiles.
+_COMPILE_SCRIPT = r"""
+import re
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from laet_fast.kernels import grad_norm as g
+
+target = GPUTarget("cuda", 90, 32)
+
+
+def ptx(fn, signature, constexprs, **options):
+    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(source, target=target, options=options).asm["ptx"]
+
+
+grouped = ptx(
+    g._grouped_sq_norm_kernel,
+    {"tensor_table_ptr": "*i64", "chunk_table_ptr": "*i64", "out_ptr": "*fp32", "num_tensors": "i32",
+     "DTYPE": "constexpr", "PTR_ALIGN": "constexpr", "BLOCK": "constexpr", "BLOCKS_PER_CHUNK": "constexpr"},
+    {"DTYPE": tl.bfloat16, "PTR_ALIGN": 16, "BLOCK": 4096, "BLOCKS_PER_CHUNK": 16},
+    num_warps=8,
+)
+print("grouped_vector_loads", "ld.global.v4" in grouped)
+operands = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "out_ptr": "*fp32", "T": "i32", "IN": "i32", "OUT": "i32",
+            "T_BUCKET": "i32", "stride_xt": "i32", "stride_xi": "constexpr", "stride_dyt": "i32",
+            "stride_dyo": "constexpr"}
+tiled_config = g._tiled_configs(True)[2]
+tiled = ptx(
+    g._xt_dy_sq_norm_tiled_kernel,
+    {**operands, **{name: "constexpr" for name in ("BLOCK_T", "BLOCK_IN", "BLOCK_OUT", "GROUP_IN", "DOT_DTYPE", "IEEE")}},
+    {"stride_xi": 1, "stride_dyo": 1, **tiled_config.kwargs, "DOT_DTYPE": tl.bfloat16, "IEEE": False},
+    num_warps=tiled_config.num_warps, num_stages=tiled_config.num_stages,
+)
+print("tiled_tensor_cores", "wgmma" in tiled or "mma.sync" in tiled)
+gram_config = g._gram_configs(True)[2]
+gram = ptx(
+    g._gram_sq_norm_kernel,
+    {**operands, **{name: "constexpr" for name in ("BLOCK_T", "BLOCK_K", "DOT_DTYPE", "IEEE")}},
+    {"stride_xi": 1, "stride_dyo": 1, **gram_config.kwargs, "DOT_DTYPE": tl.bfloat16, "IEEE": False},
+    num_warps=gram_config.num_warps, num_stages=gram_config.num_stages,
+)
+print("gram_tensor_cores", "wgmma" in gram or "mma.sync" in gram)
+"""
+
+
+@pytest.mark.slow
+def test_gpu_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this Triton's ASTSource predates the `constexprs` argument the compile script uses")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split() for line in done.stdout.splitlines() if line.count(" ") == 1)
+    assert lines == {"grouped_vector_loads": "True", "tiled_tensor_cores": "True", "gram_tensor_cores": "True"}
