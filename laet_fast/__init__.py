@@ -43,6 +43,7 @@ _EXPORTS = {
     "Selection": "laet_fast.selection",
     "select_layers": "laet_fast.selection",
     "Reselector": "laet_fast.reselect",
+    "GradNormRecorder": "laet_fast.grad_norms",
     "apply_selection": "laet_fast.apply",
     "export_model": "laet_fast.apply",
     "build_optimizer": "laet_fast.apply",

@@ -68,13 +68,14 @@ class Selection:
             "num_layers": self.num_layers,
             "strategy": self.strategy,
             "metric": self.metric,
-            "scores": [s if math.isfinite(s) else None for s in self.scores],
+            # Strict JSON: NaN as null, infinities as the strings "inf" / "-inf".
+            "scores": [s if math.isfinite(s) else None if math.isnan(s) else str(s) for s in self.scores],
             "params": dict(self.params),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Selection":
-        scores = [float("nan") if s is None else s for s in data.get("scores", ())]
+        scores = [float("nan") if s is None else float(s) for s in data.get("scores", ())]
         return cls(
             layers=tuple(data["layers"]),
             num_layers=int(data["num_layers"]),
@@ -86,7 +87,7 @@ class Selection:
 
     def to_json(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump(self.to_dict(), f, indent=2, allow_nan=False)
 
     @classmethod
     def from_json(cls, path: str) -> "Selection":
@@ -106,11 +107,14 @@ def variance_split(values: Sequence[float], low: float = 0.35, high: float = 0.6
     """Index ``s`` into ascending-sorted ``values`` that minimises var(values[:s]) + var(values[s:]).
 
     The split is restricted to ``ceil(low*n) <= s <= floor(high*n)`` (at least one layer per side).
-    Population variances are used, as in IR-Tuning.
+    Population variances are used, as in IR-Tuning. Ties go to the smallest ``s``.
     """
     n = len(values)
-    lo = max(1, math.ceil(low * n))
-    hi = min(n - 1, math.floor(high * n))
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"variance_split needs 0 <= low <= high <= 1, got low={low}, high={high}.")
+    # The tolerance keeps products such as 0.35 * 20 = 7.000000000000001 on the intended integer.
+    lo = max(1, math.ceil(low * n - 1e-9))
+    hi = min(n - 1, math.floor(high * n + 1e-9))
     if lo > hi:
         raise ValueError(
             f"variance_split bounds low={low}, high={high} leave no split point for {n} layers; widen the bounds."
@@ -135,6 +139,16 @@ def _scores_of(scores: Any, metric: str) -> list[float]:
     return [float(v) for v in scores]
 
 
+def _num_scored_layers(scores: Any) -> int:
+    """How many layers a LayerScores, mapping or sequence covers (for score-free strategies)."""
+    if isinstance(scores, Mapping) or hasattr(scores, "keys"):
+        lengths = {len(scores[m]) for m in scores.keys()}
+        if len(lengths) != 1:
+            raise ValueError("The scores give no metric, or metrics of different lengths; pass num_layers=.")
+        return lengths.pop()
+    return len(scores)
+
+
 def select_layers(
     scores: Any,
     metric: str = "grad_norm",
@@ -156,14 +170,27 @@ def select_layers(
             ``"top"`` (k highest), ``"bottom"`` (k lowest), ``"last"`` (the last k blocks, the
             freeze-tuning baseline) or ``"random"`` (k blocks drawn with ``seed``, LISA-like).
         k: number of layers for the top/bottom/last/random strategies.
+        low, high: bounds of the variance split point, as fractions of the (finite-scored) layers.
+        seed: seed of the ``"random"`` strategy (same seed, same layers).
+        num_layers: depth of the model; checked against the scores when both are given.
 
-    Non-finite scores never get a layer selected by a score-based strategy: they rank below every
-    finite score.
+    Non-finite scores never get a layer selected by a score-based strategy: those layers are left
+    out of the ranking and of the variance split, and a ValueError says so when too few finite
+    scores remain. Score-free strategies (``"last"``, ``"random"``) ignore the scores' values.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
-    values = _scores_of(scores, metric) if scores is not None else None
+    score_based = strategy in ("variance_split", "top", "bottom")
+    if score_based and scores is None:
+        raise ValueError(f"strategy={strategy!r} needs scores.")
+    values = _scores_of(scores, metric) if scores is not None and score_based else None
+    if values is not None and num_layers is not None and len(values) != num_layers:
+        raise ValueError(
+            f"The scores cover {len(values)} layers but num_layers={num_layers}; score this model first."
+        )
     n = len(values) if values is not None else num_layers
+    if n is None and scores is not None:
+        n = _num_scored_layers(scores)
     if n is None:
         raise ValueError(f"strategy={strategy!r} without scores needs num_layers=.")
     if n == 0:
@@ -174,26 +201,26 @@ def select_layers(
         if not 1 <= k <= n:
             raise ValueError(f"k={k} is out of range: the model has {n} layers, so choose 1 <= k <= {n}.")
 
-    def rank_key(i: int) -> float:
-        v = values[i]
-        return v if math.isfinite(v) else -math.inf
+    # Non-finite scores (NaN / Inf) take no part in score-based choices.
+    finite = [i for i in range(n) if math.isfinite(values[i])] if values is not None else []
+    if score_based:
+        needed = 2 if strategy == "variance_split" else k
+        if len(finite) < needed:
+            bad = [i for i in range(n) if i not in finite]
+            raise ValueError(
+                f"Only {len(finite)} of {n} layers have a finite {metric!r} score (non-finite: {bad}); "
+                f"strategy={strategy!r} needs at least {needed}. Re-score the model or choose a smaller k."
+            )
 
     params: dict[str, Any] = {}
     if strategy == "variance_split":
-        if values is None:
-            raise ValueError("strategy='variance_split' needs scores.")
-        order = sorted(range(n), key=rank_key)
-        split = variance_split([rank_key(i) if math.isfinite(rank_key(i)) else 0.0 for i in order], low, high)
+        order = sorted(finite, key=lambda i: values[i])
+        split = variance_split([values[i] for i in order], low, high)
         chosen = order[split:]
         params = {"low": low, "high": high, "split": split}
     elif strategy in ("top", "bottom"):
-        if values is None:
-            raise ValueError(f"strategy={strategy!r} needs scores.")
-        finite = [i for i in range(n) if math.isfinite(values[i])]
-        if strategy == "top":
-            chosen = sorted(range(n), key=rank_key, reverse=True)[:k]
-        else:
-            chosen = sorted(finite, key=lambda i: values[i])[:k]
+        order = sorted(finite, key=lambda i: values[i], reverse=strategy == "top")
+        chosen = order[:k]
         params = {"k": k}
     elif strategy == "last":
         chosen = list(range(n - k, n))
