@@ -61,7 +61,7 @@ def tiny_model(arch: str, head: str = "causal", dtype=torch.float32, seed: int |
         cls = transformers.AutoModel
     if seed is not None:
         torch.manual_seed(seed)
-    model = cls.from_config(config, torch_dtype=dtype)
+    model = cls.from_config(config, dtype=dtype)
     return model.eval()
 
 

@@ -7,12 +7,6 @@ from laet_fast import cli
 from laet_fast.memory import GIB, max_layers_for_budget, plan_memory, shape_config
 
 
-@pytest.fixture(autouse=True)
-def only_plan(monkeypatch):
-    """Build the parser with this command only, so that the test does not depend on the others."""
-    monkeypatch.setattr(cli, "COMMANDS", ("plan",))
-
-
 def test_budget_answer_matches_the_library(capsys):
     argv = ["plan", "--model", "llama-3.1-8b", "--budget-gb", "12", "--quantize", "nf4", "--optimizer", "adamw8bit"]
     assert cli.main(argv) == 0

@@ -1,0 +1,113 @@
+"""``laet-fast score``: score every transformer block of a model on a few batches of text."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import os
+import sys
+
+from laet_fast.cli import UsageError
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "score",
+        help="score every transformer block on a few batches of text",
+        description=(
+            "Run the model over a few batches of text with a LayerProbe and print, per transformer block, "
+            "block_influence (1 - mean cosine between the block's input and output), relative_change, "
+            "act_rms and act_absmax. Without --model/--data the demo model (SmolLM2-135M) and the demo "
+            "data (Rotten Tomatoes review sentences) are used."
+        ),
+    )
+    parser.add_argument("--model", metavar="PATH", default=None,
+                        help="save_pretrained folder or .gguf file (default: the demo SmolLM2-135M)")
+    parser.add_argument("--data", metavar="PATH", default=None,
+                        help=".txt (one text per line), .csv/.tsv, .jsonl, optionally .bz2/.gz "
+                             "(default: the demo Rotten Tomatoes sentences)")
+    parser.add_argument("--text-column", default="text", help="csv column / jsonl key holding the texts (default: text)")
+    parser.add_argument("--batches", type=int, default=8, help="number of batches to run (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per batch (default: 8)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per text, longer ones are truncated (default: 64)")
+    parser.add_argument("--layers", metavar="PATH", default=None,
+                        help="dotted path of the block list (e.g. model.layers), when not found automatically")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="model dtype; auto (default) = float32 on CPU, bfloat16 (float16) on GPU")
+    parser.add_argument("--json", metavar="OUT", default=None, help="also write the scores to this JSON file")
+    parser.add_argument("--plot", metavar="OUT.png", default=None, help="also plot the scores to this PNG file")
+    parser.set_defaults(func=run)
+
+
+def _check_output(path: str | None, option: str) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: folder {folder} does not exist.")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a folder; give a file name.")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def run(args) -> int:
+    for option, value in (("--batches", args.batches), ("--batch-size", args.batch_size),
+                          ("--max-length", args.max_length)):
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}.")
+    _check_output(args.json, "--json")
+    _check_output(args.plot, "--plot")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib")
+
+    # Heavy imports only once the arguments are known to be sane.
+    import torch
+    from tqdm.auto import tqdm
+
+    from laet_fast.loading import iter_batches, load_model_and_tokenizer, load_texts, resolve_device
+    from laet_fast.probe import LayerProbe
+
+    try:
+        device = resolve_device(args.device)
+        texts = load_texts(args.data, column=args.text_column, limit=args.batches * args.batch_size)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    except OSError as err:
+        raise UsageError(f"cannot load the model from {args.model}: {_one_line(err)}") from None
+
+    try:
+        probe = LayerProbe(model, layers=args.layers)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+
+    num_batches = math.ceil(len(texts) / args.batch_size)
+    # Scoring needs neither a KV cache nor the logits of every position (a [batch, seq, vocab]
+    # tensor): skip both when the model's forward lets us say so.
+    accepted = inspect.signature(model.forward).parameters
+    extra = {key: value for key, value in (("use_cache", False), ("logits_to_keep", 1)) if key in accepted}
+    batches = iter_batches(tokenizer, texts, args.batch_size, args.max_length, device=device)
+    with probe, torch.no_grad():
+        for batch in tqdm(batches, total=num_batches, desc="scoring", unit="batch", file=sys.stderr):
+            model(**batch, **extra)
+    scores = probe.scores()
+
+    print(scores.table())
+    if args.json is not None:
+        scores.to_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        scores.plot(args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

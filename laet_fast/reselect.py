@@ -1,0 +1,191 @@
+"""Dynamic re-selection: re-score every layer during training and move the trained set.
+
+Every ``every`` optimizer steps the :class:`Reselector` reads the probe's scores gathered since the
+previous re-selection (every block scored fresh, frozen ones included, by an attached
+``LayerProbe(model, grad_norms=True)``), chooses layers with ``select_layers``, applies the choice
+with ``laet_fast.apply.apply_selection`` and updates the optimizer:
+
+* parameters that stop being trainable leave their param group, their optimizer state is dropped
+  and their ``.grad`` released; their weights stay exactly what training left (``apply_selection``
+  never quantizes a block that was trained);
+* parameters that become trainable join the param group that held the same parameter of another
+  block (same name inside the block, e.g. ``mlp.down_proj.weight``), so learning rate and weight
+  decay follow the user's grouping; they start with empty state.
+
+Typical loop::
+
+    with LayerProbe(model, grad_norms=True) as probe:
+        reselector = Reselector(model, probe, every=100, optimizer=optimizer)
+        for batch in data:
+            model(**batch).loss.backward()
+            optimizer.step()
+            reselector.step()
+            optimizer.zero_grad()
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .layers import find_layers
+from .selection import STRATEGIES, Selection, select_layers
+
+
+class Reselector:
+    """Re-score and re-select the trained layers every ``every`` optimizer steps.
+
+    Args:
+        model: the model being trained (a selection may already be applied).
+        probe: an attached ``LayerProbe`` (``grad_norms=True`` for the ``grad_norm`` metric), or any
+            object with ``scores()`` (a ``LayerScores`` or mapping) and ``reset()``.
+        every: re-select after every ``every`` calls to :meth:`step`.
+        strategy: a ``select_layers`` strategy.
+        optimizer: a ``torch.optim.Optimizer`` to keep in step with the selection (optional).
+        apply_kwargs: keyword arguments for ``apply_selection`` (``quantize_frozen``, ``dtype``, ...).
+        layers: dotted path of the block list when ``find_layers`` cannot find it.
+        **select_kwargs: further ``select_layers`` arguments (``metric``, ``k``, ``low``, ``high``, ``seed``).
+
+    Attributes:
+        selection: the selection in force (at the start: the blocks whose parameters are all trainable).
+        history: ``(step, Selection)`` for the initial selection and every re-selection.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Any,
+        every: int,
+        strategy: str = "variance_split",
+        optimizer: torch.optim.Optimizer | None = None,
+        apply_kwargs: dict | None = None,
+        layers: str | None = None,
+        **select_kwargs,
+    ):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r}: re-select every N optimizer steps with an integer N >= 1.")
+        metric = select_kwargs.get("metric", "grad_norm")
+        if metric in ("grad_norm", "grad_norm_sq") and getattr(probe, "grad_norms", True) is False:
+            raise ValueError(
+                f"metric={metric!r} needs gradient norms, but the probe was made without them: use "
+                f"LayerProbe(model, grad_norms=True)."
+            )
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+        self.model = model
+        self.probe = probe
+        self.every = every
+        self.strategy = strategy
+        self.optimizer = optimizer
+        self.apply_kwargs = dict(apply_kwargs or {})
+        self.select_kwargs = dict(select_kwargs)
+        self.stack = find_layers(model, layers)
+        self.steps = 0
+        trained = [i for i, block in enumerate(self.stack)
+                   if any(True for _ in block.parameters()) and all(p.requires_grad for p in block.parameters())]
+        self.selection = Selection(layers=tuple(trained), num_layers=len(self.stack))
+        self.history: list[tuple[int, Selection]] = [(0, self.selection)]
+
+    def step(self) -> Selection | None:
+        """Call after each ``optimizer.step()``; re-selects on every ``every``-th call.
+
+        Returns the new Selection when one was made on this step, else None.
+        """
+        self.steps += 1
+        if self.steps % self.every:
+            return None
+        return self.reselect()
+
+    def reselect(self) -> Selection | None:
+        """Score, select and apply now; then start the probe's next scoring window.
+
+        If too few layers have finite scores, the current selection is kept with a warning.
+        """
+        scores = self.probe.scores()
+        try:
+            selection = select_layers(scores, strategy=self.strategy, num_layers=len(self.stack),
+                                      **self.select_kwargs)
+        except ValueError as err:
+            if "finite" not in str(err):
+                raise
+            warnings.warn(f"laet_fast.Reselector: keeping layers {list(self.selection.layers)} at step "
+                          f"{self.steps}: {err}", stacklevel=2)
+            self.probe.reset()
+            return None
+        self.probe.reset()
+        if selection.layers != self.selection.layers:
+            self._apply(selection)
+        self.selection = selection
+        self.history.append((self.steps, selection))
+        return selection
+
+    def as_trainer_callback(self):
+        """A ``transformers.TrainerCallback`` calling :meth:`step` after each optimizer step.
+
+        Without an ``optimizer`` given here, the Trainer's own (unwrapped from accelerate's
+        ``AcceleratedOptimizer``) is adopted at the first step. Keep the probe attached while
+        ``trainer.train()`` runs.
+        """
+        from transformers import TrainerCallback
+
+        reselector = self
+
+        class ReselectorCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+                if reselector.optimizer is None and optimizer is not None:
+                    reselector.optimizer = getattr(optimizer, "optimizer", optimizer)
+                reselector.step()
+
+        return ReselectorCallback()
+
+    # ------------------------------------------------------------------ internals
+    def _apply(self, selection: Selection) -> None:
+        from .apply import apply_selection
+
+        before = {id(p): p for p in self.model.parameters() if p.requires_grad}
+        apply_selection(self.model, selection, **self.apply_kwargs)
+        trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        keep = {id(p) for _, p in trainable}
+        for pid, param in before.items():
+            if pid not in keep:
+                param.grad = None  # a frozen parameter keeps no gradient
+        if self.optimizer is not None:
+            self._sync_optimizer(trainable, keep)
+
+    def _role(self, name: str) -> str:
+        """A parameter's name with its block index removed: the same for the same layer of any block."""
+        prefix = re.escape(self.stack.path) + r"\.\d+\."
+        return re.sub(rf"^(.*?){prefix}", r"\1<block>.", name)
+
+    def _sync_optimizer(self, trainable: list[tuple[str, nn.Parameter]], keep: set[int]) -> None:
+        optimizer = self.optimizer
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        group_of_role: dict[str, int] = {}
+        for index, group in enumerate(optimizer.param_groups):
+            for param in group["params"]:
+                if id(param) in names:
+                    group_of_role.setdefault(self._role(names[id(param)]), index)
+        # Leaving parameters: out of their group, state dropped.
+        present = set()
+        for group in optimizer.param_groups:
+            kept = []
+            for param in group["params"]:
+                if id(param) in keep:
+                    kept.append(param)
+                    present.add(id(param))
+                else:
+                    optimizer.state.pop(param, None)
+            group["params"] = kept
+        # Joining parameters: into the group of their role (else the first group), with no state.
+        for name, param in trainable:
+            if id(param) not in present:
+                group = optimizer.param_groups[group_of_role.get(self._role(name), 0)]
+                group["params"].append(param)
+                present.add(id(param))
+
+    def __repr__(self) -> str:
+        return (f"Reselector(every={self.every}, strategy={self.strategy!r}, steps={self.steps}, "
+                f"layers={list(self.selection.layers)}, reselections={len(self.history) - 1})")
