@@ -24,7 +24,7 @@ suite writes ``benchmarks/results/grad_norm_trainable.json`` and ``grad_norm_fro
 import pytest
 import torch
 
-from conftest import bandwidth_gbps, copy_bandwidth_gbps, write_result
+from bench_utils import bandwidth_gbps, copy_bandwidth_gbps, write_result
 from laet_fast.kernels.grad_norm import (
     grouped_sq_norms,
     grouped_sq_norms_reference,

@@ -10,7 +10,7 @@ On a CPU only the eager reference runs, at a tiny size, so that the suite keeps 
 import pytest
 import torch
 
-from conftest import bandwidth_gbps, copy_bandwidth_gbps, write_result
+from bench_utils import bandwidth_gbps, copy_bandwidth_gbps, write_result
 from laet_fast.kernels.hidden_stats import (
     accumulate_hidden_stats,
     accumulate_hidden_stats_reference,

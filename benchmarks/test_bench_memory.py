@@ -37,7 +37,7 @@ import time
 import pytest
 import torch
 
-from conftest import write_result
+from bench_utils import write_result
 
 ON_CUDA = torch.cuda.is_available()
 GIB = 1024**3

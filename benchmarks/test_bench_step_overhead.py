@@ -31,7 +31,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import write_result
+from bench_utils import write_result
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")

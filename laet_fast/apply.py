@@ -377,7 +377,26 @@ def export_model(model: nn.Module) -> nn.Module:
         delattr(model, STATE_ATTR)
     for param in model.parameters():
         param.requires_grad_(param.is_floating_point())
+    _forget_dequantized_gguf(model)
     return model
+
+
+def _forget_dequantized_gguf(model: nn.Module) -> None:
+    """Drop transformers' GGUF quantizer once every weight is a plain floating-point tensor.
+
+    transformers dequantizes GGUF weights on load but keeps its GGUF quantizer on the model, and
+    ``save_pretrained`` refuses any model whose quantizer is not serialisable.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        return
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
 
 
 def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-4, weight_decay: float = 0.0, **kwargs):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import random_batch, tiny_model
+from tiny_models import random_batch, tiny_model
 
 import laet_fast
 from laet_fast import Selection, apply_selection, build_optimizer, export_model, find_layers, suspend_backward_cut
@@ -373,7 +373,7 @@ def test_exports():
 
 def test_trained_embeddings_disable_the_backward_cut():
     """train_extra naming the embeddings: the backward pass must reach them through every block."""
-    from conftest import random_batch, tiny_model
+    from tiny_models import random_batch, tiny_model
     from laet_fast import apply_selection
 
     model = tiny_model("llama", seed=3)

@@ -45,7 +45,7 @@ def test_nothing_fits(capsys):
 def test_model_folder(tmp_path, capsys):
     from transformers import LlamaConfig
 
-    from conftest import TINY_CONFIGS
+    from tiny_models import TINY_CONFIGS
 
     LlamaConfig(**TINY_CONFIGS["llama"][1]).save_pretrained(tmp_path)
     assert cli.main(["plan", "--model", str(tmp_path), "--budget-gb", "1", "--seq-len", "64"]) == 0

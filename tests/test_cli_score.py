@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import laet_fast.cli as cli
-from conftest import tiny_model
+from tiny_models import tiny_model
 from laet_fast import LayerProbe, LayerScores
 
 WORDS = "the a movie film good bad great awful plot acting is was not very and but , . !".split()

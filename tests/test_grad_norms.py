@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import random_batch, tiny_model
+from tiny_models import random_batch, tiny_model
 from laet_fast.grad_norms import GENERIC_MAX_NUMEL, GradNormRecorder
 from laet_fast.layers import LayerStack, find_layers
 

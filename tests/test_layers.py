@@ -2,7 +2,7 @@ import pytest
 import torch.nn as nn
 
 from laet_fast import find_layers
-from conftest import TINY_CONFIGS, tiny_model
+from tiny_models import TINY_CONFIGS, tiny_model
 
 EXPECTED = {
     "llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "gemma": "model.layers",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_model
+from tiny_models import tiny_config, tiny_model
 from laet_fast.memory import (
     GIB,
     MODEL_SHAPES,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import random_batch, tiny_model
+from tiny_models import random_batch, tiny_model
 from laet_fast import LayerProbe, LayerScores, find_layers
 
 ARCHS = ["llama", "qwen2", "gemma", "gpt2", "gpt_neox", "opt", "falcon", "bert"]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import random_batch, tiny_model
+from tiny_models import random_batch, tiny_model
 from laet_fast.apply import apply_selection
 from laet_fast.layers import find_layers
 from laet_fast.reselect import Reselector

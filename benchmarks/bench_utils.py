@@ -1,6 +1,6 @@
 """Shared helpers for the pytest-benchmark suites in benchmarks/.
 
-Import them from a benchmark file with ``from conftest import bandwidth_gbps, write_result``
+Import them from a benchmark file with ``from bench_utils import bandwidth_gbps, write_result``
 (pytest puts this folder on ``sys.path`` when it collects the suite).
 
 Bandwidth convention: ``bandwidth_gbps`` is bytes actually moved (read + written) per second in
