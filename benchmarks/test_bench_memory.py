@@ -39,6 +39,8 @@ import torch
 
 from bench_utils import write_result
 
+from laet_fast.memory import measure_cpu_peak
+
 ON_CUDA = torch.cuda.is_available()
 GIB = 1024**3
 SEQ, BATCH = 1024, 1
@@ -256,21 +258,6 @@ def _tiny_config():
     return LlamaConfig(**TINY)
 
 
-def _cpu_peak(fn):
-    """Peak of live CPU allocations above the level at entry (the profiler's allocation trace)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    level = peak = 0
-    for event in events:
-        level += event.nbytes()
-        peak = max(peak, level)
-    return peak
-
-
 def _persistent_bytes(model, optimizer):
     """Weights (bitsandbytes scales included), gradients and optimizer state, each storage once."""
     seen, total = set(), 0
@@ -329,7 +316,7 @@ def test_tiny_planner_cpu(kind, k, benchmark):
 
     # bitsandbytes' CPU AdamW8bit dequantizes its states in step() (the CUDA kernel works in place), so
     # on the CPU only forward+backward is compared with the plan.
-    measured = _cpu_peak(forward_backward)
+    measured = measure_cpu_peak(forward_backward)
     assert max(plan.phases["loss"], plan.phases["backward"]) == pytest.approx(measured, rel=PLANNER_TOLERANCE)
     optimizer.zero_grad(set_to_none=True)
     kept.clear()

@@ -603,3 +603,22 @@ def max_layers_for_budget(
         else:
             high = mid - 1
     return low
+
+
+def measure_cpu_peak(fn) -> int:
+    """Run ``fn()`` and return the peak of live CPU allocations above the level at entry, in bytes.
+
+    Read from the PyTorch profiler's allocation trace; the CPU counterpart of
+    ``torch.cuda.max_memory_allocated`` for checking a plan without a GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    level = peak = 0
+    for event in events:
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak

@@ -12,6 +12,7 @@ from laet_fast.memory import (
     MemoryPlan,
     block_shape,
     max_layers_for_budget,
+    measure_cpu_peak,
     plan_memory,
     shape_config,
 )
@@ -179,21 +180,6 @@ def test_full_finetuning_activations_and_weights():
     assert plan.frozen_weights == 0
 
 
-def _cpu_peak(fn):
-    """Peak of live CPU allocations above the level at entry, from the profiler's allocation trace."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    level = peak = 0
-    for event in events:
-        level += event.nbytes()
-        peak = max(peak, level)
-    return peak
-
-
 @pytest.mark.parametrize("layers,quantize,batch,seq,vocab", [
     ([2, 3], None, 2, 24, 3000),  # logits dominate: the peak is at the loss
     ([3], "nf4", 1, 8, 300),  # weights dominate: the peak is at the end of backward
@@ -215,8 +201,8 @@ def test_transient_peak_matches_allocation_trace(layers, quantize, batch, seq, v
     opt.step()
     opt.zero_grad(set_to_none=True)
     kept.clear()
-    measured_fb = _cpu_peak(forward_backward)
-    measured_step = _cpu_peak(opt.step) + kept[0].logits.nbytes
+    measured_fb = measure_cpu_peak(forward_backward)
+    measured_step = measure_cpu_peak(opt.step) + kept[0].logits.nbytes
     plan = plan_memory(tiny_config("llama", **{**SMALL, "hidden_size": 256, "intermediate_size": 768,
                                                "vocab_size": vocab}),
                        layers, seq, batch, quantize_frozen=quantize, optimizer="adamw", dtype="bf16")
