@@ -14,6 +14,7 @@ Quantization happens on the device the weight already lives on (bitsandbytes qua
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -76,6 +77,25 @@ def quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]
 
 
+@functools.cache
+def _linear8bit_class():
+    bnb = require_bitsandbytes()
+
+    class Linear8bitLtOwnOutput(bnb.nn.Linear8bitLt):
+        """``Linear8bitLt`` whose output is never a view.
+
+        bitsandbytes' int8 matmul returns a view of its result, and autograd refuses an in-place
+        update of a custom Function's view output, which models do to layer outputs (Falcon's
+        ``mlp_output += attention_output``). The copy is made only when the result is a view.
+        """
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            return out.clone() if out._is_view() else out
+
+    return Linear8bitLtOwnOutput
+
+
 def _quantized_linear(layer: nn.Module, mode: str, compute_dtype: torch.dtype) -> nn.Module:
     bnb = require_bitsandbytes()
     weight = layer.weight.detach()
@@ -85,7 +105,8 @@ def _quantized_linear(layer: nn.Module, mode: str, compute_dtype: torch.dtype) -
     device = weight.device
     has_bias = layer.bias is not None
     if mode == "int8":
-        quantized = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias, has_fp16_weights=False, device="meta")
+        quantized = _linear8bit_class()(in_features, out_features, bias=has_bias, has_fp16_weights=False,
+                                         device="meta")
         quantized.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
     else:
         quantized = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, compute_dtype=compute_dtype,

@@ -128,3 +128,19 @@ def test_broken_bitsandbytes(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", broken)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         require_bitsandbytes()
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_falcon_frozen_blocks_train_above_quantized_ones(mode):
+    """Falcon adds to a layer's output in place; with int8 layers that output used to be a view of
+    bitsandbytes' autograd Function, which autograd refuses once a trained block sits below."""
+    from tiny_models import random_batch, tiny_model
+    from laet_fast import apply_selection
+
+    model = tiny_model("falcon", seed=5)
+    apply_selection(model, [0], quantize_frozen=mode)
+    ids, mask = random_batch(model.config.vocab_size)
+    model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    grads = [p.grad for p in model.transformer.h[0].parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
