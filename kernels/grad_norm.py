@@ -21,6 +21,7 @@ Weight layout does not matter: an ``nn.Linear`` weight ``[out, in]`` and a GPT-2
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -28,6 +29,13 @@ import triton
 import triton.language as tl
 
 from laet_fast.backend import TRITON_INTERPRET, use_triton
+
+
+def _on_device(device: torch.device):
+    """Context that makes ``device`` current: Triton launches on the current CUDA device, not on
+    the device of its tensor arguments, so a launch for ``cuda:1`` needs ``cuda:1`` current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
 
 _TL_DTYPES = {
     torch.float32: tl.float32,
@@ -159,14 +167,17 @@ def grouped_sq_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], out
     pairs = [(t if t.is_contiguous() else t.contiguous(), int(g)) for t, g in zip(tensors, groups) if t.numel() > 0]
     if not pairs:
         return
-    if not use_triton(out, *(t for t, _ in pairs)):
+    # The interpreter runs on host copies of the tensor arguments, but this kernel reads raw
+    # addresses from its table: under TRITON_INTERPRET=1, CUDA addresses would be read on the host.
+    if not use_triton(out, *(t for t, _ in pairs)) or (TRITON_INTERPRET and out.device.type != "cpu"):
         _grouped_sq_norms_torch(pairs, out)
         return
     by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
     for t, g in pairs:
         by_dtype.setdefault(t.dtype, []).append((t, g))
-    for members in by_dtype.values():
-        _launch_grouped_sq_norms([t for t, _ in members], [g for _, g in members], out)
+    with _on_device(out.device):
+        for members in by_dtype.values():
+            _launch_grouped_sq_norms([t for t, _ in members], [g for _, g in members], out)
 
 
 @torch.no_grad()
@@ -401,6 +412,10 @@ def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, me
     for name, t in (("x", x), ("dy", dy)):
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"linear_grad_sq_norm supports float32/bfloat16/float16 {name}, got {t.dtype}.")
+    if x.device != out.device or dy.device != out.device:
+        raise ValueError(
+            f"linear_grad_sq_norm needs x, dy and out on one device, got {x.device}, {dy.device} and {out.device}."
+        )
     x2, dy2 = _flatten_tokens(x, dy)
     tokens, d_in = x2.shape
     d_out = dy2.shape[1]
@@ -430,12 +445,13 @@ def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, me
         IEEE=dot_dtype == tl.float32,
     )
     tensor_cores = dot_dtype != tl.float32
-    if chosen == "tiled":
-        grid = lambda meta: (triton.cdiv(d_in, meta["BLOCK_IN"]) * triton.cdiv(d_out, meta["BLOCK_OUT"]),)  # noqa: E731
-        _TILED_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
-    else:
-        grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
-        _GRAM_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
+    with _on_device(out.device):
+        if chosen == "tiled":
+            grid = lambda meta: (triton.cdiv(d_in, meta["BLOCK_IN"]) * triton.cdiv(d_out, meta["BLOCK_OUT"]),)  # noqa: E731
+            _TILED_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
+        else:
+            grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
+            _GRAM_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
 
 
 # Column chunk of the PyTorch "tiled" path: at most this many elements of X^T dY exist at once.

@@ -122,9 +122,16 @@ def _hidden_stats_kernel(
     tl.atomic_add(acc_ptr + 0, tl.sum(tokens_acc, axis=0), sem="relaxed")
     tl.atomic_add(acc_ptr + 1, tl.sum(cos_acc, axis=0), sem="relaxed")
     tl.atomic_add(acc_ptr + 2, tl.sum(rel_acc, axis=0), sem="relaxed")
-    tl.atomic_add(acc_ptr + 3, tl.sum(sq_acc, axis=0), sem="relaxed")
+    sq_total = tl.sum(sq_acc, axis=0)
+    tl.atomic_add(acc_ptr + 3, sq_total, sem="relaxed")
     # Values are >= 0, for which float max and the atomic's ordering agree.
     tl.atomic_max(acc_ptr + 4, tl.max(max_acc, axis=0), sem="relaxed")
+    # A NaN in a real token of h_out is dropped by tl.maximum / tl.max on the GPU and by the float
+    # atomic_max everywhere, which would leave a finite absmax where the reference gives NaN. The
+    # same NaN always reaches sum_sq (b * b), so add a NaN into absmax (an add, as the interpreter has
+    # no float exchange); a positive NaN's bits exceed every non-negative float's, so atomic_max
+    # calls before or after keep it.
+    tl.atomic_add(acc_ptr + 4, float("nan"), mask=sq_total != sq_total, sem="relaxed")
 
 
 @functools.lru_cache(maxsize=None)

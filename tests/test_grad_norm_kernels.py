@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from laet_fast.backend import TRITON_INTERPRET
 from laet_fast.kernels import grad_norm
 from laet_fast.kernels.grad_norm import (
     grouped_sq_norms,
@@ -16,6 +17,13 @@ from laet_fast.kernels.grad_norm import (
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# With TRITON_INTERPRET=1 (tests/conftest.py's default) CUDA tensors would go through the interpreter
+# on host copies, so a GPU test would pass without running the compiled kernel.
+NEEDS_COMPILED_CUDA_KERNELS = pytest.mark.skipif(
+    not torch.cuda.is_available() or TRITON_INTERPRET,
+    reason="needs CUDA and TRITON_INTERPRET=0 (else the interpreter runs instead of the compiled kernel)",
+)
 
 
 def _independent_sq_norm(t: torch.Tensor) -> float:
@@ -271,10 +279,12 @@ def test_linear_grad_sq_norm_rejects_bad_arguments():
         linear_grad_sq_norm(x, torch.randn(4, 6), torch.zeros(2))
     with pytest.raises(TypeError, match="float64"):
         linear_grad_sq_norm(x.double(), torch.randn(4, 6), torch.zeros(1))
+    with pytest.raises(ValueError, match="x, dy and out on one device"):
+        linear_grad_sq_norm(x, torch.randn(4, 6), torch.zeros(1, device="meta"))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NEEDS_COMPILED_CUDA_KERNELS
 @pytest.mark.parametrize("method", ["tiled", "gram"])
 def test_linear_grad_sq_norm_cuda_memory_and_accuracy(method):
     d_in, d_out, tokens = 1024, 2048, 512
@@ -293,13 +303,29 @@ def test_linear_grad_sq_norm_cuda_memory_and_accuracy(method):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NEEDS_COMPILED_CUDA_KERNELS
 def test_grouped_sq_norms_cuda():
     tensors, groups = _mixed_tensors(seed=14)
     tensors = [t.cuda() for t in tensors]
     out = torch.zeros(4, device="cuda")
     grouped_sq_norms(tensors, groups, out)
     _check_groups(out.cpu(), _expected_groups(tensors, groups, 4), [t.cpu() for t in tensors], groups)
+
+
+@pytest.mark.gpu
+@NEEDS_COMPILED_CUDA_KERNELS
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_launch_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current device; the launchers must make the tensors' device current."""
+    tensors, groups = _mixed_tensors(seed=15)
+    x, dy = _linear_inputs((37, 72), (37, 136), torch.bfloat16, seed=16)
+    with torch.cuda.device(0):
+        out = torch.zeros(4, device="cuda:1")
+        grouped_sq_norms([t.to("cuda:1") for t in tensors], groups, out)
+        linear_out = torch.zeros(1, device="cuda:1")
+        linear_grad_sq_norm(x.to("cuda:1"), dy.to("cuda:1"), linear_out, method="tiled")
+    _check_groups(out.cpu(), _expected_groups(tensors, groups, 4), tensors, groups)
+    _check_linear(float(linear_out), x, dy)
 
 
 # Compiles the GPU kernels for sm_90 in a subprocess without the interpreter (Triton's compiler and

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import laet_fast.kernels.hidden_stats as hs
+from laet_fast.backend import TRITON_INTERPRET
 from laet_fast.kernels.hidden_stats import (
     STAT_FIELDS,
     accumulate_hidden_stats,
@@ -12,6 +13,13 @@ from laet_fast.kernels.hidden_stats import (
 )
 
 EPS = 1e-8
+
+# With TRITON_INTERPRET=1 (tests/conftest.py's default) CUDA tensors would go through the interpreter
+# on host copies, so a GPU test would pass without running the compiled kernel.
+NEEDS_COMPILED_CUDA_KERNELS = pytest.mark.skipif(
+    not torch.cuda.is_available() or TRITON_INTERPRET,
+    reason="needs CUDA and TRITON_INTERPRET=0 (else the interpreter runs instead of the compiled kernel)",
+)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -151,6 +159,22 @@ def test_padding_values_are_never_read():
     assert_stats_close(acc, h_in, h_out, mask)
 
 
+@pytest.mark.parametrize("nan_token", [2, 20, 36])  # first, middle and last token tile
+def test_nan_in_a_real_token_makes_absmax_nan_like_the_reference(nan_token):
+    """Max reductions and the float atomic_max drop NaN; the kernel must still report it in absmax."""
+    h_in, h_out = make_pair(37, 200, torch.float32, seed=41)
+    h_out[nan_token, 17] = float("nan")
+    h_out[(nan_token + 7) % 37, 3] = 1e3  # a large finite value in another tile, maxed in around the NaN
+    acc = new_stats_buffer(1, "cpu")[0]
+    accumulate_hidden_stats(h_in, h_out, None, acc)
+    assert torch.isnan(hidden_stats_reference(h_in, h_out)[4])
+    assert torch.isnan(acc[4]) and torch.isnan(acc[3]) and acc[0] == 37
+    # A later clean batch must not max the NaN away.
+    accumulate_hidden_stats(*make_pair(37, 200, torch.float32, seed=43), None, acc)
+    assert torch.isnan(acc[4])
+    assert torch.isnan(hidden_stats_metrics(acc, 200)["act_absmax"])
+
+
 def test_strided_rows_of_a_wider_tensor():
     gen = torch.Generator().manual_seed(9)
     wide_in = torch.randn(37, 3 * 200 + 7, generator=gen).to(torch.bfloat16)
@@ -263,7 +287,7 @@ def test_bad_inputs_are_refused_clearly(bad):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@NEEDS_COMPILED_CUDA_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_kernel_matches_float64_reference(dtype):
     h_in, h_out = make_pair(3001, 4096 + 96, dtype, seed=37)
@@ -273,3 +297,47 @@ def test_cuda_kernel_matches_float64_reference(dtype):
         accumulate_hidden_stats(h_in.cuda(), h_out.cuda(), mask.cuda(), acc[2])
     h_in2, h_out2, mask2 = torch.cat([h_in, h_in]), torch.cat([h_out, h_out]), torch.cat([mask, mask])
     assert_stats_close(acc[2].cpu(), h_in2, h_out2, mask2)
+
+
+# Compiles the kernel for sm_90 in a subprocess without the interpreter (Triton's compiler and ptxas
+# need no GPU), so that CI without a GPU catches a kernel that does not lower, and checks that the
+# rows are read with 16-byte vector loads.
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from laet_fast.kernels import hidden_stats as hs
+
+signature = {"h_in_ptr": "*bf16", "h_out_ptr": "*bf16", "mask_ptr": "*i64", "acc_ptr": "*fp32", "n_tokens": "i32",
+             "hidden": "i32", "stride_in": "i32", "stride_out": "i32", "stride_mask": "constexpr",
+             "HAS_MASK": "constexpr", "EPS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"}
+aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name != "stride_mask"
+           and signature[name] != "constexpr"}
+constexprs = {"stride_mask": 1, "HAS_MASK": True, "EPS": hs.NORM_EPS, "BLOCK_T": 16, "BLOCK_H": 256}
+source = ASTSource(fn=hs._hidden_stats_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": hs.GPU_NUM_WARPS}).asm["ptx"]
+print("vector_loads", "ld.global.v4" in ptx)
+print("atomics", "atom.global" in ptx or "red.global" in ptx)
+"""
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this Triton's ASTSource predates the `constexprs` argument the compile script uses")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split() for line in done.stdout.splitlines() if line.count(" ") == 1)
+    assert lines == {"vector_loads": "True", "atomics": "True"}
