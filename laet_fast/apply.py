@@ -225,9 +225,16 @@ def suspend_backward_cut(model: nn.Module):
         state.cut_suspended -= 1
 
 
-def _feeds_blocks(module: nn.Module, path: str) -> bool:
-    """Whether a trained extra module sits below the blocks (token or position embeddings)."""
-    return "emb" in path.lower() or any(isinstance(m, nn.Embedding) for m in module.modules())
+def _feeds_blocks(model: nn.Module, module: nn.Module, path: str) -> bool:
+    """Whether a trained extra module sits below the blocks (token or position embeddings).
+
+    A module sharing a parameter with an embedding counts too: an LM head tied to the token
+    embeddings gets that weight's gradient from both uses, so the cut would silently drop half of it.
+    """
+    if "emb" in path.lower() or any(isinstance(m, nn.Embedding) for m in module.modules()):
+        return True
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return any(id(p) in embedding_params for p in module.parameters())
 
 
 def _set_cut(state: _ApplyState, blocks: nn.ModuleList, lowest: int) -> None:
@@ -349,7 +356,7 @@ def apply_selection(
             param.requires_grad_(param.is_floating_point())
 
     lowest = selection.lowest if selection.lowest is not None else len(stack)
-    if any(_feeds_blocks(modules[path], path) for path in head_paths):
+    if any(_feeds_blocks(model, modules[path], path) for path in head_paths):
         lowest = -1  # a trained embedding needs the backward pass to run through every block: no cut
     _set_cut(state, stack.blocks, lowest)
 

@@ -31,9 +31,12 @@ autograd engine's ``queue_callback``.
 Limits, each reported rather than turned into a wrong number: NaN/Inf in a gradient makes that
 block's score non-finite (warning naming it); a block the backward pass does not reach, or whose
 frozen layers get gradients from two forward passes in one backward (``loss1 + loss2``), is marked
-non-finite with the reason; reentrant gradient checkpointing is refused (non-reentrant, the
-transformers default, works); a frozen parameter that is neither in a linear layer nor in a small
-module returning a tensor raises an error naming it.
+non-finite with the reason, and so is a block whose frozen layer's input was modified in place
+after the layer ran, or whose trainable gradient never reached ``.grad`` (``torch.autograd.grad``);
+a backward pass that raised is dropped; reentrant gradient checkpointing is refused (non-reentrant,
+the transformers default, works); a frozen parameter that is neither in a linear layer nor in a
+small module returning a tensor raises an error naming it, and one whose module never ran in a
+block that did (weights used through a functional call) is warned about.
 
 When every parameter below a block is frozen, the backward pass would not reach it; the hidden
 state entering the first block is made to require grad (like ``enable_input_require_grads``, on a
@@ -49,7 +52,7 @@ import weakref
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 # Frozen parameters of a non-linear module are scored by recomputing it with trainable copies of
 # them, which costs a gradient of their size; above this many elements that would no longer be the
@@ -73,6 +76,17 @@ def _in_backward() -> bool:
 
 def _detach(value):
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    return [v for v in tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+# A frozen layer's saved input shares its version counter with the original; a later in-place
+# change would make X^T dY (or the recomputation) silently wrong, where a trainable layer's
+# autograd would have raised.
+_MODIFIED_IN_PLACE = ("the input of {} was modified in place after the layer ran, so its saved input no longer "
+                      "gives the gradient; avoid the in-place operation while scoring")
 
 
 class _Ref:
@@ -109,6 +123,7 @@ class GradNormRecorder:
         self._recomputing = False
         self._generation = 0
         self._forwarded: set[int] = set()
+        self._warned_not_run: set[str] = set()
         self.reset()
 
     # ------------------------------------------------------------------ public API
@@ -270,6 +285,7 @@ class GradNormRecorder:
             frozen = [(n, p) for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
             if not frozen:
                 return
+            self._ran.add(id(module))
             qualified = f"{self.names[block]}.{name}" if name else self.names[block]
             if not isinstance(output, torch.Tensor):
                 raise TypeError(
@@ -304,6 +320,7 @@ class GradNormRecorder:
             )
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         saved = [x.detach()] if "weight" in names else []
+        version = x._version  # shared with the detached copy: tells an in-place change of X later on
         has_bias = "bias" in names
         generation = self._generation
 
@@ -315,7 +332,11 @@ class GradNormRecorder:
                 if not saved:
                     self._mark_invalid(block, f"{qualified} was back-propagated twice through one forward graph")
                     return
-                self._kernels[1](saved.pop(), dy, slot)
+                x_saved = saved.pop()
+                if x_saved._version != version:
+                    self._mark_invalid(block, _MODIFIED_IN_PLACE.format(qualified))
+                    return
+                self._kernels[1](x_saved, dy, slot)
             if has_bias:
                 bias_grad = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32)
                 slot.add_(bias_grad.square().sum())
@@ -332,6 +353,7 @@ class GradNormRecorder:
                 f"Make it trainable or score without grad_norms."
             )
         saved = [(_detach(args), _detach(kwargs))]
+        versions = [t._version for t in _tensors(saved[0])]
         generation = self._generation
 
         def on_grad(dy: torch.Tensor):
@@ -341,6 +363,9 @@ class GradNormRecorder:
                 self._mark_invalid(block, f"{qualified} was back-propagated twice through one forward graph")
                 return
             saved_args, saved_kwargs = saved.pop()
+            if [t._version for t in _tensors((saved_args, saved_kwargs))] != versions:
+                self._mark_invalid(block, _MODIFIED_IN_PLACE.format(qualified))
+                return
             copies = {n: p.detach().requires_grad_(True) for n, p in frozen}
             self._recomputing = True
             try:
@@ -371,7 +396,13 @@ class GradNormRecorder:
 
     def _begin_pass(self, device: torch.device) -> torch.Tensor:
         """This pass's squared-norm buffer on ``device`` (one per device when a model spans several)."""
+        task = getattr(torch._C, "_current_graph_task_id", lambda: -1)()
+        if self._cur and task != self._task and not self._recomputing:
+            # The backward pass that started these sums raised (e.g. out of memory, batch skipped)
+            # and never ran its end callback: drop its partial sums instead of merging them here.
+            self._cur, self._fresh, self._fired = {}, [], {}
         if not self._cur:
+            self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
         buf = self._cur.get(device)
         if buf is None:
@@ -383,6 +414,10 @@ class GradNormRecorder:
         for param, block in self._fresh:
             if param.grad is not None:
                 by_device.setdefault(param.grad.device, []).append((param.grad, block))
+            else:
+                self._mark_invalid(block, "the gradient of its trainable parameters was not stored in .grad "
+                                          "(torch.autograd.grad, or a hook that frees it); score with "
+                                          "loss.backward()")
         for device, fresh in by_device.items():
             self._kernels[0]([g for g, _ in fresh], [b for _, b in fresh], self._begin_pass(device))
         buffers = list(self._cur.values())
@@ -398,8 +433,30 @@ class GradNormRecorder:
             cur[block:block + 1].fill_(math.nan)
         for block in self._broken:
             cur[block:block + 1].fill_(math.nan)
+        self._warn_not_run()
         self._passes.append(cur)
         self._end_pass_state()
+
+    def _warn_not_run(self) -> None:
+        """Warn (once per module) about a module with frozen parameters whose forward never ran in a
+        block that did run: if the block uses those parameters through a functional call
+        (``F.linear(x, self.proj.weight)``), no hook sees them and their gradient is left out."""
+        for b, block in enumerate(self.stack.blocks):
+            owners = [(name, module) for name, module in block.named_modules()
+                      if any(not p.requires_grad for p in module.parameters(recurse=False))]
+            if not any(id(module) in self._ran for _, module in owners):
+                continue
+            for name, module in owners:
+                qualified = f"{self.names[b]}.{name}"
+                if id(module) not in self._ran and qualified not in self._warned_not_run:
+                    self._warned_not_run.add(qualified)
+                    warnings.warn(
+                        f"laet_fast: {qualified} ({type(module).__name__}) has frozen parameters but its forward did "
+                        f"not run in this pass, so they count as zero in the gradient norm of {self.names[b]}. "
+                        f"Right if it was unused (e.g. an expert no token was routed to); if the block uses its "
+                        f"weights through a functional call, make them trainable while scoring.",
+                        stacklevel=2,
+                    )
 
     def _fired_from(self, block: int, generation: int) -> None:
         """Note that a frozen layer of ``block`` saved in forward pass ``generation`` got its dY."""
@@ -418,11 +475,13 @@ class GradNormRecorder:
 
     def _end_pass_state(self) -> None:
         self._cur: dict[torch.device, torch.Tensor] = {}
+        self._task = -1  # autograd graph task whose end callback will close ``_cur``
         self._fresh: list[tuple[torch.Tensor, int]] = []
         self._registered: set[int] = set()
         self._fired: dict[int, set[int]] = {}
         self._unreachable: set[int] = set()
         self._broken: set[int] = set()
+        self._ran: set[int] = set()
 
     # ------------------------------------------------------------------ results
     def _squared_history(self) -> torch.Tensor | None:

@@ -145,7 +145,10 @@ class LayerProbe:
 
         buf = self._buffers.get(device)
         if buf is None:
-            buf = new_stats_buffer(len(self.stack), device)
+            # A normal tensor even when the first pass runs under torch.inference_mode(): an inference
+            # tensor could not be updated by later passes outside it, nor zeroed by reset().
+            with torch.inference_mode(False):
+                buf = new_stats_buffer(len(self.stack), device)
             self._buffers[device] = buf
         return buf
 

@@ -143,24 +143,40 @@ class Reselector:
 
     # ------------------------------------------------------------------ internals
     def _apply(self, selection: Selection) -> None:
-        from .apply import apply_selection
+        from .apply import _state, apply_selection
 
         before = {id(p): p for p in self.model.parameters() if p.requires_grad}
-        apply_selection(self.model, selection, **self.apply_kwargs)
+        kwargs = dict(self.apply_kwargs)
+        if _state(self.model) is None:
+            if "dtype" not in kwargs:
+                # A first apply_selection would cast the whole model to its default dtype (bfloat16
+                # on CUDA), re-rounding the weights trained so far: keep the dtype training runs in.
+                trained = next((p for p in before.values() if p.is_floating_point()), None)
+                if trained is not None:
+                    kwargs["dtype"] = trained.dtype
+            # apply_selection never quantizes a block it has seen trained; blocks trained before
+            # its first call are made known to it first, so quantize_frozen cannot round them.
+            trained_blocks = [i for i, block in enumerate(self.stack)
+                              if any(p.requires_grad for p in block.parameters())]
+            apply_selection(self.model, Selection(tuple(trained_blocks), len(self.stack)), **kwargs)
+        apply_selection(self.model, selection, **kwargs)
         trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         keep = {id(p) for _, p in trainable}
         for pid, param in before.items():
             if pid not in keep:
                 param.grad = None  # a frozen parameter keeps no gradient
         if self.optimizer is not None:
-            self._sync_optimizer(trainable, keep)
+            # Only parameters that became trainable join: one that was trainable already and is not
+            # in this optimizer was left out on purpose (e.g. a head with its own optimizer).
+            joining = [(name, p) for name, p in trainable if id(p) not in before]
+            self._sync_optimizer(joining, keep)
 
     def _role(self, name: str) -> str:
         """A parameter's name with its block index removed: the same for the same layer of any block."""
         prefix = re.escape(self.stack.path) + r"\.\d+\."
         return re.sub(rf"^(.*?){prefix}", r"\1<block>.", name)
 
-    def _sync_optimizer(self, trainable: list[tuple[str, nn.Parameter]], keep: set[int]) -> None:
+    def _sync_optimizer(self, joining: list[tuple[str, nn.Parameter]], keep: set[int]) -> None:
         optimizer = self.optimizer
         names = {id(p): name for name, p in self.model.named_parameters()}
         group_of_role: dict[str, int] = {}
@@ -180,7 +196,7 @@ class Reselector:
                     optimizer.state.pop(param, None)
             group["params"] = kept
         # Joining parameters: into the group of their role (else the first group), with no state.
-        for name, param in trainable:
+        for name, param in joining:
             if id(param) not in present:
                 group = optimizer.param_groups[group_of_role.get(self._role(name), 0)]
                 group["params"].append(param)

@@ -384,3 +384,23 @@ def test_trained_embeddings_disable_the_backward_cut():
     grad = model.model.embed_tokens.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert all(p.grad is None for p in model.model.layers[0].parameters())
+
+
+def test_trained_tied_lm_head_disables_the_backward_cut():
+    """train_extra=["lm_head"] with the head tied to the token embeddings (SmolLM2, Gemma...): that weight
+    is also the embedding, so its gradient must include the input side, which the cut would drop."""
+    model = _model("llama", seed=5)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = _model("llama", seed=5)
+    reference.config.tie_word_embeddings = True
+    reference.tie_weights()
+    reference.requires_grad_(False)
+    reference.lm_head.weight.requires_grad_(True)
+    reference.model.layers[2].requires_grad_(True)
+    _loss(reference).backward()
+
+    apply_selection(model, [2], train_extra=["lm_head"], dtype=torch.float32)
+    _loss(model).backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad, rtol=1e-5, atol=1e-7)

@@ -116,13 +116,13 @@ def test_bitsandbytes_frozen_blocks(torch_kernels, mode):
     that of the gradient with respect to the dequantized weights the layer computes with."""
     pytest.importorskip("bitsandbytes")
     from laet_fast.apply import apply_selection
-    from laet_fast.quantize import dequantize_linears
+    from laet_fast.quantize import dequantize_linears, quant_mode
 
     model = tiny_model("llama", seed=31)
     batch = make_batch(model, seed=32)
     apply_selection(model, [1], quantize_frozen=mode, dtype=torch.float32)
     stack = find_layers(model)
-    assert type(stack[0].mlp.down_proj).__name__ in ("Linear4bit", "Linear8bitLt")
+    assert quant_mode(stack[0].mlp.down_proj) == mode
     ref = copy.deepcopy(model)
     for block in find_layers(ref):
         dequantize_linears(block, torch.float32)
@@ -515,3 +515,97 @@ def test_memory_gpu_below_one_weight_gradient():
             assert recorder.num_passes == 2 and all(v > 0 for v in recorder.metrics()["grad_norm"])
     largest = hidden * intermediate * 2  # one bf16 [in, out] weight gradient
     assert peaks[1] - peaks[0] < largest, peaks
+
+
+def test_backward_that_raised_leaves_no_partial_sums(torch_kernels):
+    """A backward pass that raises (out of memory, batch skipped) never runs its end callback; the next
+    pass must be recorded on its own, not merged with the aborted one's partial sums or lost."""
+    model = tiny_model("llama", seed=40)
+    batches = [make_batch(model, seed=41), make_batch(model, seed=42)]
+    want = reference_norms(model, batches[1])
+    stack = freeze(model, (1,))
+
+    def fail(grad):
+        raise RuntimeError("simulated out of memory")
+
+    trap = stack[0].mlp.down_proj.register_forward_hook(lambda module, args, out: out.register_hook(fail) and None)
+    recorder = GradNormRecorder(model, stack)
+    recorder.attach()
+    with pytest.raises(RuntimeError, match="simulated"):
+        model(**batches[0]).loss.backward()
+    trap.remove()
+    model.zero_grad(set_to_none=True)
+    model(**batches[1]).loss.backward()
+    recorder.detach()
+    assert recorder.num_passes == 1
+    torch.testing.assert_close(torch.tensor(recorder.metrics()["grad_norm"], dtype=torch.float64),
+                               torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_gradient_not_stored_in_grad_is_marked_not_zero(torch_kernels):
+    """torch.autograd.grad leaves .grad empty: the trainable block must not get a silent zero."""
+    model = tiny_model("llama", seed=43)
+    batch = make_batch(model, seed=44)
+    stack = freeze(model, (1,))
+    recorder = GradNormRecorder(model, stack)
+    recorder.attach()
+    loss = model(**batch).loss
+    torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    recorder.detach()
+    with pytest.warns(UserWarning, match=r"layer 1 .*not stored in \.grad"):
+        norms = recorder.metrics()["grad_norm"]
+    assert math.isnan(norms[1]) and norms[2] > 0
+
+
+class _InPlaceBlock(nn.Module):
+    """Modifies the frozen projection's input in place after the projection ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        y = self.proj(h)
+        h.mul_(2.0)
+        return y + h
+
+
+@pytest.mark.parametrize("trainable_norm", [False, True])
+def test_input_modified_in_place_is_marked_not_wrong(torch_kernels, trainable_norm):
+    """Had the layer been trainable, autograd would refuse the in-place change; the saved X is stale."""
+    blocks = nn.ModuleList([_InPlaceBlock()]).requires_grad_(False)
+    blocks[0].norm.requires_grad_(trainable_norm)
+    recorder = GradNormRecorder(blocks, LayerStack("layers", blocks))
+
+    def run(x):
+        return blocks[0](x).square().sum()
+
+    recorder.attach()
+    x = torch.randn(5, 8, requires_grad=True)
+    run(x).backward()
+    recorder.detach()
+    with pytest.warns(UserWarning, match="layers.0.proj was modified in place"):
+        assert math.isnan(recorder.metrics()["grad_norm"][0])
+
+
+class _FunctionalBlock(nn.Module):
+    """Uses its projection's weight through F.linear: the projection's own forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return nn.functional.linear(self.norm(x), self.proj.weight, self.proj.bias)
+
+
+def test_weights_used_through_a_functional_call_are_reported(torch_kernels):
+    blocks = nn.ModuleList([_FunctionalBlock()]).requires_grad_(False)
+    recorder = GradNormRecorder(blocks, LayerStack("layers", blocks))
+    recorder.attach()
+    with pytest.warns(UserWarning, match=r"layers\.0\.proj \(Linear\) has frozen parameters but its forward did not"):
+        blocks[0](torch.randn(5, 8)).square().sum().backward()
+    recorder.detach()

@@ -317,3 +317,17 @@ def test_grad_norms_are_merged_into_scores():
         cleared = probe.scores()
     assert cleared.num_tokens == 0 and cleared.history["grad_norm"] == []
     assert all(math.isnan(v) for v in cleared["grad_norm"])
+
+
+def test_first_pass_under_inference_mode_then_reset_and_reuse():
+    """Scoring under torch.inference_mode() must leave a probe that can be reset and used again outside it."""
+    model = tiny_model("llama", seed=12)
+    ids, mask = random_batch(model.config.vocab_size, generator=torch.Generator().manual_seed(13))
+    probe = LayerProbe(model)
+    with probe, torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)
+    first = probe.scores()["block_influence"]
+    probe.reset()
+    with probe, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert probe.scores()["block_influence"] == first

@@ -167,3 +167,59 @@ def test_trainer_callback_steps_and_adopts_the_optimizer():
     assert reselector.selection.layers == (2,)
     stack = find_layers(model)
     assert all(id(p) in set().union(*optimizer_ids(optimizer)) for p in block_params(stack, 2))
+
+
+def test_first_reselection_keeps_the_training_dtype():
+    """A model trained without apply_selection: the first re-selection must not cast the trained
+    weights to apply_selection's default dtype (bfloat16 on CUDA, float32 on CPU)."""
+    model = tiny_model("llama", seed=5, dtype=torch.bfloat16).train()
+    model.requires_grad_(False)
+    stack = find_layers(model)
+    stack[0].requires_grad_(True)
+    optimizer = make_optimizer(model)
+    reselector = Reselector(model, ScriptedProbe([[0.1, 5.0, 0.2]]), every=1, strategy="top", k=1,
+                            optimizer=optimizer)
+    model(**make_batch(model, seed=6)).loss.backward()
+    optimizer.step()
+    trained = {id(p): p.detach().clone() for p in block_params(stack, 0)}
+    assert reselector.step().layers == (1,)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for param in block_params(stack, 0):
+        assert torch.equal(param, trained[id(param)])
+    optimizer.zero_grad()
+    model(**make_batch(model, seed=7)).loss.backward()
+    optimizer.step()
+
+
+def test_parameters_left_out_of_the_optimizer_stay_out():
+    """A module trained from the start but kept out of this optimizer (its own optimizer) is not added."""
+    model = tiny_model("llama", seed=8).train()
+    apply_selection(model, [0], train_extra=["model.norm"], dtype=torch.float32)
+    stack = find_layers(model)
+    optimizer = torch.optim.AdamW(block_params(stack, 0), lr=1e-2)
+    reselector = Reselector(model, ScriptedProbe([[0.1, 5.0, 0.2]]), every=1, strategy="top", k=1,
+                            optimizer=optimizer)
+    assert reselector.step().layers == (1,)
+    assert model.model.norm.weight.requires_grad
+    assert set().union(*optimizer_ids(optimizer)) == {id(p) for p in block_params(stack, 1)}
+
+
+def test_blocks_trained_before_the_first_apply_are_never_quantized():
+    """Trained without apply_selection, then re-selected with quantize_frozen: the block trained so far
+    must keep its exact weights, not be rounded to 4 bits."""
+    pytest.importorskip("bitsandbytes")
+    model = tiny_model("llama", seed=9).train()
+    model.requires_grad_(False)
+    stack = find_layers(model)
+    stack[0].requires_grad_(True)
+    optimizer = make_optimizer(model)
+    reselector = Reselector(model, ScriptedProbe([[0.1, 5.0, 0.2]]), every=1, strategy="top", k=1,
+                            optimizer=optimizer, apply_kwargs={"quantize_frozen": "nf4"})
+    model(**make_batch(model, seed=10)).loss.backward()
+    optimizer.step()
+    trained = {name: p.detach().clone() for name, p in stack[0].named_parameters()}
+    assert reselector.step().layers == (1,)
+    assert dict(stack[0].named_parameters()).keys() == trained.keys()
+    for name, param in stack[0].named_parameters():
+        assert torch.equal(param, trained[name]), name
+    assert type(stack[2].mlp.down_proj).__name__ == "Linear4bit"  # never trained: quantized
