@@ -47,6 +47,8 @@ class _ApplyState:
     ever_trained: set[int] = field(default_factory=set)
     cut_hooks: list = field(default_factory=list)
     cut_suspended: int = 0
+    # Set at every forward by block 0's hook: a trained parameter below the blocks needs the backward pass.
+    input_needs_backward: bool = False
 
 
 @dataclass
@@ -180,29 +182,54 @@ def _group_bytes(model: nn.Module, group) -> dict[str, int]:
     return sizes
 
 
-def _cut_hook(state: _ApplyState, keep_grad_flag: bool):
-    """Forward pre-hook detaching the hidden state that enters a block.
+def _reaches_trained_parameter(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s autograd graph reaches a trainable ``nn.Parameter``.
 
-    On the lowest selected block (``keep_grad_flag``) the detached hidden state is made a leaf that
-    requires grad when the block is gradient-checkpointed in training: HF's reentrant checkpointing
-    only backpropagates into a block whose input requires grad (the reason for
-    ``enable_input_require_grads``); the backward pass still stops at that leaf.
+    Called on the hidden state entering block 0, whose graph holds only what runs below the blocks
+    (embeddings, their projections and norms), so the walk is short. A tensor made to require grad by
+    ``enable_input_require_grads`` is a plain leaf, not a parameter, and does not count.
+    """
+    pending, seen = [tensor.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(getattr(node, "variable", None), nn.Parameter):
+            return True
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _cut_hook(state: _ApplyState, index: int, lowest: int):
+    """Forward pre-hook detaching the hidden state that enters block ``index`` (at or below ``lowest``).
+
+    Block 0's hook first checks whether a trained parameter feeds the blocks (trained token or position
+    embeddings, an LM head tied to them, an input projection); then no block cuts in this forward, since
+    the backward pass has to run through all of them to reach it.
+
+    On the lowest selected block the detached hidden state is made a leaf that requires grad when the
+    block is gradient-checkpointed in training: HF's reentrant checkpointing only backpropagates into a
+    block whose input requires grad (the reason for ``enable_input_require_grads``); the backward pass
+    still stops at that leaf.
     """
 
     def hook(module, args, kwargs):
         if state.cut_suspended:
             return None
-        needs_grad = (keep_grad_flag and torch.is_grad_enabled() and module.training
+        hidden = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
+        if not torch.is_tensor(hidden):
+            return None
+        if index == 0:
+            state.input_needs_backward = hidden.requires_grad and _reaches_trained_parameter(hidden)
+        if state.input_needs_backward:
+            return None
+        needs_grad = (index == lowest and torch.is_grad_enabled() and module.training
                       and getattr(module, "gradient_checkpointing", False))
-
-        def cut(hidden):
-            return hidden.detach().requires_grad_(needs_grad and hidden.is_floating_point())
-
+        cut = hidden.detach().requires_grad_(needs_grad and hidden.is_floating_point())
         if args and torch.is_tensor(args[0]):
-            return (cut(args[0]), *args[1:]), kwargs
-        if torch.is_tensor(kwargs.get("hidden_states")):
-            return args, {**kwargs, "hidden_states": cut(kwargs["hidden_states"])}
-        return None
+            return (cut, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": cut}
 
     return hook
 
@@ -225,25 +252,13 @@ def suspend_backward_cut(model: nn.Module):
         state.cut_suspended -= 1
 
 
-def _feeds_blocks(model: nn.Module, module: nn.Module, path: str) -> bool:
-    """Whether a trained extra module sits below the blocks (token or position embeddings).
-
-    A module sharing a parameter with an embedding counts too: an LM head tied to the token
-    embeddings gets that weight's gradient from both uses, so the cut would silently drop half of it.
-    """
-    if "emb" in path.lower() or any(isinstance(m, nn.Embedding) for m in module.modules()):
-        return True
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    return any(id(p) in embedding_params for p in module.parameters())
-
-
 def _set_cut(state: _ApplyState, blocks: nn.ModuleList, lowest: int) -> None:
-    """Move the backward cut to block ``lowest`` (``len(blocks)`` cuts below every block, -1 removes the cut)."""
+    """Move the backward cut to block ``lowest`` (``len(blocks)`` cuts below every block)."""
     for handle in state.cut_hooks:
         handle.remove()
     state.cut_hooks = []
     for index in range(min(lowest + 1, len(blocks))):
-        hook = _cut_hook(state, keep_grad_flag=index == lowest)
+        hook = _cut_hook(state, index, lowest)
         state.cut_hooks.append(blocks[index].register_forward_pre_hook(hook, with_kwargs=True))
 
 
@@ -356,8 +371,6 @@ def apply_selection(
             param.requires_grad_(param.is_floating_point())
 
     lowest = selection.lowest if selection.lowest is not None else len(stack)
-    if any(_feeds_blocks(model, modules[path], path) for path in head_paths):
-        lowest = -1  # a trained embedding needs the backward pass to run through every block: no cut
     _set_cut(state, stack.blocks, lowest)
 
     after = _group_bytes(model, _classifier(model, stack.path, set(selection.layers), head_paths))

@@ -404,3 +404,36 @@ def test_trained_tied_lm_head_disables_the_backward_cut():
     apply_selection(model, [2], train_extra=["lm_head"], dtype=torch.float32)
     _loss(model).backward()
     torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_trained_input_projection_below_the_blocks_gets_its_gradient():
+    """OPT's `project_in` runs below the blocks and has no embedding in its name: the cut must
+    still let the backward pass through to it when it is trained."""
+    from tiny_models import random_batch, tiny_model
+    from laet_fast import apply_selection
+
+    model = tiny_model("opt", seed=4, word_embed_proj_dim=40)
+    assert model.model.decoder.project_in is not None
+    apply_selection(model, [2], train_extra=["model.decoder.project_in"])
+    ids, mask = random_batch(model.config.vocab_size)
+    model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    grad = model.model.decoder.project_in.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.model.decoder.layers[0].parameters())
+
+
+def test_frozen_embeddings_keep_the_cut_under_enable_input_require_grads():
+    """enable_input_require_grads makes the embedding output require grad without any trained
+    parameter below the blocks: the cut stays, and no block below the lowest sees a gradient."""
+    from tiny_models import random_batch, tiny_model
+    from laet_fast import apply_selection
+
+    model = tiny_model("llama", seed=6)
+    model.enable_input_require_grads()
+    apply_selection(model, [2])
+    seen = []
+    for index, block in enumerate(model.model.layers):
+        block.register_full_backward_hook(lambda module, gin, gout, index=index: seen.append(index))
+    ids, mask = random_batch(model.config.vocab_size)
+    model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    assert seen == [2]
