@@ -40,7 +40,7 @@ block that did (weights used through a functional call) is warned about.
 
 When every parameter below a block is frozen, the backward pass would not reach it; the hidden
 state entering the first block is made to require grad (like ``enable_input_require_grads``, on a
-fresh leaf so no user tensor changes), and ``laet_fast.apply.suspend_backward_cut`` (when present)
+fresh leaf so no user tensor changes), and ``laet_fast.apply.suspend_backward_cut``
 keeps the backward pass running below the lowest trained block while attached.
 """
 from __future__ import annotations
@@ -54,24 +54,23 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .layers import is_linear_like
+
 # Frozen parameters of a non-linear module are scored by recomputing it with trainable copies of
 # them, which costs a gradient of their size; above this many elements that would no longer be the
 # "small module" the method is meant for, so it is refused with an explanation.
 GENERIC_MAX_NUMEL = 1 << 20
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's ``transformers.pytorch_utils.Conv1D``: y = x @ W + b with W of shape [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _in_backward() -> bool:
+def _graph_task_id() -> int:
+    """The id of the backward pass autograd is running now, -1 outside any."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
+    return task_id() if task_id is not None else -1
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointing re-runs forwards, hooks included)."""
+    return _graph_task_id() != -1
 
 
 def _detach(value):
@@ -190,15 +189,13 @@ class GradNormRecorder:
 
     # ------------------------------------------------------------------ hooks: installation
     def _suspend_cut(self) -> None:
-        """Hold ``laet_fast.apply.suspend_backward_cut(model)`` open (when that function exists).
+        """Hold ``laet_fast.apply.suspend_backward_cut(model)`` open.
 
         Re-entered at every forward (the suspension nests, so the count stays one): a selection
         applied after ``attach()`` is suspended too.
         """
-        try:
-            from laet_fast.apply import suspend_backward_cut
-        except ImportError:
-            return
+        from laet_fast.apply import suspend_backward_cut
+
         fresh = contextlib.ExitStack()
         fresh.enter_context(suspend_backward_cut(self.model))
         if self._cut_context is not None:
@@ -206,7 +203,7 @@ class GradNormRecorder:
         self._cut_context = fresh
 
     def _on_model_forward(self, module, args):
-        if not _in_backward():
+        if not in_backward():
             self._generation += 1
             self._forwarded = set()
         self._sync()
@@ -264,7 +261,7 @@ class GradNormRecorder:
     # ------------------------------------------------------------------ hooks: forward
     def _require_grad_on_input(self, module, args, kwargs):
         """Let the backward pass reach the first block when nothing below it is trainable."""
-        if not torch.is_grad_enabled() or self._recomputing or _in_backward():
+        if not torch.is_grad_enabled() or self._recomputing or in_backward():
             return None
         if args and isinstance(args[0], torch.Tensor):
             hidden = args[0]
@@ -280,7 +277,7 @@ class GradNormRecorder:
         def hook(module, args, kwargs, output):
             # Skipped: our own recomputation, no-grad forwards, and the forward that non-reentrant
             # gradient checkpointing re-runs inside the backward pass (its outputs get no gradient).
-            if self._recomputing or not torch.is_grad_enabled() or _in_backward():
+            if self._recomputing or not torch.is_grad_enabled() or in_backward():
                 return
             frozen = [(n, p) for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
             if not frozen:
@@ -303,7 +300,7 @@ class GradNormRecorder:
                                           f"its summed weight gradient cannot be formed exactly")
                 return
             self._forwarded.add(id(module))
-            if _is_linear_like(module):
+            if is_linear_like(module):
                 self._watch_linear(module, block, qualified, frozen, args, kwargs, output)
             else:
                 self._watch_generic(module, block, qualified, frozen, args, kwargs, output)
@@ -396,7 +393,7 @@ class GradNormRecorder:
 
     def _begin_pass(self, device: torch.device) -> torch.Tensor:
         """This pass's squared-norm buffer on ``device`` (one per device when a model spans several)."""
-        task = getattr(torch._C, "_current_graph_task_id", lambda: -1)()
+        task = _graph_task_id()
         if self._cur and task != self._task and not self._recomputing:
             # The backward pass that started these sums raised (e.g. out of memory, batch skipped)
             # and never ran its end callback: drop its partial sums instead of merging them here.

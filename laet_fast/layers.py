@@ -45,6 +45,17 @@ class LayerStack:
         return [f"{self.path}.{i}" for i in range(len(self.blocks))]
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D``: ``y = x @ weight + bias``, weight of shape [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (bitsandbytes layers included, they subclass it) or a GPT-2 ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def _get(root: nn.Module, path: str):
     obj = root
     for part in path.split("."):

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .grad_norms import in_backward
 from .layers import find_layers
 from .scores import LayerScores
 
@@ -46,13 +47,6 @@ def _rows(hidden_states: torch.Tensor, hidden: int) -> torch.Tensor:
     """[..., hidden] -> [tokens, hidden], detached, with the hidden dim contiguous (as the kernel needs)."""
     rows = hidden_states.detach().reshape(-1, hidden)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass. Reentrant gradient checkpointing re-runs the
-    blocks there, hooks included; those recomputed calls must not be counted a second time."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 class LayerProbe:
@@ -156,7 +150,9 @@ class LayerProbe:
         from .kernels.hidden_stats import accumulate_hidden_stats
 
         def hook(module, args, kwargs, output):
-            if _in_backward():
+            # Reentrant gradient checkpointing re-runs the blocks, hooks included, inside the backward
+            # pass: those recomputed calls must not be counted a second time.
+            if in_backward():
                 return
             h_in = args[0] if args else kwargs.get("hidden_states")
             h_out = _first_tensor(output)

@@ -20,6 +20,8 @@ import sys
 import torch
 import torch.nn as nn
 
+from .layers import is_conv1d, is_linear_like
+
 MODES = ("nf4", "fp4", "int8")
 
 _INSTALL_HINT = "Install it with `pip install bitsandbytes` (version 0.45 or newer; 0.50 has a CPU backend)."
@@ -37,11 +39,6 @@ def require_bitsandbytes():
     except Exception as error:  # a missing package and a broken install (no native library) look alike to users
         raise ImportError(f"Quantization needs bitsandbytes, which could not be imported ({error}). {_INSTALL_HINT}") from error
     return bnb
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D: ``y = x @ weight + bias`` with ``weight`` of shape (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
 def quant_mode(module: nn.Module) -> str | None:
@@ -99,7 +96,7 @@ def _linear8bit_class():
 def _quantized_linear(layer: nn.Module, mode: str, compute_dtype: torch.dtype) -> nn.Module:
     bnb = require_bitsandbytes()
     weight = layer.weight.detach()
-    if _is_conv1d(layer):
+    if is_conv1d(layer):
         weight = weight.t()
     out_features, in_features = weight.shape
     device = weight.device
@@ -165,7 +162,7 @@ def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype) -
     for name, child in module.named_children():
         if quant_mode(child) is not None:  # bitsandbytes layers subclass nn.Linear: leave them as they are
             continue
-        if isinstance(child, nn.Linear) or _is_conv1d(child):
+        if is_linear_like(child):
             setattr(module, name, _quantized_linear(child, mode, compute_dtype))
             count += 1
         else:
