@@ -21,20 +21,13 @@ Weight layout does not matter: an ``nn.Linear`` weight ``[out, in]`` and a GPT-2
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from laet_fast.backend import TRITON_INTERPRET, use_triton
-
-
-def _on_device(device: torch.device):
-    """Context that makes ``device`` current: Triton launches on the current CUDA device, not on
-    the device of its tensor arguments, so a launch for ``cuda:1`` needs ``cuda:1`` current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+from laet_fast.backend import TRITON_INTERPRET, launch_device, use_triton
 
 
 _TL_DTYPES = {
@@ -175,7 +168,7 @@ def grouped_sq_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], out
     by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
     for t, g in pairs:
         by_dtype.setdefault(t.dtype, []).append((t, g))
-    with _on_device(out.device):
+    with launch_device(out.device):
         for members in by_dtype.values():
             _launch_grouped_sq_norms([t for t, _ in members], [g for _, g in members], out)
 
@@ -445,7 +438,7 @@ def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, me
         IEEE=dot_dtype == tl.float32,
     )
     tensor_cores = dot_dtype != tl.float32
-    with _on_device(out.device):
+    with launch_device(out.device):
         if chosen == "tiled":
             grid = lambda meta: (triton.cdiv(d_in, meta["BLOCK_IN"]) * triton.cdiv(d_out, meta["BLOCK_OUT"]),)  # noqa: E731
             _TILED_KERNELS[tensor_cores][grid](x2, dy2, out, **common)

@@ -23,14 +23,13 @@ tensor ops in the reference path), so probing every layer of a model costs no ho
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from laet_fast.backend import use_triton
+from laet_fast.backend import launch_device, use_triton
 
 STAT_FIELDS = ("tokens", "sum_cos", "sum_rel_change", "sum_sq", "absmax")
 NUM_STATS = len(STAT_FIELDS)
@@ -283,8 +282,7 @@ def accumulate_hidden_stats(h_in: torch.Tensor, h_out: torch.Tensor, mask: torch
         # Triton loads bool as i1 from byte storage; viewing it as uint8 is free and unambiguous.
         mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         mask_stride = mask.stride(0)
-    on_cuda = h_in.device.type == "cuda"
-    with torch.cuda.device(h_in.device) if on_cuda else contextlib.nullcontext():
+    with launch_device(h_in.device):
         _hidden_stats_kernel[(n_programs,)](
             h_in, h_out, mask_arg, acc,
             n_tokens, hidden, h_in.stride(0), h_out.stride(0), mask_stride,

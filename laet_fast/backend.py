@@ -11,6 +11,7 @@ The decision is per call, from the tensors' device:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -62,3 +63,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         f"laet_fast: no CUDA device and TRITON_INTERPRET is off; running the PyTorch reference path on {device}.",
     )
     return False
+
+
+def launch_device(device: torch.device):
+    """Context that makes ``device`` current for a kernel launch.
+
+    Triton launches on the current CUDA device, not on the device of its tensor arguments, so a
+    launch for ``cuda:1`` needs ``cuda:1`` current. A no-op off CUDA.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
