@@ -237,16 +237,16 @@ def load_model_and_tokenizer(
         "seqcls": transformers.AutoModelForSequenceClassification,
         "base": transformers.AutoModel,
     }[task]
-    kwargs = _gguf_kwargs(gguf_file)
+    # One shared GGUF reader for the config, the tokenizer and the weights (the nested ones in
+    # load_config / load_tokenizer reuse it).
     with _shared_gguf_reader():
-        config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
-        for key in ("num_labels",):
-            if key in model_kwargs:
-                setattr(config, key, model_kwargs.pop(key))
-        tokenizer = _ensure_pad_token(transformers.AutoTokenizer.from_pretrained(folder, **kwargs))
+        config = load_config(path)
+        if "num_labels" in model_kwargs:
+            config.num_labels = model_kwargs.pop("num_labels")
+        tokenizer = load_tokenizer(path)
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tokenizer.pad_token_id
-        model = auto.from_pretrained(folder, config=config, dtype=dtype, **kwargs, **model_kwargs)
+        model = auto.from_pretrained(folder, config=config, dtype=dtype, **_gguf_kwargs(gguf_file), **model_kwargs)
     model.to(device)
     model.eval()
     return model, tokenizer
