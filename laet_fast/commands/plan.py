@@ -39,20 +39,12 @@ def _config(model: str):
     if not os.path.exists(model):
         raise UsageError(f"--model {model!r} is neither a built-in shape ({', '.join(MODEL_SHAPES)}) nor an "
                          f"existing folder or .gguf file.")
-    try:
-        from laet_fast.loading import load_config
-    except ImportError:
-        load_config = None
-    try:
-        if load_config is not None:
-            return load_config(model)
-        if os.path.isdir(model):
-            from transformers import AutoConfig
+    from laet_fast.loading import load_config
 
-            return AutoConfig.from_pretrained(model)
+    try:
+        return load_config(model)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot read a model config from {model!r}: {error}") from error
-    raise UsageError(f"cannot read a model config from {model!r}: pass a folder with config.json.")
 
 
 def run(args) -> int:
