@@ -34,7 +34,7 @@ def expected_stats(h_in, h_out, mask=None, dtype=torch.float64):
     cos = torch.einsum("th,th->t", a, b) / (a_norm * b_norm)
     rel = (b - a).pow(2).sum(1).sqrt() / a_norm
     return torch.stack([
-        torch.tensor(float(a.shape[0]), dtype=dtype), cos.sum(), rel.sum(), b.pow(2).sum(), b.abs().max(),
+        torch.tensor(float(a.shape[0]), dtype=dtype), (1 - cos).sum(), rel.sum(), b.pow(2).sum(), b.abs().max(),
     ]).to(torch.float64)
 
 
@@ -136,6 +136,29 @@ def test_accumulates_across_calls_weighted_by_tokens():
     want = expected_metrics(h_in, h_out, mask)["block_influence"]
     torch.testing.assert_close(hidden_stats_metrics(buf[1], 200)["block_influence"].double(), want,
                                rtol=1e-3, atol=1e-5)
+
+
+def test_block_influence_keeps_its_digits_over_a_million_tokens(monkeypatch):
+    """1 - sum(cos) / tokens cancels once the float32 sum of cosines is large; the accumulator holds
+    sum(1 - cos) instead. 1.6M tokens in 100 adds of 16k tokens (what scoring on CPU does), block
+    influence ~0.002 (the range ShortGPT ranks): the old accumulator was off by ~1e-5 relative, this
+    one by ~1e-7. The kernel's own field is checked against float64 by every test above; on a GPU
+    its adds are smaller (16 tokens per atomic), where the old error reached 1e-2."""
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    gen = torch.Generator().manual_seed(51)
+    calls, tokens, hidden = 100, 16384, 16
+    h_in = torch.randn(calls, tokens, hidden, generator=gen) * 3
+    h_out = h_in + 0.2 * torch.randn(calls, tokens, hidden, generator=gen) + 0.05
+    want = expected_metrics(h_in.reshape(-1, hidden), h_out.reshape(-1, hidden))
+    assert 0.001 < want["block_influence"] < 0.005
+    acc = new_stats_buffer(1, "cpu")[0]
+    for a, b in zip(h_in, h_out):
+        accumulate_hidden_stats(a, b, None, acc)
+    got = hidden_stats_metrics(acc, hidden)
+    torch.testing.assert_close(got["block_influence"].double(), want["block_influence"], rtol=1e-6, atol=0)
+    # The other sums have terms of the size of their mean: no cancellation, float32 is enough.
+    for name in ("relative_change", "act_rms"):
+        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-5, atol=0, msg=name)
 
 
 def test_all_masked_and_empty_batches_add_nothing():
