@@ -385,3 +385,16 @@ def test_gpu_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     from sm90_compile import run_compile_script
 
     assert run_compile_script(_COMPILE_SCRIPT, tmp_path) == {"grouped_vector_loads": "True", "tiled_tensor_cores": "True", "gram_tensor_cores": "True"}
+
+
+@pytest.mark.slow
+def test_grouped_sq_norms_torch_path_is_not_biased_on_a_large_weight(monkeypatch):
+    """The PyTorch path on a 4096x14336 float32 gradient (an 8B model's MLP): float32 without cascade
+    summation (torch._foreach_norm on CPU) was 9e-3 low; a float32 cascade sum is within ~1e-7."""
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    big = torch.randn(4096, 14336, generator=torch.Generator().manual_seed(17))
+    small = torch.randn(576, 1536, generator=torch.Generator().manual_seed(18)).bfloat16()
+    out = torch.zeros(2)
+    grouped_sq_norms([big, small], [1, 0], out)
+    want = torch.tensor([_independent_sq_norm(small), _independent_sq_norm(big)], dtype=torch.float64)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=0)
