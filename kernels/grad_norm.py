@@ -457,8 +457,11 @@ def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, me
             _GRAM_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
 
 
-# Column chunk of the PyTorch "tiled" path: at most this many elements of X^T dY exist at once.
+# Column chunks of the PyTorch "tiled" path: a chunk of X^T dY has at most _TORCH_CHUNK_ELEMENTS
+# elements and at most 1/_TORCH_MIN_CHUNKS of [in, out]. A chunk and its square exist at once, so
+# the peak is 2/16 = 0.125x a float32 [in, out] gradient (measured in tests/test_grad_norm_kernels).
 _TORCH_CHUNK_ELEMENTS = 1 << 22
+_TORCH_MIN_CHUNKS = 16
 
 
 @torch.no_grad()
@@ -466,18 +469,19 @@ def _linear_grad_sq_norm_torch(x: torch.Tensor, dy: torch.Tensor, method: str) -
     """PyTorch path of :func:`linear_grad_sq_norm` on ``x [T, in]``, ``dy [T, out]``; float32 scalar.
 
     "gram": ``sum((X X^T) * (dY dY^T))`` with two ``[T, T]`` matmuls. "tiled": ``X^T dY`` in column
-    chunks of at most ``_TORCH_CHUNK_ELEMENTS`` elements and always at least two chunks, so the full
-    ``[in, out]`` matrix never exists.
+    chunks (see ``_TORCH_MIN_CHUNKS``): besides float32 copies of bf16/fp16 inputs (x whole, dy one
+    column chunk at a time), the peak stays at 1/8 of a float32 ``[in, out]`` matrix.
     """
     x32 = x.float()
-    dy32 = dy.float()
     if method == "gram":
+        dy32 = dy.float()
         return ((x32 @ x32.T) * (dy32 @ dy32.T)).sum()
     d_in, d_out = x.shape[1], dy.shape[1]
-    columns = max(1, min(triton.cdiv(d_out, 2), _TORCH_CHUNK_ELEMENTS // d_in))
+    columns = max(1, min(d_out // _TORCH_MIN_CHUNKS, _TORCH_CHUNK_ELEMENTS // d_in))
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for start in range(0, d_out, columns):
-        total += (x32.T @ dy32[:, start:start + columns]).square().sum()
+        # A column slice of a row-major dy is a valid BLAS operand (row stride = out): no copy in fp32.
+        total += (x32.T @ dy[:, start:start + columns].float()).square().sum()
     return total
 
 

@@ -10,13 +10,12 @@ import copy
 import math
 import sys
 import types
-import weakref
 
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from live_bytes import LiveBytes
 from tiny_models import random_batch, tiny_model
 from laet_fast.grad_norms import GENERIC_MAX_NUMEL, GradNormRecorder
 from laet_fast.layers import LayerStack, find_layers
@@ -425,37 +424,6 @@ def test_small_custom_module_is_exact(torch_kernels):
     assert recorder.metrics()["grad_norm"][0] == pytest.approx(want, rel=1e-5)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages created while active (each counted until it is freed)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen = set()
-
-    def _free(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # Views and in-place results alias an input's storage: no new memory.
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key in self._seen or key in inputs or storage.nbytes() == 0:
-                    continue
-                self._seen.add(key)
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
-
-
 def _backward_peak(model, batch, with_recorder):
     stack = freeze(model)
     recorder = GradNormRecorder(model, stack)
@@ -464,7 +432,7 @@ def _backward_peak(model, batch, with_recorder):
     else:  # the same backward, through every block, without scoring
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     loss = model(**batch).loss
-    with _LiveBytes() as tracker:
+    with LiveBytes() as tracker:
         loss.backward()
     recorder.detach()
     return tracker.peak, recorder
