@@ -12,11 +12,14 @@ and no weight gradient of a frozen layer is ever stored:
     the backward pass all of them go to ONE ``grouped_sq_norms`` launch (per dtype).
   - ``.grad`` already held a value (gradient accumulation without zeroing): the pass's gradient is
     the increment, which exists as a tensor only inside the hook, so its squared norm is added
-    there (one small launch per parameter, no copy kept). Exact, and no snapshot of ``.grad``.
+    there by ``accumulate_sq_norm`` (two device ops, no host tables or pinned copies, no copy
+    kept). Exact, and no snapshot of ``.grad``.
 
 * Frozen linear layers (``nn.Linear`` and subclasses such as bitsandbytes ``Linear4bit`` /
   ``Linear8bitLt``; GPT-2's ``Conv1D``): a forward hook keeps the layer input X (detached, the
-  tensor a trainable layer would save) and hooks the output; when dY arrives,
+  tensor a trainable layer would save; under autocast, in the autocast dtype the layer computes
+  in, so that X and dY share a dtype and the kernel runs on the tensor cores) and hooks the
+  output; when dY arrives,
   ``||dW||_F^2 = ||X^T dY||_F^2`` is accumulated by ``linear_grad_sq_norm`` without an [in, out]
   buffer, the bias adds ``||sum_tokens dY||^2``, and X is released.
 
@@ -77,6 +80,16 @@ def _detach(value):
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
 
 
+def _in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype a linear layer computes with: under autocast a float32 input is cast to the
+    autocast dtype (as the layer's matmul does), so X and dY reach the norm kernel in one half dtype
+    (the tensor cores, not the float32 FMA path) and the saved copy is half the size."""
+    device_type = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
 def _tensors(value) -> list[torch.Tensor]:
     return [v for v in tree_leaves(value) if isinstance(v, torch.Tensor)]
 
@@ -130,9 +143,9 @@ class GradNormRecorder:
         """Install the hooks (idempotent). Parameters' ``requires_grad`` is never changed."""
         if self._attached:
             return
-        from laet_fast.kernels.grad_norm import grouped_sq_norms, linear_grad_sq_norm
+        from laet_fast.kernels.grad_norm import accumulate_sq_norm, grouped_sq_norms, linear_grad_sq_norm
 
-        self._kernels = (grouped_sq_norms, linear_grad_sq_norm)
+        self._kernels = (grouped_sq_norms, linear_grad_sq_norm, accumulate_sq_norm)
         self._attached = True
         # Re-scan the blocks at every forward: a re-applied selection may swap modules or
         # parameters (e.g. a quantized frozen layer becoming a full-precision trainable one).
@@ -316,8 +329,10 @@ class GradNormRecorder:
                 f"{type(module).__name__}: only weight and bias are understood. Make it trainable."
             )
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-        saved = [x.detach()] if "weight" in names else []
-        version = x._version  # shared with the detached copy: tells an in-place change of X later on
+        saved = [_in_compute_dtype(x.detach())] if "weight" in names else []
+        # A detached X shares its version counter with the original: it tells an in-place change of X
+        # later on. An autocast copy is what the layer computed with, and nothing else writes to it.
+        version = saved[0]._version if saved else None
         has_bias = "bias" in names
         generation = self._generation
 
@@ -388,7 +403,7 @@ class GradNormRecorder:
         if param.grad is None:
             self._fresh.append((param, block))
         else:
-            self._kernels[0]([grad], [block], cur)
+            self._kernels[2](grad, cur[block:block + 1])
         return None
 
     def _begin_pass(self, device: torch.device) -> torch.Tensor:

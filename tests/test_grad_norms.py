@@ -577,3 +577,79 @@ def test_weights_used_through_a_functional_call_are_reported(torch_kernels):
     with pytest.warns(UserWarning, match=r"layers\.0\.proj \(Linear\) has frozen parameters but its forward did not"):
         blocks[0](torch.randn(5, 8)).square().sum().backward()
     recorder.detach()
+
+
+def test_autocast_gives_the_kernel_one_compute_dtype(torch_kernels, monkeypatch):
+    """Under autocast a float32 model's frozen linears get X in float32 and dY in bf16; the kernel
+    would read both as float32 (the FMA path, 10-20x slower than tensor cores on Hopper). The recorder
+    saves X in the autocast dtype, as the layer computed with it: the kernel sees one dtype."""
+    from laet_fast.kernels import grad_norm
+
+    seen = []
+    real = grad_norm.linear_grad_sq_norm
+
+    def spy(x, dy, out, method="auto"):
+        seen.append((x.dtype, dy.dtype))
+        real(x, dy, out, method)
+
+    monkeypatch.setattr(grad_norm, "linear_grad_sq_norm", spy)
+    model = tiny_model("llama", seed=45)
+    batch = make_batch(model, seed=46)
+    want = reference_norms(model, batch)
+    stack = freeze(model, (1,))
+    recorder = GradNormRecorder(model, stack)
+    recorder.attach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    recorder.detach()
+    assert len(seen) == 2 * 7 and set(seen) == {(torch.bfloat16, torch.bfloat16)}, set(seen)
+    # bf16 compute: the norms are those of a bf16 forward, a few percent from the float32 model's.
+    torch.testing.assert_close(torch.tensor(recorder.metrics()["grad_norm"], dtype=torch.float64),
+                               torch.tensor(want, dtype=torch.float64), rtol=5e-2, atol=0)
+
+
+def test_gradient_accumulation_builds_no_host_tables_per_parameter(torch_kernels, monkeypatch):
+    """An accumulating pass used to launch grouped_sq_norms once per trainable parameter (host tables
+    and pinned copies each: tens of ms of CPU per backward on an 8B model); now the only grouped
+    launch of a pass is the one for parameters whose .grad was empty."""
+    from laet_fast.kernels import grad_norm
+
+    calls = []
+    real = grad_norm.grouped_sq_norms
+    monkeypatch.setattr(grad_norm, "grouped_sq_norms", lambda t, g, out: calls.append(len(t)) or real(t, g, out))
+    model = tiny_model("llama", seed=47)
+    batches = [make_batch(model, seed=48), make_batch(model, seed=49)]
+    want = [reference_norms(model, b) for b in batches]
+    stack = freeze(model, (0, 2))
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    recorder = GradNormRecorder(model, stack)
+    recorder.attach()
+    model(**batches[0]).loss.backward()
+    assert calls == [trainable]  # every .grad was empty: one grouped launch
+    model(**batches[1]).loss.backward()  # accumulates into .grad
+    recorder.detach()
+    assert calls == [trainable], calls
+    torch.testing.assert_close(torch.tensor(recorder.history(), dtype=torch.float64),
+                               torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_pass_after_an_invalid_pass_is_scored_fresh_without_reset(torch_kernels):
+    """A pass that marked blocks invalid (two forwards, one backward) must not leak its marks, notes
+    or partial sums into the next pass when reset() is not called in between."""
+    model = tiny_model("llama", seed=50)
+    batches = [make_batch(model, seed=51), make_batch(model, seed=52), make_batch(model, seed=53)]
+    stack = freeze(model, (1,))
+    recorder = GradNormRecorder(model, stack)
+    recorder.attach()
+    (model(**batches[0]).loss + model(**batches[1]).loss).backward()
+    model.zero_grad(set_to_none=True)
+    model(**batches[2]).loss.backward()
+    recorder.detach()
+    assert recorder.num_passes == 2
+    with pytest.warns(UserWarning, match="several forward passes"):
+        history = recorder.history()
+    assert math.isnan(history[0][0]) and math.isnan(history[0][2])
+    torch.testing.assert_close(torch.tensor(history[1], dtype=torch.float64),
+                               torch.tensor(reference_norms(model, batches[2]), dtype=torch.float64),
+                               rtol=1e-4, atol=0)
