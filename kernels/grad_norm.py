@@ -517,15 +517,27 @@ def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, me
     if not use_triton(x2, dy2, out):
         out.add_(_linear_grad_sq_norm_torch(x2, dy2, chosen).reshape(out.shape))
         return
+    if chosen == "tiled":
+        config = tiled_config(d_in, d_out, tensor_cores, sm_count)
+    else:
+        config = gram_config(tokens, tensor_cores, sm_count)
+    launch_linear_kernel(x2, dy2, out, chosen, config)
+
+
+def launch_linear_kernel(x2: torch.Tensor, dy2: torch.Tensor, out: torch.Tensor, method: str, config: dict) -> None:
+    """One launch of the "tiled" or "gram" kernel on ``x2 [T, in]``, ``dy2 [T, out]`` with the given
+    meta-parameters (as ``tiled_config`` / ``gram_config`` return them). No checks: for
+    :func:`linear_grad_sq_norm` and for benchmarks that time each candidate configuration."""
+    tokens, d_in = x2.shape
+    d_out = dy2.shape[1]
+    dot_dtype = _dot_dtype(x2, dy2)
     common = dict(stride_xt=x2.stride(0), stride_xi=x2.stride(1), stride_dyt=dy2.stride(0),
-                  stride_dyo=dy2.stride(1), DOT_DTYPE=dot_dtype, IEEE=not tensor_cores)
+                  stride_dyo=dy2.stride(1), DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32)
     with launch_device(out.device):
-        if chosen == "tiled":
-            config = tiled_config(d_in, d_out, tensor_cores, sm_count)
+        if method == "tiled":
             grid = (triton.cdiv(d_in, config["BLOCK_IN"]) * triton.cdiv(d_out, config["BLOCK_OUT"]),)
             _xt_dy_sq_norm_tiled_kernel[grid](x2, dy2, out, tokens, d_in, d_out, **common, **config)
         else:
-            config = gram_config(tokens, tensor_cores, sm_count)
             tiles = triton.cdiv(tokens, config["BLOCK_T"])
             _gram_sq_norm_kernel[(tiles, tiles)](x2, dy2, out, tokens, d_in, d_out, **common, **config)
 
