@@ -81,16 +81,21 @@ def make_mask(tokens, kind, seed):
         mask = torch.rand(tokens, generator=gen) > 0.35
         mask[0] = True
         return mask
-    # An attention mask as HF hands it over: int64, right-padded sequences flattened.
+    # An attention mask as HF hands it over: int64, two padded sequences flattened, padded on the
+    # right ("int") or on the left ("int_left").
     mask = torch.ones(tokens, dtype=torch.long)
-    mask[tokens // 2 - 3: tokens // 2] = 0
-    mask[-5:] = 0
+    if kind == "int_left":
+        mask[:4] = 0
+        mask[tokens // 2: tokens // 2 + 3] = 0
+    else:
+        mask[tokens // 2 - 3: tokens // 2] = 0
+        mask[-5:] = 0
     return mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("hidden", [72, 200, 576])
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "int"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "int", "int_left"])
 def test_kernel_matches_float64_reference(dtype, hidden, mask_kind):
     h_in, h_out = make_pair(37, hidden, dtype, seed=hidden)
     mask = make_mask(37, mask_kind, seed=hidden)
@@ -171,9 +176,10 @@ def test_all_masked_and_empty_batches_add_nothing():
         assert torch.isnan(value), f"{name} with zero tokens must be NaN, got {value}"
 
 
-def test_padding_values_are_never_read():
+@pytest.mark.parametrize("side", ["int", "int_left"])
+def test_padding_values_are_never_read(side):
     h_in, h_out = make_pair(37, 200, torch.float32, seed=5)
-    mask = make_mask(37, "int", seed=5)
+    mask = make_mask(37, side, seed=5)
     h_out[mask == 0] = float("nan")
     h_in[mask == 0] = float("inf")
     acc = new_stats_buffer(1, "cpu")[0]
