@@ -18,8 +18,11 @@ and no weight gradient of a frozen layer is ever stored:
 * Frozen linear layers (``nn.Linear`` and subclasses such as bitsandbytes ``Linear4bit`` /
   ``Linear8bitLt``; GPT-2's ``Conv1D``): a forward hook keeps the layer input X (detached, the
   tensor a trainable layer would save; under autocast, in the autocast dtype the layer computes
-  in, so that X and dY share a dtype and the kernel runs on the tensor cores) and hooks the
-  output; when dY arrives,
+  in, so that X and dY share a dtype and the kernel runs on the tensor cores; one copy for the
+  layers that read one tensor) and hooks the output. Over a block under non-reentrant gradient
+  checkpointing X is not kept from the forward: a forward pre-hook takes it from the checkpoint's
+  recomputation in the backward pass (so the probe costs what a frozen backward costs there; the
+  block is reported if the recomputation never brings it). When dY arrives,
   ``||dW||_F^2 = ||X^T dY||_F^2`` is accumulated by ``linear_grad_sq_norm`` without an [in, out]
   buffer, the bias adds ``||sum_tokens dY||^2``, and X is released.
 
