@@ -25,11 +25,13 @@ import pytest
 import torch
 
 from bench_utils import bandwidth_gbps, copy_bandwidth_gbps, write_result
+from laet_fast.kernels import grad_norm
 from laet_fast.kernels.grad_norm import (
     grouped_sq_norms,
     grouped_sq_norms_reference,
     linear_grad_sq_norm,
     linear_grad_sq_norm_reference,
+    method_costs,
 )
 
 ON_CUDA = torch.cuda.is_available()
@@ -165,8 +167,17 @@ def frozen_results():
         for r in rows:
             plain = matmul.get((r["tokens"], r["in"], r["out"]))
             r["time_vs_plain_matmul"] = r["median_us"] / plain if plain else None
+        times = {(r["tokens"], r["in"], r["out"], r["impl"]): r["median_us"] for r in rows}
+        for r in rows:
+            key = (r["tokens"], r["in"], r["out"])
+            if r["impl"] == "auto" and (*key, "tiled") in times and (*key, "gram") in times:
+                faster = min(("tiled", "gram"), key=lambda m: times[(*key, m)])
+                # The rule is right when it picked the faster kernel; else by how much it lost.
+                r["auto_rule"]["measured_faster"] = faster
+                r["auto_rule"]["measured_gram_over_tiled"] = times[(*key, "gram")] / times[(*key, "tiled")]
         write_result("grad_norm_frozen", {"dtype": "bfloat16", "x": "[tokens, in]", "dy": "[tokens, out]",
                                           "peak_extra_bytes": "max_memory_allocated delta over the inputs",
+                                          "gram_relative_throughput_estimate": grad_norm.GRAM_RELATIVE_THROUGHPUT,
                                           "cases": rows})
 
 
@@ -223,6 +234,79 @@ def test_frozen_linear_norm(benchmark, monkeypatch, frozen_results, impl, tokens
     seconds = benchmark.stats.stats.median
     row = {"impl": impl, "tokens": tokens, "in": d_in, "out": d_out, "median_us": seconds * 1e6,
            "tflops_as_matmul": 2 * tokens * d_in * d_out / seconds / 1e12, "peak_extra_bytes": peak_extra,
-           "weight_bytes_bf16": d_in * d_out * 2}
+           "weight_bytes_bf16": d_in * d_out * 2,
+           # What "auto" weighed (flops, estimated relative throughput, occupancy) and what it chose.
+           "auto_rule": method_costs(tokens, d_in, d_out, True, grad_norm._device_sm_count(DEVICE))}
     benchmark.extra_info.update(row)
     frozen_results.append(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shape rule's tile sizes against every candidate (what autotuning would have chosen)
+# ---------------------------------------------------------------------------------------------
+
+
+def _candidate_configs(method):
+    if method == "tiled":
+        return [dict(BLOCK_IN=bi, BLOCK_OUT=bo, BLOCK_T=bt, GROUP_IN=8, num_warps=w, num_stages=st)
+                for bi, bo, bt, w, st in grad_norm.TILED_CONFIGS_TENSOR_CORES]
+    return [dict(BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=st)
+            for bt, bk, w, st in grad_norm.GRAM_CONFIGS_TENSOR_CORES]
+
+
+def _cuda_median_us(fn, rounds=20):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_linear_configs(cases=None, device="cuda", timer=None) -> dict:
+    """Time every candidate tile configuration of both kernels against the one the shape rule picks.
+
+    ``cases``: (tokens, in, out) triples, bf16 (default: the frozen-linear cases plus few-token ones).
+    Returns (and writes as ``benchmarks/results/grad_norm_configs.json``) one row per case and
+    method: each candidate's median time, the rule's pick, and rule time / best time (goal <= 1.1).
+    Needs CUDA (``device`` and ``timer``, a function of a callable giving microseconds, exist for a
+    dry run of this code on CPU).
+    """
+    timer = timer or _cuda_median_us
+    cases = cases or GPU_LINEAR_CASES + [(64, 4096, 4096), (256, 4096, 1024), (1024, 4096, 14336)]
+    device = torch.device(device)
+    sm_count = grad_norm._device_sm_count(device)
+    rows = []
+    for tokens, d_in, d_out in cases:
+        gen = torch.Generator(device=device).manual_seed(2)
+        x = torch.randn(tokens, d_in, generator=gen, device=device).to(torch.bfloat16)
+        dy = (torch.randn(tokens, d_out, generator=gen, device=device) * 1e-2).to(torch.bfloat16)
+        out = torch.zeros(1, device=device)
+        for method in ("tiled", "gram"):
+            picked = (grad_norm.tiled_config(d_in, d_out, True, sm_count) if method == "tiled"
+                      else grad_norm.gram_config(tokens, True, sm_count))
+            configs = _candidate_configs(method)
+            configs += [] if picked in configs else [picked]
+            timed = [{"config": c, "median_us": timer(
+                lambda c=c: grad_norm.launch_linear_kernel(x, dy, out, method, c))} for c in configs]
+            best = min(t["median_us"] for t in timed)
+            rule_us = next(t["median_us"] for t in timed if t["config"] == picked)
+            rows.append({"tokens": tokens, "in": d_in, "out": d_out, "method": method, "candidates": timed,
+                         "rule_config": picked, "rule_over_best": rule_us / best,
+                         "auto_rule": method_costs(tokens, d_in, d_out, True, sm_count)})
+    result = {"dtype": "bfloat16", "goal": "rule_over_best <= 1.1", "cases": rows}
+    write_result("grad_norm_configs", result)
+    return result
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_CUDA, reason=NEEDS_CUDA)
+def test_shape_rule_configs_against_candidates():
+    result = bench_linear_configs()
+    worst = max(r["rule_over_best"] for r in result["cases"])
+    print(f"shape rule: worst case {worst:.2f}x the best candidate")

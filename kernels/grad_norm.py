@@ -14,13 +14,16 @@ Two kinds of layers need a squared gradient norm each step:
   - "gram": use ``||X^T dY||_F^2 = <X X^T, dY dY^T>_F``, formed tile by tile over token pairs
     (only the upper triangle, the Gram matrices being symmetric), costing ``T^2 * (in + out)`` flops.
 
-  "auto" picks "gram" when ``T * (in + out) < in * out``, i.e. when there are few tokens.
+  "auto" picks the lower of the two flop counts weighted by the kernels' estimated throughputs
+  (:func:`method_costs`): "gram" for few tokens. Tile sizes follow from the shape; nothing is
+  autotuned, so no call benchmarks in the middle of a backward pass.
 
 Weight layout does not matter: an ``nn.Linear`` weight ``[out, in]`` and a GPT-2 ``Conv1D`` weight
 ``[in, out]`` have the same Frobenius norm of their gradient.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -87,6 +90,16 @@ def _grouped_sq_norm_config() -> tuple[int, int, int]:
     return 4096, 16, 8
 
 
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table on ``device``: through pinned memory with non_blocking on CUDA, so that it
+    reaches the GPU without a host synchronisation (a kernel cannot read pageable host memory)."""
+    if device.type == "cpu":
+        return table
+    if device.type == "cuda":
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)
+
+
 def _launch_grouped_sq_norms(tensors: list[torch.Tensor], groups: list[int], out: torch.Tensor) -> None:
     """One launch for tensors that share a dtype; each program reduces one chunk of one tensor."""
     block, blocks_per_chunk, num_warps = _grouped_sq_norm_config()
@@ -106,14 +119,9 @@ def _launch_grouped_sq_norms(tensors: list[torch.Tensor], groups: list[int], out
     chunk_index = torch.arange(int(counts.sum()), dtype=torch.int64) - first_chunk[tensor_index]
     chunk_table = (tensor_index << 32) | chunk_index
 
-    device = out.device
-    if device.type == "cuda":
-        # Pinned memory + non_blocking: the tables reach the GPU without a host synchronisation.
-        tensor_table = tensor_table.pin_memory().to(device, non_blocking=True)
-        chunk_table = chunk_table.pin_memory().to(device, non_blocking=True)
     _grouped_sq_norm_kernel[(chunk_table.numel(),)](
-        tensor_table,
-        chunk_table,
+        _to_device(tensor_table, out.device),
+        _to_device(chunk_table, out.device),
         out,
         num_tensors,
         DTYPE=_TL_DTYPES[tensors[0].dtype],
@@ -173,17 +181,47 @@ def grouped_sq_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], out
             _launch_grouped_sq_norms([t for t, _ in members], [g for _, g in members], out)
 
 
+# Elements per partial sum on the PyTorch path: bounds the float32 temporary of ``.square()`` (4 MiB).
+_TORCH_SUM_CHUNK = 1 << 20
+
+
 @torch.no_grad()
 def _grouped_sq_norms_torch(pairs: list[tuple[torch.Tensor, int]], out: torch.Tensor) -> None:
-    """PyTorch path of :func:`grouped_sq_norms`: ``torch._foreach_norm`` in float32, squared, then
-    ``index_add_`` into ``out``; all on the device, no host synchronisation."""
-    tensors = [t for t, _ in pairs]
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    squares = torch.stack(norms).square()
-    index = torch.tensor([g for _, g in pairs], dtype=torch.int64)
-    if out.device.type == "cuda":
-        index = index.pin_memory().to(out.device, non_blocking=True)
-    out.index_add_(0, index, squares)
+    """PyTorch path of :func:`grouped_sq_norms`: per tensor, float32 ``square().sum()`` over chunks
+    of ``_TORCH_SUM_CHUNK`` elements, then ``index_add_`` into ``out``; no host synchronisation.
+
+    Not ``torch._foreach_norm`` nor ``torch.linalg.vector_norm``: on CPU they accumulate float32
+    without cascade summation and come out biased low (-9e-3 relative on a 4096x14336 tensor,
+    against ~6e-8 here), which would under-score trainable blocks beside exactly scored frozen ones.
+    """
+    sums = []
+    for t, _ in pairs:
+        parts = [chunk.float().square().sum() for chunk in t.reshape(-1).split(_TORCH_SUM_CHUNK)]
+        sums.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
+    index = _to_device(torch.tensor([g for _, g in pairs], dtype=torch.int64), out.device)
+    out.index_add_(0, index, torch.stack(sums))
+
+
+@torch.no_grad()
+def accumulate_sq_norm(t: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += sum(t.float() ** 2)`` for one tensor of any shape and float dtype, on ``out``'s device.
+
+    For one tensor at a time (a gradient that exists only inside a hook): no host-side tables, no
+    pinned copies, nothing read back; on CUDA two device ops (``torch.linalg.vector_norm`` in
+    float32, which reduces as a tree there, then ``addcmul_``). On CPU, where that norm is biased low
+    (no cascade summation), the chunked float32 sum of :func:`grouped_sq_norms`' PyTorch path.
+    ``out``: a float32 one-element tensor, e.g. ``buf[i:i+1]``.
+    """
+    if out.dtype != torch.float32 or out.numel() != 1 or t.device != out.device:
+        raise ValueError(f"accumulate_sq_norm needs a one-element float32 `out` on {t.device}; got {out.dtype} "
+                         f"with {out.numel()} elements on {out.device}.")
+    if t.numel() == 0:
+        return
+    if t.device.type == "cuda":
+        norm = torch.linalg.vector_norm(t, dtype=torch.float32)
+        out.addcmul_(norm, norm)
+    else:
+        _grouped_sq_norms_torch([(t, 0)], out)
 
 
 def grouped_sq_norms_reference(tensors: Sequence[torch.Tensor], groups: Sequence[int], num_groups: int) -> torch.Tensor:
@@ -212,7 +250,6 @@ def _xt_dy_sq_norm_tiled_kernel(
     T,
     IN,
     OUT,
-    T_BUCKET,  # autotune key only: log2 of T rounded up
     stride_xt,
     stride_xi,
     stride_dyt,
@@ -266,7 +303,6 @@ def _gram_sq_norm_kernel(
     T,
     IN,
     OUT,
-    T_BUCKET,  # autotune key only: log2 of T rounded up
     stride_xt,
     stride_xi,
     stride_dyt,
@@ -320,54 +356,106 @@ def _gram_sq_norm_kernel(
         tl.atomic_add(out_ptr, weight * tl.sum(tl.sum(gram_x * gram_dy, axis=1), axis=0))
 
 
-def _tiled_configs(tensor_cores: bool) -> list[triton.Config]:
-    """Autotune candidates of the tiled kernel. Float32 operands take the FMA path (IEEE, no TF32),
-    where large tiles cost minutes of compilation for nothing, so they get small tiles only."""
+# ---------------------------------------------------------------------------------------------
+# Launch configuration: a shape rule, never autotuning
+# ---------------------------------------------------------------------------------------------
+# The autotuner would benchmark its candidates at the first call of each new shape, i.e. in the
+# middle of a backward pass: it synchronises and allocates Triton's 256 MiB benchmark buffer (more
+# than a 4096x14336 bf16 weight). So each kernel takes its configuration from the shape: the
+# largest tile that still gives every SM a program, a smaller one when the matrix is too small for
+# that. The candidates are among those the autotuner used to choose from;
+# benchmarks/test_bench_grad_norm.py times them all on a GPU and records which one the rule took.
+# Tiled: (BLOCK_IN, BLOCK_OUT, BLOCK_T, num_warps, num_stages), largest first.
+TILED_CONFIGS_TENSOR_CORES = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4))
+# Float32 operands take the FMA path (IEEE, no TF32), where large tiles cost minutes of
+# compilation for nothing.
+TILED_CONFIGS_FMA = ((64, 64, 32, 4, 3),)
+# Gram: (BLOCK_T, BLOCK_K, num_warps, num_stages), largest first.
+GRAM_CONFIGS_TENSOR_CORES = ((64, 64, 4, 4), (32, 64, 4, 4))
+GRAM_CONFIGS_FMA = ((32, 32, 4, 3),)
+
+# "auto" weighs flops by throughput. The tiled kernel is a plain matmul (wgmma on Hopper, ~85
+# flop/byte at 128x128x64 tiles); the Gram kernel has no split over the hidden dims, uses mma.sync
+# and runs at 16-64 flop/byte, so per flop it is estimated at half the tiled kernel's speed on the
+# tensor cores, and equal on the float32 FMA path. A documented estimate, not a measurement: the
+# grad_norm_frozen benchmark records both kernels' times beside the rule's inputs, to correct it.
+GRAM_RELATIVE_THROUGHPUT = {True: 0.5, False: 1.0}
+# SMs assumed when no CUDA device is at hand (CPU, interpreter): an H100's 132.
+DEFAULT_SM_COUNT = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sm_count(device: torch.device) -> int:
+    return _sm_count(device.index or 0) if device.type == "cuda" else DEFAULT_SM_COUNT
+
+
+def tiled_config(d_in: int, d_out: int, tensor_cores: bool, sm_count: int = DEFAULT_SM_COUNT) -> dict:
+    """Launch meta-parameters of the tiled kernel for an ``[in, out]`` product: the largest tile
+    that still gives every SM a program (the smallest candidate when none does)."""
     if TRITON_INTERPRET:
-        # Several configs would make the autotuner benchmark, which the interpreter cannot do.
-        return [triton.Config({"BLOCK_IN": 32, "BLOCK_OUT": 64, "BLOCK_T": 32, "GROUP_IN": 2}, num_warps=4)]
-    if tensor_cores:
-        shapes = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-                  (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
-    else:
-        shapes = [(64, 64, 32, 4, 3), (64, 128, 16, 4, 3), (128, 64, 16, 4, 3)]
-    return [
-        triton.Config({"BLOCK_IN": bi, "BLOCK_OUT": bo, "BLOCK_T": bt, "GROUP_IN": 8}, num_warps=w, num_stages=s)
-        for bi, bo, bt, w, s in shapes
-    ]
+        return dict(BLOCK_IN=32, BLOCK_OUT=64, BLOCK_T=32, GROUP_IN=2, num_warps=4)
+    candidates = TILED_CONFIGS_TENSOR_CORES if tensor_cores else TILED_CONFIGS_FMA
+    for bi, bo, bt, warps, stages in candidates:
+        if triton.cdiv(d_in, bi) * triton.cdiv(d_out, bo) >= sm_count:
+            break
+    return dict(BLOCK_IN=bi, BLOCK_OUT=bo, BLOCK_T=bt, GROUP_IN=8, num_warps=warps, num_stages=stages)
 
 
-def _gram_configs(tensor_cores: bool) -> list[triton.Config]:
-    """Autotune candidates of the Gram kernel (small token tiles keep enough programs busy when T is small)."""
+def _gram_programs(tokens: int, block_t: int) -> int:
+    """Programs of the Gram kernel that do work: the upper triangle of the token-tile grid."""
+    tiles = triton.cdiv(tokens, block_t)
+    return tiles * (tiles + 1) // 2
+
+
+def gram_config(tokens: int, tensor_cores: bool, sm_count: int = DEFAULT_SM_COUNT) -> dict:
+    """Launch meta-parameters of the Gram kernel: the largest token tile that still fills the SMs."""
     if TRITON_INTERPRET:
-        return [triton.Config({"BLOCK_T": 32, "BLOCK_K": 64}, num_warps=4)]
-    if tensor_cores:
-        shapes = [(32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3)]
-    else:
-        shapes = [(32, 32, 4, 3), (64, 32, 4, 3)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bt, bk, w, s in shapes]
+        return dict(BLOCK_T=32, BLOCK_K=64, num_warps=4)
+    candidates = GRAM_CONFIGS_TENSOR_CORES if tensor_cores else GRAM_CONFIGS_FMA
+    for bt, bk, warps, stages in candidates:
+        if _gram_programs(tokens, bt) >= sm_count:
+            break
+    return dict(BLOCK_T=bt, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
-
-def _autotuned(kernel, configs: list[triton.Config]):
-    # The kernels accumulate into `out` atomically: restore_value undoes the autotuner's trial runs
-    # without zeroing what the caller had already accumulated there.
-    return triton.autotune(configs=configs, key=["IN", "OUT", "T_BUCKET"], restore_value=["out_ptr"])(kernel)
-
-
-# Indexed by "operands go to the tensor cores" (bf16/fp16) versus float32 FMA.
-_TILED_KERNELS = {tc: _autotuned(_xt_dy_sq_norm_tiled_kernel, _tiled_configs(tc)) for tc in (True, False)}
-_GRAM_KERNELS = {tc: _autotuned(_gram_sq_norm_kernel, _gram_configs(tc)) for tc in (True, False)}
 
 _METHODS = ("auto", "tiled", "gram")
 
 
-def _choose_method(method: str, tokens: int, d_in: int, d_out: int) -> str:
-    """"gram" costs T^2 (in + out) flops against 2 T in out for "tiled"; prefer it for few tokens."""
+def method_costs(tokens: int, d_in: int, d_out: int, tensor_cores: bool = True,
+                 sm_count: int = DEFAULT_SM_COUNT) -> dict:
+    """The "auto" rule's inputs and choice for ``x [tokens, in]``, ``dy [tokens, out]`` (a dict the
+    benchmarks record).
+
+    Flops: ``2 T in out`` for "tiled", ``T^2 (in + out)`` for "gram" (upper triangles only). Each is
+    divided by the fraction of the SMs the kernel's grid occupies (a small layer, or a few token
+    tiles, cannot fill a GPU), and the Gram one by ``GRAM_RELATIVE_THROUGHPUT``. "gram" when its
+    cost is the lower.
+    """
+    relative = GRAM_RELATIVE_THROUGHPUT[tensor_cores]
+    tiled_meta = tiled_config(d_in, d_out, tensor_cores, sm_count)
+    tiled_programs = triton.cdiv(d_in, tiled_meta["BLOCK_IN"]) * triton.cdiv(d_out, tiled_meta["BLOCK_OUT"])
+    gram_programs = _gram_programs(tokens, gram_config(tokens, tensor_cores, sm_count)["BLOCK_T"])
+    tiled_occupancy = min(1.0, tiled_programs / sm_count)
+    gram_occupancy = min(1.0, gram_programs / sm_count)
+    tiled = 2.0 * tokens * d_in * d_out / tiled_occupancy
+    gram = tokens * tokens * (d_in + d_out) / (relative * gram_occupancy) if tokens else 0.0
+    return {"tokens": tokens, "in": d_in, "out": d_out, "tensor_cores": tensor_cores, "sm_count": sm_count,
+            "gram_relative_throughput": relative, "tiled_occupancy": tiled_occupancy,
+            "gram_occupancy": gram_occupancy, "tiled_cost": tiled, "gram_cost": gram,
+            "choice": "gram" if gram < tiled else "tiled"}
+
+
+def _choose_method(method: str, tokens: int, d_in: int, d_out: int, tensor_cores: bool = True,
+                   sm_count: int = DEFAULT_SM_COUNT) -> str:
     if method not in _METHODS:
         raise ValueError(f"linear_grad_sq_norm: unknown method {method!r}; use one of {_METHODS}.")
     if method != "auto":
         return method
-    return "gram" if tokens * (d_in + d_out) < d_in * d_out else "tiled"
+    return method_costs(tokens, d_in, d_out, tensor_cores, sm_count)["choice"]
 
 
 def _flatten_tokens(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,6 +467,14 @@ def _flatten_tokens(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, to
     return x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
 
 
+def _dot_dtype(x: torch.Tensor, dy: torch.Tensor):
+    """tl.dot's operand dtype: the inputs' own when they share a half dtype (tensor cores), else
+    float32 (FMA, IEEE). bf16 arithmetic, tl.dot included, is wrong under the interpreter."""
+    if x.dtype == dy.dtype and not (TRITON_INTERPRET and x.dtype == torch.bfloat16):
+        return _TL_DTYPES[x.dtype]
+    return tl.float32
+
+
 def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, method: str = "auto") -> None:
     """Accumulate the squared Frobenius norm of a linear layer's weight gradient without forming it.
 
@@ -386,16 +482,16 @@ def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, me
 
     Args:
         x: layer input ``[..., in]``, float32 / bfloat16 / float16.
-        dy: gradient of the layer output ``[..., out]``, same leading dims, float32 / bfloat16 / float16
-            (may differ from ``x``'s dtype; then both are read as float32).
+        dy: gradient of the layer output ``[..., out]``, same leading dims, float32 / bfloat16 / float16.
+            When the dtypes differ both are read as float32, off the tensor cores (10-20x slower on
+            Hopper): pass both in the compute dtype, as ``GradNormRecorder`` does under autocast.
         out: float32 one-element tensor, e.g. ``buf[i:i+1]``; updated in place.
-        method: "tiled" (X^T dY tile by tile), "gram" (<X X^T, dY dY^T>), or "auto" (gram when
-            ``T * (in + out) < in * out``).
+        method: "tiled" (X^T dY tile by tile), "gram" (<X X^T, dY dY^T>), or "auto" (the lower of
+            their flop counts weighted by the kernels' throughputs, see :func:`method_costs`).
 
     Products accumulate in float32 (bfloat16/float16 operands go to the tensor cores on GPU; float32
-    operands use full IEEE precision, not TF32). No ``[in, out]`` tensor is allocated and nothing
-    synchronises with the host, except the autotuner's one-off benchmarking on the first call for a
-    new (in, out, token-count bucket) on GPU.
+    operands use full IEEE precision, not TF32). No ``[in, out]`` tensor is allocated, nothing
+    synchronises with the host, and nothing is benchmarked: tile sizes follow from the shape.
     """
     if out.dtype != torch.float32 or out.numel() != 1:
         raise ValueError(
@@ -412,43 +508,45 @@ def linear_grad_sq_norm(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, me
     x2, dy2 = _flatten_tokens(x, dy)
     tokens, d_in = x2.shape
     d_out = dy2.shape[1]
-    chosen = _choose_method(method, tokens, d_in, d_out)
+    dot_dtype = _dot_dtype(x2, dy2)
+    tensor_cores = dot_dtype != tl.float32
+    sm_count = _device_sm_count(out.device)
+    chosen = _choose_method(method, tokens, d_in, d_out, tensor_cores, sm_count)
     if tokens == 0 or d_in == 0 or d_out == 0:
         return
     if not use_triton(x2, dy2, out):
         out.add_(_linear_grad_sq_norm_torch(x2, dy2, chosen).reshape(out.shape))
         return
-
-    same_dtype = x2.dtype == dy2.dtype
-    # bf16 arithmetic (tl.dot included) is wrong under the interpreter; fp32 operands are exact there.
-    if same_dtype and not (TRITON_INTERPRET and x2.dtype == torch.bfloat16):
-        dot_dtype = _TL_DTYPES[x2.dtype]
+    if chosen == "tiled":
+        config = tiled_config(d_in, d_out, tensor_cores, sm_count)
     else:
-        dot_dtype = tl.float32
-    common = dict(
-        T=tokens,
-        IN=d_in,
-        OUT=d_out,
-        T_BUCKET=max(tokens - 1, 1).bit_length(),
-        stride_xt=x2.stride(0),
-        stride_xi=x2.stride(1),
-        stride_dyt=dy2.stride(0),
-        stride_dyo=dy2.stride(1),
-        DOT_DTYPE=dot_dtype,
-        IEEE=dot_dtype == tl.float32,
-    )
-    tensor_cores = dot_dtype != tl.float32
+        config = gram_config(tokens, tensor_cores, sm_count)
+    launch_linear_kernel(x2, dy2, out, chosen, config)
+
+
+def launch_linear_kernel(x2: torch.Tensor, dy2: torch.Tensor, out: torch.Tensor, method: str, config: dict) -> None:
+    """One launch of the "tiled" or "gram" kernel on ``x2 [T, in]``, ``dy2 [T, out]`` with the given
+    meta-parameters (as ``tiled_config`` / ``gram_config`` return them). No checks: for
+    :func:`linear_grad_sq_norm` and for benchmarks that time each candidate configuration."""
+    tokens, d_in = x2.shape
+    d_out = dy2.shape[1]
+    dot_dtype = _dot_dtype(x2, dy2)
+    common = dict(stride_xt=x2.stride(0), stride_xi=x2.stride(1), stride_dyt=dy2.stride(0),
+                  stride_dyo=dy2.stride(1), DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32)
     with launch_device(out.device):
-        if chosen == "tiled":
-            grid = lambda meta: (triton.cdiv(d_in, meta["BLOCK_IN"]) * triton.cdiv(d_out, meta["BLOCK_OUT"]),)  # noqa: E731
-            _TILED_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
+        if method == "tiled":
+            grid = (triton.cdiv(d_in, config["BLOCK_IN"]) * triton.cdiv(d_out, config["BLOCK_OUT"]),)
+            _xt_dy_sq_norm_tiled_kernel[grid](x2, dy2, out, tokens, d_in, d_out, **common, **config)
         else:
-            grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(tokens, meta["BLOCK_T"]))  # noqa: E731
-            _GRAM_KERNELS[tensor_cores][grid](x2, dy2, out, **common)
+            tiles = triton.cdiv(tokens, config["BLOCK_T"])
+            _gram_sq_norm_kernel[(tiles, tiles)](x2, dy2, out, tokens, d_in, d_out, **common, **config)
 
 
-# Column chunk of the PyTorch "tiled" path: at most this many elements of X^T dY exist at once.
+# Column chunks of the PyTorch "tiled" path: a chunk of X^T dY has at most _TORCH_CHUNK_ELEMENTS
+# elements and at most 1/_TORCH_MIN_CHUNKS of [in, out]. A chunk and its square exist at once, so
+# the peak is 2/16 = 0.125x a float32 [in, out] gradient (measured in tests/test_grad_norm_kernels).
 _TORCH_CHUNK_ELEMENTS = 1 << 22
+_TORCH_MIN_CHUNKS = 16
 
 
 @torch.no_grad()
@@ -456,18 +554,19 @@ def _linear_grad_sq_norm_torch(x: torch.Tensor, dy: torch.Tensor, method: str) -
     """PyTorch path of :func:`linear_grad_sq_norm` on ``x [T, in]``, ``dy [T, out]``; float32 scalar.
 
     "gram": ``sum((X X^T) * (dY dY^T))`` with two ``[T, T]`` matmuls. "tiled": ``X^T dY`` in column
-    chunks of at most ``_TORCH_CHUNK_ELEMENTS`` elements and always at least two chunks, so the full
-    ``[in, out]`` matrix never exists.
+    chunks (see ``_TORCH_MIN_CHUNKS``): besides float32 copies of bf16/fp16 inputs (x whole, dy one
+    column chunk at a time), the peak stays at 1/8 of a float32 ``[in, out]`` matrix.
     """
     x32 = x.float()
-    dy32 = dy.float()
     if method == "gram":
+        dy32 = dy.float()
         return ((x32 @ x32.T) * (dy32 @ dy32.T)).sum()
     d_in, d_out = x.shape[1], dy.shape[1]
-    columns = max(1, min(triton.cdiv(d_out, 2), _TORCH_CHUNK_ELEMENTS // d_in))
+    columns = max(1, min(d_out // _TORCH_MIN_CHUNKS, _TORCH_CHUNK_ELEMENTS // d_in))
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for start in range(0, d_out, columns):
-        total += (x32.T @ dy32[:, start:start + columns]).square().sum()
+        # A column slice of a row-major dy is a valid BLAS operand (row stride = out): no copy in fp32.
+        total += (x32.T @ dy[:, start:start + columns].float()).square().sum()
     return total
 
 

@@ -12,11 +12,17 @@ and no weight gradient of a frozen layer is ever stored:
     the backward pass all of them go to ONE ``grouped_sq_norms`` launch (per dtype).
   - ``.grad`` already held a value (gradient accumulation without zeroing): the pass's gradient is
     the increment, which exists as a tensor only inside the hook, so its squared norm is added
-    there (one small launch per parameter, no copy kept). Exact, and no snapshot of ``.grad``.
+    there by ``accumulate_sq_norm`` (two device ops, no host tables or pinned copies, no copy
+    kept). Exact, and no snapshot of ``.grad``.
 
 * Frozen linear layers (``nn.Linear`` and subclasses such as bitsandbytes ``Linear4bit`` /
   ``Linear8bitLt``; GPT-2's ``Conv1D``): a forward hook keeps the layer input X (detached, the
-  tensor a trainable layer would save) and hooks the output; when dY arrives,
+  tensor a trainable layer would save; under autocast, in the autocast dtype the layer computes
+  in, so that X and dY share a dtype and the kernel runs on the tensor cores; one copy for the
+  layers that read one tensor) and hooks the output. Over a block under non-reentrant gradient
+  checkpointing X is not kept from the forward: a forward pre-hook takes it from the checkpoint's
+  recomputation in the backward pass (so the probe costs what a frozen backward costs there; the
+  block is reported if the recomputation never brings it). When dY arrives,
   ``||dW||_F^2 = ||X^T dY||_F^2`` is accumulated by ``linear_grad_sq_norm`` without an [in, out]
   buffer, the bias adds ``||sum_tokens dY||^2``, and X is released.
 
@@ -60,6 +66,8 @@ from .layers import is_linear_like
 # them, which costs a gradient of their size; above this many elements that would no longer be the
 # "small module" the method is meant for, so it is refused with an explanation.
 GENERIC_MAX_NUMEL = 1 << 20
+# Forward passes whose checkpointed calls may still be waiting for their backward pass.
+_KEPT_GENERATIONS = 8
 
 
 def _graph_task_id() -> int:
@@ -75,6 +83,16 @@ def in_backward() -> bool:
 
 def _detach(value):
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes with on input ``x``: under autocast a float32 input is cast
+    to the autocast dtype (as the layer's matmul does). Saving X in it gives X and dY one half dtype
+    at the norm kernel (the tensor cores, not the float32 FMA path) and a half-size copy."""
+    device_type = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -96,6 +114,27 @@ class _Ref:
     def __init__(self, obj, handle):
         self.ref = weakref.ref(obj)
         self.handle = handle
+
+
+class _Inputs:
+    """The inputs of one frozen module call, kept from its forward until its output gradient arrives
+    (or, over a checkpointed block, given by the checkpoint's recomputation in the backward pass)."""
+
+    __slots__ = ("block", "generation", "qualified", "take", "value", "versions", "pending", "used")
+
+    def __init__(self, block: int, generation: int, qualified: str, take):
+        self.block = block
+        self.generation = generation
+        self.qualified = qualified
+        self.take = take
+        self.value = None
+        self.versions: list[int] = []
+        self.pending = None  # the norm computation, when dY came before the recomputed inputs
+        self.used = False
+
+    def give(self, value) -> None:
+        self.value = value
+        self.versions = [t._version for t in _tensors(value)]
 
 
 class GradNormRecorder:
@@ -123,6 +162,8 @@ class GradNormRecorder:
         self._generation = 0
         self._forwarded: set[int] = set()
         self._warned_not_run: set[str] = set()
+        self._awaiting: dict[int, list[_Inputs]] = {}  # per module, calls waiting for recomputed inputs
+        self._last_cast = None  # weak (source, its version, cast copy), shared by layers reading one tensor
         self.reset()
 
     # ------------------------------------------------------------------ public API
@@ -130,9 +171,9 @@ class GradNormRecorder:
         """Install the hooks (idempotent). Parameters' ``requires_grad`` is never changed."""
         if self._attached:
             return
-        from laet_fast.kernels.grad_norm import grouped_sq_norms, linear_grad_sq_norm
+        from laet_fast.kernels.grad_norm import accumulate_sq_norm, grouped_sq_norms, linear_grad_sq_norm
 
-        self._kernels = (grouped_sq_norms, linear_grad_sq_norm)
+        self._kernels = (grouped_sq_norms, linear_grad_sq_norm, accumulate_sq_norm)
         self._attached = True
         # Re-scan the blocks at every forward: a re-applied selection may swap modules or
         # parameters (e.g. a quantized frozen layer becoming a full-precision trainable one).
@@ -206,6 +247,12 @@ class GradNormRecorder:
         if not in_backward():
             self._generation += 1
             self._forwarded = set()
+            self._last_cast = None
+            # Calls of forwards that were never back-propagated keep no tensor, but do not keep them forever.
+            for key, waiting in list(self._awaiting.items()):
+                waiting[:] = [e for e in waiting if e.generation > self._generation - _KEPT_GENERATIONS]
+                if not waiting:
+                    del self._awaiting[key]
         self._sync()
         self._suspend_cut()
         self._refuse_reentrant_checkpointing()
@@ -235,6 +282,7 @@ class GradNormRecorder:
             for name, module in block.named_modules():
                 if next(module.parameters(recurse=False), None) is not None:
                     self._hook_module(module, ("params", b), self._make_module_hook(b, name))
+                    self._hook_module(module, ("recompute", b), self._on_recompute)
             for param in block.parameters():
                 if param.requires_grad:
                     self._hook_param(param, b)
@@ -244,7 +292,7 @@ class GradNormRecorder:
         entry = self._module_hooks.get(key)
         if entry is not None and entry.ref() is module:
             return
-        if role[0] == "input":
+        if role[0] in ("input", "recompute"):
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
             handle = module.register_forward_hook(hook, with_kwargs=True)
@@ -307,6 +355,83 @@ class GradNormRecorder:
 
         return hook
 
+    def _saved_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (detached) in the layer's compute dtype. Layers that read one tensor (q/k/v, gate/up)
+        share one copy: the last cast is reused while its source is unchanged."""
+        dtype = _compute_dtype(x)
+        if dtype == x.dtype:
+            return x.detach()  # a view: no memory beyond the tensor the forward made
+        last = self._last_cast
+        if last is not None and last[0]() is x and last[1] == x._version:
+            cast = last[2]()
+            if cast is not None and cast.dtype == dtype:
+                return cast
+        cast = x.detach().to(dtype)
+        # Weak references only: the copy lives as long as a layer's saved inputs hold it.
+        self._last_cast = (weakref.ref(x), x._version, weakref.ref(cast))
+        return cast
+
+    def _checkpointed(self, block: int) -> bool:
+        """Whether ``block`` runs under (non-reentrant) gradient checkpointing in this forward: then its
+        inputs are taken from the checkpoint's recomputation in the backward pass, not kept from the
+        forward (transformers' ``GradientCheckpointingLayer`` convention)."""
+        module = self.stack.blocks[block]
+        return bool(getattr(module, "gradient_checkpointing", False)) and module.training
+
+    def _inputs(self, module, block: int, qualified: str, take, args, kwargs) -> "_Inputs":
+        """The inputs one frozen module call needs at its dY: ``take(args, kwargs)`` now, or, over a
+        checkpointed block, what ``take`` gives on the checkpoint's recomputation of the call."""
+        entry = _Inputs(block, self._generation, qualified, take)
+        if self._checkpointed(block):
+            self._awaiting.setdefault(id(module), []).append(entry)
+        else:
+            entry.give(take(args, kwargs))
+        return entry
+
+    def _on_recompute(self, module, args, kwargs):
+        """Forward pre-hook: non-reentrant checkpointing re-runs a block's forward inside the backward
+        pass; hand each waiting module call its recomputed inputs (a pre-hook, since the checkpoint may
+        stop the recomputation inside the module, once the last tensor it needs is saved)."""
+        if not in_backward() or self._recomputing:
+            return
+        waiting = self._awaiting.get(id(module))
+        if not waiting:
+            return
+        if self._pass_generation is not None:
+            matching = [e for e in waiting if e.generation == self._pass_generation]
+        else:
+            # No dY of this pass seen yet: only unambiguous when one forward is waiting.
+            matching = waiting if len({e.generation for e in waiting}) == 1 else []
+        if not matching:
+            return
+        entry = matching[-1]
+        waiting.remove(entry)
+        entry.give(entry.take(args, kwargs))
+        if entry.pending is not None:
+            self._waiting_dy.discard(entry)
+            pending, entry.pending = entry.pending, None
+            # Inside the checkpoint's recomputation its saved-tensor hooks are active: our own
+            # autograd work (a norm's recomputation) must not be captured by them.
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                self._use(entry, pending)
+
+    def _use(self, entry: "_Inputs", compute) -> None:
+        """Run ``compute(inputs)`` with the saved inputs, or mark the block (used twice, modified in
+        place), or wait for the checkpoint's recomputation to bring them."""
+        if entry.used:
+            self._mark_invalid(entry.block, f"{entry.qualified} was back-propagated twice through one forward graph")
+            return
+        if entry.value is None:
+            entry.pending = compute
+            self._waiting_dy.add(entry)
+            return
+        entry.used = True
+        value, entry.value = entry.value, None
+        if [t._version for t in _tensors(value)] != entry.versions:
+            self._mark_invalid(entry.block, _MODIFIED_IN_PLACE.format(entry.qualified))
+            return
+        compute(value)
+
     def _watch_linear(self, module, block, qualified, frozen, args, kwargs, output) -> None:
         names = {n for n, _ in frozen}
         unknown = names - {"weight", "bias"}
@@ -315,9 +440,13 @@ class GradNormRecorder:
                 f"laet_fast cannot score the frozen parameter {qualified}.{sorted(unknown)[0]} of the linear layer "
                 f"{type(module).__name__}: only weight and bias are understood. Make it trainable."
             )
-        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-        saved = [x.detach()] if "weight" in names else []
-        version = x._version  # shared with the detached copy: tells an in-place change of X later on
+
+        def take(args, kwargs):
+            # A detached X shares its version counter with the original, which tells an in-place change
+            # later on; an autocast copy is what the layer computed with, and nothing writes to it.
+            return self._saved_input(args[0] if args else kwargs.get("input", kwargs.get("x")))
+
+        inputs = self._inputs(module, block, qualified, take, args, kwargs) if "weight" in names else None
         has_bias = "bias" in names
         generation = self._generation
 
@@ -325,18 +454,11 @@ class GradNormRecorder:
             cur = self._begin_pass(dy.device)
             self._fired_from(block, generation)
             slot = cur[block:block + 1]
-            if "weight" in names:
-                if not saved:
-                    self._mark_invalid(block, f"{qualified} was back-propagated twice through one forward graph")
-                    return
-                x_saved = saved.pop()
-                if x_saved._version != version:
-                    self._mark_invalid(block, _MODIFIED_IN_PLACE.format(qualified))
-                    return
-                self._kernels[1](x_saved, dy, slot)
             if has_bias:
                 bias_grad = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32)
                 slot.add_(bias_grad.square().sum())
+            if inputs is not None:
+                self._use(inputs, lambda x_saved: self._kernels[1](x_saved, dy, slot))
 
         output.register_hook(on_grad)
         self._registered.add(block)
@@ -349,20 +471,11 @@ class GradNormRecorder:
                 f"{numel} elements): only linear layers and small modules such as norms are supported. "
                 f"Make it trainable or score without grad_norms."
             )
-        saved = [(_detach(args), _detach(kwargs))]
-        versions = [t._version for t in _tensors(saved[0])]
+        inputs = self._inputs(module, block, qualified, lambda a, k: (_detach(a), _detach(k)), args, kwargs)
         generation = self._generation
 
-        def on_grad(dy: torch.Tensor):
-            cur = self._begin_pass(dy.device)
-            self._fired_from(block, generation)
-            if not saved:
-                self._mark_invalid(block, f"{qualified} was back-propagated twice through one forward graph")
-                return
-            saved_args, saved_kwargs = saved.pop()
-            if [t._version for t in _tensors((saved_args, saved_kwargs))] != versions:
-                self._mark_invalid(block, _MODIFIED_IN_PLACE.format(qualified))
-                return
+        def norm(saved, dy, cur):
+            saved_args, saved_kwargs = saved
             copies = {n: p.detach().requires_grad_(True) for n, p in frozen}
             self._recomputing = True
             try:
@@ -374,6 +487,11 @@ class GradNormRecorder:
             total = sum(g.float().square().sum() for g in grads if g is not None)
             if isinstance(total, torch.Tensor):
                 cur[block:block + 1].add_(total)
+
+        def on_grad(dy: torch.Tensor):
+            cur = self._begin_pass(dy.device)
+            self._fired_from(block, generation)
+            self._use(inputs, lambda saved: norm(saved, dy, cur))
 
         output.register_hook(on_grad)
         self._registered.add(block)
@@ -388,7 +506,7 @@ class GradNormRecorder:
         if param.grad is None:
             self._fresh.append((param, block))
         else:
-            self._kernels[0]([grad], [block], cur)
+            self._kernels[2](grad, cur[block:block + 1])
         return None
 
     def _begin_pass(self, device: torch.device) -> torch.Tensor:
@@ -428,6 +546,10 @@ class GradNormRecorder:
                 "hidden state)",
             )
             cur[block:block + 1].fill_(math.nan)
+        for entry in self._waiting_dy:
+            self._mark_invalid(entry.block, f"gradient checkpointing did not recompute {entry.qualified} in the "
+                                            f"backward pass, so its input never came (recomputation stopped early? "
+                                            f"torch.utils.checkpoint.set_checkpoint_early_stop(False) keeps it going)")
         for block in self._broken:
             cur[block:block + 1].fill_(math.nan)
         self._warn_not_run()
@@ -457,6 +579,8 @@ class GradNormRecorder:
 
     def _fired_from(self, block: int, generation: int) -> None:
         """Note that a frozen layer of ``block`` saved in forward pass ``generation`` got its dY."""
+        if self._pass_generation is None:
+            self._pass_generation = generation
         generations = self._fired.setdefault(block, set())
         generations.add(generation)
         if len(generations) == 2:
@@ -479,6 +603,8 @@ class GradNormRecorder:
         self._unreachable: set[int] = set()
         self._broken: set[int] = set()
         self._ran: set[int] = set()
+        self._pass_generation: int | None = None  # the forward pass this backward pass goes through
+        self._waiting_dy: set[_Inputs] = set()
 
     # ------------------------------------------------------------------ results
     def _squared_history(self) -> torch.Tensor | None:

@@ -203,8 +203,17 @@ def test_linear_grad_sq_norm_auto_with_batch_dims_into_buffer_slot(shape_x, shap
 
 
 def test_linear_grad_sq_norm_auto_choice():
-    assert grad_norm._choose_method("auto", 8, 4096, 4096) == "gram"
+    assert grad_norm._choose_method("auto", 256, 4096, 4096) == "gram"
     assert grad_norm._choose_method("auto", 8192, 4096, 4096) == "tiled"
+    # Llama-8B's k/v projection: few tokens favour Gram, past ~800 the tiled kernel wins.
+    assert grad_norm._choose_method("auto", 512, 4096, 1024) == "gram"
+    assert grad_norm._choose_method("auto", 1024, 4096, 1024) == "tiled"
+    # 16 tokens make one Gram program, which would run on one SM of 132 (not so on a 1-SM device).
+    assert grad_norm._choose_method("auto", 16, 4096, 4096) == "tiled"
+    assert grad_norm._choose_method("auto", 16, 4096, 4096, sm_count=1) == "gram"
+    costs = grad_norm.method_costs(512, 4096, 1024)
+    assert costs["tiled_cost"] == 2.0 * 512 * 4096 * 1024 / costs["tiled_occupancy"]
+    assert {"gram_relative_throughput", "gram_occupancy", "sm_count", "choice"} <= set(costs)
     with pytest.raises(ValueError, match="method"):
         grad_norm._choose_method("svd", 8, 4, 4)
 
@@ -251,11 +260,10 @@ class _LargestAllocation(TorchDispatchMode):
 def test_linear_grad_sq_norm_never_allocates_weight_sized_tensor(monkeypatch, backend, method, tokens, d_in, d_out):
     if backend == "torch":
         monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
-    assert grad_norm._choose_method("auto", tokens, d_in, d_out) == method
     x, dy = _linear_inputs((tokens, d_in), (tokens, d_out), torch.bfloat16, seed=11)
     out = torch.zeros(1)
     with _LargestAllocation() as tracker:
-        linear_grad_sq_norm(x, dy, out)
+        linear_grad_sq_norm(x, dy, out, method=method)
     assert 0 < tracker.largest_float < d_in * d_out
     assert tracker.largest_bytes <= max(x.nbytes, dy.nbytes)
     _check_linear(float(out), x, dy)
@@ -359,24 +367,32 @@ grouped = ptx(
 )
 print("grouped_vector_loads", "ld.global.v4" in grouped)
 operands = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "out_ptr": "*fp32", "T": "i32", "IN": "i32", "OUT": "i32",
-            "T_BUCKET": "i32", "stride_xt": "i32", "stride_xi": "constexpr", "stride_dyt": "i32",
+            "stride_xt": "i32", "stride_xi": "constexpr", "stride_dyt": "i32",
             "stride_dyo": "constexpr"}
-tiled_config = g._tiled_configs(True)[2]
-tiled = ptx(
-    g._xt_dy_sq_norm_tiled_kernel,
-    {**operands, **{name: "constexpr" for name in ("BLOCK_T", "BLOCK_IN", "BLOCK_OUT", "GROUP_IN", "DOT_DTYPE", "IEEE")}},
-    {"stride_xi": 1, "stride_dyo": 1, **tiled_config.kwargs, "DOT_DTYPE": tl.bfloat16, "IEEE": False},
-    num_warps=tiled_config.num_warps, num_stages=tiled_config.num_stages,
-)
-print("tiled_tensor_cores", "wgmma" in tiled or "mma.sync" in tiled)
-gram_config = g._gram_configs(True)[2]
-gram = ptx(
-    g._gram_sq_norm_kernel,
-    {**operands, **{name: "constexpr" for name in ("BLOCK_T", "BLOCK_K", "DOT_DTYPE", "IEEE")}},
-    {"stride_xi": 1, "stride_dyo": 1, **gram_config.kwargs, "DOT_DTYPE": tl.bfloat16, "IEEE": False},
-    num_warps=gram_config.num_warps, num_stages=gram_config.num_stages,
-)
-print("gram_tensor_cores", "wgmma" in gram or "mma.sync" in gram)
+
+def launch_options(config):
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    return meta, {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+
+
+# The configuration the shape rule gives for a 4096x4096 bf16 layer, and the small-tile one.
+for name, config in (("tiled_tensor_cores", g.tiled_config(4096, 4096, True)),
+                     ("tiled_small_tensor_cores", g.tiled_config(576, 192, True))):
+    meta, options = launch_options(config)
+    tiled = ptx(
+        g._xt_dy_sq_norm_tiled_kernel,
+        {**operands, **{k: "constexpr" for k in ("BLOCK_T", "BLOCK_IN", "BLOCK_OUT", "GROUP_IN", "DOT_DTYPE", "IEEE")}},
+        {"stride_xi": 1, "stride_dyo": 1, **meta, "DOT_DTYPE": tl.bfloat16, "IEEE": False}, **options,
+    )
+    print(name, "wgmma" in tiled or "mma.sync" in tiled)
+for name, config in (("gram_tensor_cores", g.gram_config(4096, True)), ("gram_small_tensor_cores", g.gram_config(64, True))):
+    meta, options = launch_options(config)
+    gram = ptx(
+        g._gram_sq_norm_kernel,
+        {**operands, **{k: "constexpr" for k in ("BLOCK_T", "BLOCK_K", "DOT_DTYPE", "IEEE")}},
+        {"stride_xi": 1, "stride_dyo": 1, **meta, "DOT_DTYPE": tl.bfloat16, "IEEE": False}, **options,
+    )
+    print(name, "wgmma" in gram or "mma.sync" in gram)
 """
 
 
@@ -384,4 +400,116 @@ print("gram_tensor_cores", "wgmma" in gram or "mma.sync" in gram)
 def test_gpu_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     from sm90_compile import run_compile_script
 
-    assert run_compile_script(_COMPILE_SCRIPT, tmp_path) == {"grouped_vector_loads": "True", "tiled_tensor_cores": "True", "gram_tensor_cores": "True"}
+    assert run_compile_script(_COMPILE_SCRIPT, tmp_path) == {
+        "grouped_vector_loads": "True", "tiled_tensor_cores": "True", "tiled_small_tensor_cores": "True",
+        "gram_tensor_cores": "True", "gram_small_tensor_cores": "True"}
+
+
+@pytest.mark.slow
+def test_grouped_sq_norms_torch_path_is_not_biased_on_a_large_weight(monkeypatch):
+    """The PyTorch path on a 4096x14336 float32 gradient (an 8B model's MLP): float32 without cascade
+    summation (torch._foreach_norm on CPU) was 9e-3 low; a float32 cascade sum is within ~1e-7."""
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    big = torch.randn(4096, 14336, generator=torch.Generator().manual_seed(17))
+    small = torch.randn(576, 1536, generator=torch.Generator().manual_seed(18)).bfloat16()
+    out = torch.zeros(2)
+    grouped_sq_norms([big, small], [1, 0], out)
+    want = torch.tensor([_independent_sq_norm(small), _independent_sq_norm(big)], dtype=torch.float64)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_tiled_path_peak_is_an_eighth_of_the_weight_gradient(monkeypatch, dtype):
+    """The PyTorch "tiled" path forms X^T dY in column chunks; chunk + its square stay below 0.25x a
+    float32 [in, out] gradient (it was 1.00x with two chunks), beyond float32 copies of bf16 inputs."""
+    from live_bytes import LiveBytes
+
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    tokens, d_in, d_out = 300, 576, 1536
+    x, dy = _linear_inputs((tokens, d_in), (tokens, d_out), dtype, seed=19)
+    out = torch.zeros(1)
+    with LiveBytes() as tracker:
+        linear_grad_sq_norm(x, dy, out, method="tiled")
+    input_copies = 0 if dtype == torch.float32 else tokens * d_in * 4 + tokens * (d_out // 16) * 4
+    assert tracker.peak - input_copies <= 0.25 * d_in * d_out * 4, (tracker.peak, input_copies)
+    _check_linear(float(out), x, dy)
+
+
+class _RecordingKernel:
+    """Stands in for a @triton.jit kernel: records each launch's grid, arguments and options."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("method", ["tiled", "gram"])
+@pytest.mark.parametrize("x_dtype, dy_dtype, dot, ieee", [
+    (torch.float32, torch.float32, "fp32", True),
+    (torch.float16, torch.float16, "fp16", False),
+    (torch.float32, torch.bfloat16, "fp32", True),
+])
+def test_launch_precision_mode_per_dtype(monkeypatch, method, x_dtype, dy_dtype, dot, ieee):
+    """float32 operands must take IEEE tl.dot (not TF32, 10 bits of mantissa); half operands the
+    tensor cores. Also: every launch carries its tile sizes (a shape rule, no autotuner)."""
+    import triton.language as tl
+
+    stub = _RecordingKernel()
+    name = "_xt_dy_sq_norm_tiled_kernel" if method == "tiled" else "_gram_sq_norm_kernel"
+    monkeypatch.setattr(grad_norm, name, stub)
+    x, _ = _linear_inputs((37, 72), (37, 1), x_dtype, seed=20)
+    _, dy = _linear_inputs((37, 1), (37, 136), dy_dtype, seed=21)
+    linear_grad_sq_norm(x, dy, torch.zeros(1), method=method)
+    assert len(stub.launches) == 1
+    _, args, kwargs = stub.launches[0]
+    assert kwargs["IEEE"] is ieee
+    assert kwargs["DOT_DTYPE"] == {"fp32": tl.float32, "fp16": tl.float16}[dot]
+    assert "num_warps" in kwargs and ("BLOCK_IN" in kwargs if method == "tiled" else "BLOCK_K" in kwargs)
+
+
+def test_grouped_tables_are_moved_to_outs_device(monkeypatch):
+    """The kernel reads its tables on out's device: left in (pinned) host memory they would be read
+    through the host. Checked on CPU with out on the meta device and the kernel stubbed."""
+    stub = _RecordingKernel()
+    monkeypatch.setattr(grad_norm, "_grouped_sq_norm_kernel", stub)
+    monkeypatch.setattr(grad_norm, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(grad_norm, "TRITON_INTERPRET", False)
+    tensors = [torch.empty(5000, device="meta"), torch.empty(3, 7, device="meta", dtype=torch.bfloat16)]
+    grouped_sq_norms(tensors, [1, 0], torch.zeros(2, device="meta"))
+    assert len(stub.launches) == 2
+    for _, args, _ in stub.launches:
+        tables = [a for a in args if isinstance(a, torch.Tensor)]
+        assert len(tables) == 3 and all(t.device.type == "meta" for t in tables), [t.device for t in tables]
+
+
+@pytest.mark.gpu
+@NEEDS_COMPILED_CUDA_KERNELS
+def test_grouped_tables_are_on_the_gpu(monkeypatch):
+    real = grad_norm._grouped_sq_norm_kernel
+    seen = []
+
+    class Checking:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.extend(a.device for a in args if isinstance(a, torch.Tensor))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(grad_norm, "_grouped_sq_norm_kernel", Checking())
+    tensors, groups = _mixed_tensors(seed=22)
+    out = torch.zeros(4, device="cuda")
+    grouped_sq_norms([t.cuda() for t in tensors], groups, out)
+    assert seen and all(d == out.device for d in seen), seen
+    _check_groups(out.cpu(), _expected_groups(tensors, groups, 4), tensors, groups)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_accumulate_sq_norm_one_tensor(dtype):
+    t = torch.randn(300, 77, generator=torch.Generator().manual_seed(23)).to(dtype)
+    out = torch.full((1,), 0.5)
+    grad_norm.accumulate_sq_norm(t, out)
+    assert abs(float(out) - 0.5 - _independent_sq_norm(t)) <= 1e-6 * _independent_sq_norm(t)
+    with pytest.raises(ValueError, match="one-element float32"):
+        grad_norm.accumulate_sq_norm(t, torch.zeros(2))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tiny_models import random_batch, tiny_model
+from tiny_models import PAD_SIDES, random_batch, tiny_model
 from laet_fast import LayerProbe, LayerScores, find_layers
 
 ARCHS = ["llama", "qwen2", "gemma", "gpt2", "gpt_neox", "opt", "falcon", "bert"]
@@ -64,11 +64,12 @@ def assert_scores_close(scores, expected, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{metric}: {m}")
 
 
+@pytest.mark.parametrize("side", PAD_SIDES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_probe_matches_reference_with_padding(arch):
+def test_probe_matches_reference_with_padding(arch, side):
     model = tiny_model(arch, seed=0)
     gen = torch.Generator().manual_seed(1)
-    ids, mask = random_batch(model.config.vocab_size, batch=3, seq=13, generator=gen)
+    ids, mask = random_batch(model.config.vocab_size, batch=3, seq=13, generator=gen, side=side)
     expected, tokens = reference_metrics([block_io(model, ids, mask)], [mask])
 
     with LayerProbe(model) as probe, torch.no_grad():
@@ -87,7 +88,7 @@ def test_probe_matches_reference_with_padding(arch):
 def test_accumulates_over_passes_weighted_by_tokens():
     model = tiny_model("llama", seed=2)
     gen = torch.Generator().manual_seed(3)
-    first = random_batch(model.config.vocab_size, batch=3, seq=9, generator=gen)
+    first = random_batch(model.config.vocab_size, batch=3, seq=9, generator=gen, side="left")
     second = random_batch(model.config.vocab_size, batch=2, seq=17, generator=gen)
     expected, tokens = reference_metrics(
         [block_io(model, *first), block_io(model, *second)], [first[1], second[1]]
@@ -282,10 +283,11 @@ HAS_GRAD_NORMS = importlib.util.find_spec("laet_fast.grad_norms") is not None
 
 
 @pytest.mark.skipif(not HAS_GRAD_NORMS, reason="needs laet_fast/grad_norms.py (GradNormRecorder)")
-def test_grad_norms_are_merged_into_scores():
+@pytest.mark.parametrize("side", PAD_SIDES)
+def test_grad_norms_are_merged_into_scores(side):
     model = tiny_model("llama", seed=18).train()
     gen = torch.Generator().manual_seed(19)
-    ids, mask = random_batch(model.config.vocab_size, batch=2, seq=9, generator=gen)
+    ids, mask = random_batch(model.config.vocab_size, batch=2, seq=9, generator=gen, side=side)
     stack = find_layers(model)
 
     # Independent reference: per block, the L2 norm of the gradient of all its parameters.

@@ -56,11 +56,21 @@ def tiny_model(arch: str, head: str = "causal", dtype=torch.float32, seed: int |
     return model.eval()
 
 
-def random_batch(vocab_size: int, batch: int = 3, seq: int = 11, pad: bool = True, generator=None):
-    """Random token ids and an attention mask with right padding of different lengths per row."""
+PAD_SIDES = ("right", "left")
+
+
+def random_batch(vocab_size: int, batch: int = 3, seq: int = 11, pad: bool = True, generator=None,
+                 side: str = "right"):
+    """Random token ids and an attention mask padding each row but the first by a different length,
+    on the ``side`` given ("right" or "left", as a tokenizer's ``padding_side``)."""
+    if side not in PAD_SIDES:
+        raise ValueError(f"side must be one of {PAD_SIDES}, got {side!r}")
     ids = torch.randint(1, vocab_size, (batch, seq), generator=generator)
     mask = torch.ones(batch, seq, dtype=torch.long)
     if pad:
         for row in range(1, batch):
-            mask[row, seq - 2 * row:] = 0
+            if side == "right":
+                mask[row, seq - 2 * row:] = 0
+            else:
+                mask[row, :2 * row] = 0
     return ids, mask
