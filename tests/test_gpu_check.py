@@ -175,9 +175,13 @@ def test_pytest_step_counts_results(tmp_path):
         def test_skipped():
             pass
     '''))
+    (tests / "test_broken.py").write_text("import a_package_this_machine_lacks\n")
     result = gpu_steps.run_pytest([str(tests)], str(tmp_path), timeout=60)
-    assert (result["passed"], result["failed"], result["errors"], result["skipped"]) == (1, 1, 0, 1)
-    assert result["failing"][0]["test"].endswith("test_bad") and result["source"] == "junit"
+    # The module that cannot be imported is one error; the other module still runs.
+    assert (result["passed"], result["failed"], result["errors"], result["skipped"]) == (1, 1, 1, 1)
+    failing = {f["test"].rsplit(":", 1)[-1]: f for f in result["failing"]}
+    assert set(failing) == {"test_bad", "suite.test_broken"} and result["source"] == "junit"
+    assert "one is not two" in failing["test_bad"]["message"]
     verbose = "suite/test_a.py::test_x PASSED [ 50%]\nsuite/test_a.py::test_y FAILED [100%]\n"
     counted = gpu_steps._count_verbose(verbose)
     assert (counted["passed"], counted["failed"]) == (1, 1)
