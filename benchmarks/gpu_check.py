@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import importlib
 import json
 import os
@@ -295,12 +296,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _header_from(out_dir: str) -> dict:
-    """Device and versions for a file the parent writes itself: copied from env.json when it exists."""
-    env = read_json(os.path.join(out_dir, STEPS[0].file)) or {}
+    """Device and versions for a file the parent writes itself: copied from env.json, or else from any step
+    file that has them (``--only`` may have left env out)."""
+    found = (read_json(os.path.join(out_dir, name)) for name in [STEPS[0].file, *sorted(os.listdir(out_dir))]
+             if name.endswith(".json") and name != SUMMARY_FILE)
+    env = next((data for data in found if data and data.get("device")), {})
     keys = [k for k in env if k.endswith("_version") or k in ("device", "cuda")]
     header = {k: env[k] for k in keys}
-    import datetime
-
     header["date_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return header
 

@@ -119,10 +119,11 @@ def fake_steps(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_runner_kills_an_overrunning_step_and_keeps_to_the_global_budget(tmp_path, fake_steps, capsys):
     out = tmp_path / "out"
-    steps = [fake_steps("stubborn", "stubborn", 8), fake_steps("later", "quick", 30)]
+    # Budgets leave a loaded CI machine several seconds to start Python and torch in each step process.
+    steps = [fake_steps("stubborn", "stubborn", 12), fake_steps("later", "quick", 30)]
     begin = time.time()
-    summary = gpu_check.run_all(steps, str(out), total_s=10)
-    assert time.time() - begin < 20
+    summary = gpu_check.run_all(steps, str(out), total_s=14)
+    assert time.time() - begin < 25
     stubborn = json.loads((out / "stubborn.json").read_text())
     assert stubborn["status"] == "timeout" and "killed after" in stubborn["info"]["runner"]
     assert stubborn["cases"][0]["value"] == 1  # what it measured before hanging is kept
@@ -136,14 +137,14 @@ def test_runner_kills_an_overrunning_step_and_keeps_to_the_global_budget(tmp_pat
 @pytest.mark.slow
 def test_runner_records_errors_and_soft_deadlines(tmp_path, fake_steps):
     out = tmp_path / "out"
-    steps = [fake_steps("boom", "boom", 20), fake_steps("polite", "polite", 7)]
+    steps = [fake_steps("boom", "boom", 20), fake_steps("polite", "polite", 12)]
     summary = gpu_check.run_all(steps, str(out), total_s=60)
     boom = json.loads((out / "boom.json").read_text())
     assert boom["status"] == "error" and "step failed" in boom["info"]["error"]
     polite = json.loads((out / "polite.json").read_text())
     assert polite["status"] == "stopped_at_deadline", polite["info"]
     assert polite["cases"] and polite["cases"][-1]["skipped"] == "step deadline reached"
-    assert polite["elapsed_s"] < 7
+    assert polite["elapsed_s"] < 12
     assert summary["steps"] == {"boom": {"status": "error", "elapsed_s": boom["elapsed_s"]},
                                 "polite": {"status": "stopped_at_deadline", "elapsed_s": polite["elapsed_s"]}}
     assert any(goal["measured"] is None for goal in summary["goals"])
