@@ -78,7 +78,8 @@ STEPS: list[Step] = [
         compile_refs=True,
     ), "hidden stats, grouped norms, frozen-linear norm, SLERP, pooling: GB/s, fraction of copy, vs eager/compile"),
     Step("memory", "gpu_steps:step_memory", 80, dict(
-        shapes=["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"], ks=[2, 4], seq=1024, batch=1,
+        # The 8B goal first: if the budget runs out, the smaller shapes are what is lost.
+        shapes=["llama-3.1-8b", "llama-3.2-3b", "llama-3.2-1b"], ks=[4, 2], seq=1024, batch=1,
         quantize="nf4", optimizer="adamw8bit", warmup=2, steps=3,
     ), "peak allocated vs plan_memory, meta-built NF4 models, k=2 and 4, AdamW8bit"),
     Step("step_time", "gpu_steps:step_step_time", 95, dict(

@@ -636,7 +636,7 @@ def _laet_kind(quantize: str | None, optimizer: str, batch: int) -> str:
 
 def step_memory(ctx, shapes: list, ks: list, seq: int, batch: int, quantize: str | None, optimizer: str,
                 warmup: int, steps: int) -> None:
-    """Peak allocated memory against the plan for every shape and k (smallest first)."""
+    """Peak allocated memory against the plan for every shape and k, in the order given."""
     kind = _laet_kind(quantize, optimizer, batch)
     for shape in shapes:
         config, name = model_config(shape)
