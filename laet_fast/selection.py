@@ -94,6 +94,12 @@ class Selection:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
+    def to_peft_config(self, r: int = 8, alpha: int = 16, target_modules=None, **kwargs):
+        """A ``peft.LoraConfig`` with LoRA on these layers only (``laet_fast.integrations.peft_bridge``)."""
+        from .integrations.peft_bridge import to_peft_config
+
+        return to_peft_config(self, r=r, alpha=alpha, target_modules=target_modules, **kwargs)
+
     def check_model(self, num_layers: int) -> None:
         """Refuse a selection made for a model with another number of blocks."""
         if num_layers != self.num_layers:

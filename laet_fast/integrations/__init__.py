@@ -1,0 +1,1 @@
+"""Bridges from laet_fast's layer selections to other libraries (PEFT)."""
