@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from .layers import find_layers
-from .quantize import (MODES, dequantize_linears, quant_modes, quant_state_tensors, quantize_linears,
-                       require_bitsandbytes)
+from .quantize import (MODES, dequantize_linears, keep_plain_layout, quant_modes, quant_state_tensors,
+                       quantize_linears, require_bitsandbytes)
 from .selection import Selection
 
 STATE_ATTR = "_laet_fast"
@@ -364,6 +364,7 @@ def apply_selection(
             state.ever_trained.add(index)
         elif quantize is not None and index not in state.ever_trained:
             quantize_linears(block, quantize, compute_dtype=dtype)
+    keep_plain_layout(model)  # 4-bit layers the model came with, too (see laet_fast.quantize)
     modules = dict(model.named_modules())
     for path in head_paths:
         _cast_floating(modules[path], dtype)

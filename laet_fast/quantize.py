@@ -11,6 +11,11 @@ which is a linear layer with a transposed weight) is replaced in place by
 Quantization happens on the device the weight already lives on (bitsandbytes quantizes when a
 ``Params4bit`` / ``Int8Params`` is moved to a device; its CPU backend works in 0.50).
 ``dequantize_linears`` is the inverse: it rebuilds the original layer class from the quantized weight.
+
+bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place, on CPUs with AVX512-BF16, at its first
+eval-mode forward whose input needs no grad, into a layout of its own: not plain NF4/FP4, and its
+matmul passes no gradient back. Frozen blocks are dequantized on re-selection and export, and carry
+gradients for gradient-norm scoring, so :func:`keep_plain_layout` turns that repacking off.
 """
 from __future__ import annotations
 
@@ -74,6 +79,26 @@ def quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]
 
 
+def keep_plain_layout(module: nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit layer under ``module`` in the plain layout, on every CPU, in place.
+
+    Turns off the eval-mode AVX512-BF16 repacking (``support_avx512bf16_for_cpu``) and undoes it,
+    with bitsandbytes' own inverse, where it already happened (the absmax scales it rounded to bf16
+    stay rounded). No-op on other layers and when bitsandbytes was never imported.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return
+    for layer in module.modules():
+        if not isinstance(layer, bnb.nn.Linear4bit):
+            continue
+        layer.support_avx512bf16_for_cpu = False
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state)
+
+
 @functools.cache
 def _linear8bit_class():
     bnb = require_bitsandbytes()
@@ -112,6 +137,7 @@ def _quantized_linear(layer: nn.Module, mode: str, compute_dtype: torch.dtype) -
     if has_bias:
         quantized.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
     quantized = quantized.to(device)  # moving the weight to its device is what quantizes it
+    keep_plain_layout(quantized)
     setattr(quantized, _SOURCE_CLASS, type(layer))
     quantized.train(layer.training)
     return quantized
@@ -123,6 +149,7 @@ def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if quant_mode(layer) == "int8":
         scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
         return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scales)
+    keep_plain_layout(layer)
     return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
 
