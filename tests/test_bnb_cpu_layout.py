@@ -118,3 +118,10 @@ def test_a_layer_already_repacked_is_restored_before_dequantizing():
     # to 8 bits again by the inverse's double quantization (about 2**-8): well under 2**-6.
     torch.testing.assert_close(restored, plain, rtol=2**-6, atol=0)
     assert (restored - weight).abs().max() <= _nf4_bound(weight)
+
+
+def test_eval_forward_with_out_features_not_a_multiple_of_32():
+    """The repacking asserts ``out_features % 32 == 0``: the tiny models' 72-wide layers crashed in eval."""
+    model = tiny_model("llama", seed=0)
+    apply_selection(model, [1], quantize_frozen="nf4")
+    _eval_forward(model)
