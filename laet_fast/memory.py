@@ -431,7 +431,8 @@ def plan_memory(
     shape = block_shape(config)
     b = dtype_bytes(dtype)
     dtype_name = dtype_label(dtype)
-    quantize = None if quantize_frozen in (None, "none", "None") else str(quantize_frozen).lower()
+    quantize = None if quantize_frozen is None or str(quantize_frozen).strip().lower() == "none" \
+        else str(quantize_frozen).strip().lower()
     if quantize is not None and quantize not in QUANT_MODES:
         raise ValueError(f"Unknown quantization {quantize_frozen!r}; choose None, 'none' or one of "
                          f"{', '.join(QUANT_MODES)}.")

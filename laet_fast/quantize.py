@@ -35,6 +35,19 @@ _INSTALL_HINT = "Install it with `pip install bitsandbytes` (version 0.45 or new
 _SOURCE_CLASS = "_laet_source_class"
 
 
+def mode_name(mode: str | None) -> str | None:
+    """The canonical quantization mode: ``"nf4"``, ``"fp4"``, ``"int8"`` or None, from any casing;
+    ``"none"`` (the command line's spelling) is None. ValueError for anything else."""
+    if mode is None:
+        return None
+    name = str(mode).strip().lower()
+    if name == "none":
+        return None
+    if name not in MODES:
+        raise ValueError(f"Unknown quantization {mode!r}; choose None ('none') or one of {', '.join(MODES)}.")
+    return name
+
+
 def require_bitsandbytes():
     """Import bitsandbytes or raise an ImportError that says how to install it."""
     try:
@@ -176,14 +189,16 @@ def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype) -
 
     Args:
         module: any module (here: one transformer block); its linear weights are float tensors on any device.
-        mode: ``"nf4"``, ``"fp4"`` (``Linear4bit``, matmuls in ``compute_dtype``) or ``"int8"`` (``Linear8bitLt``).
+        mode: ``"nf4"``, ``"fp4"`` (``Linear4bit``, matmuls in ``compute_dtype``) or ``"int8"`` (``Linear8bitLt``),
+            in any casing; None or ``"none"`` replaces nothing.
         compute_dtype: dtype of the 4-bit layers' matmuls and outputs (the model's training dtype).
 
     Returns:
         How many layers were replaced.
     """
-    if mode not in MODES:
-        raise ValueError(f"Unknown quantization {mode!r}; choose one of {', '.join(MODES)}.")
+    mode = mode_name(mode)
+    if mode is None:
+        return 0
     require_bitsandbytes()
     count = 0
     for name, child in module.named_children():
