@@ -232,6 +232,13 @@ def test_measure_cpu_peak_counts_tensors_not_kernel_scratch():
     assert peak >= 2 * 4 * a.numel()
 
 
+@pytest.mark.parametrize("spelling,same_as", [("NF4", "nf4"), ("NONE", None), ("none", None), (" Int8", "int8")])
+def test_quantize_spellings(spelling, same_as):
+    config = shape_config("llama-3.2-1b")
+    assert plan_memory(config, 2, 256, quantize_frozen=spelling).total == \
+        plan_memory(config, 2, 256, quantize_frozen=same_as).total
+
+
 def test_plan_terms_and_total():
     config = shape_config("llama-3.1-8b")
     plan = plan_memory(config, 4, seq_len=1024, batch_size=1, quantize_frozen="nf4", optimizer="adamw8bit")
