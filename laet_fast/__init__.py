@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 
@@ -34,6 +35,20 @@ def _mount_source_kernels() -> None:
 
 
 _mount_source_kernels()
+
+# bitsandbytes 0.50, imported on a CPU with AVX512-BF16, logs a warning that it could not load an
+# optional kernel from the `kernels` hub package (not a dependency; its own CPU code runs instead).
+# Users read it as an error. Only that message of that logger is dropped; its other warnings pass.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BNB_KERNELS_NOTICE)
+
+
+if _not_the_kernels_notice not in logging.getLogger(_BNB_CPU_LOGGER).filters:
+    logging.getLogger(_BNB_CPU_LOGGER).addFilter(_not_the_kernels_notice)
 
 _EXPORTS = {
     "find_layers": "laet_fast.layers",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -25,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from .layers import find_layers
-from .quantize import (MODES, dequantize_linears, quant_modes, quant_state_tensors, quantize_linears,
-                       require_bitsandbytes)
+from .quantize import (dequantize_linears, keep_plain_layout, mode_name, quant_modes, quant_state_tensors,
+                       quantize_linears, require_bitsandbytes)
 from .selection import Selection
 
 STATE_ATTR = "_laet_fast"
@@ -295,7 +296,7 @@ def apply_selection(
     Args:
         model: a transformers model (causal LM, sequence classification, encoder...).
         selection: a :class:`~laet_fast.Selection` for this model's number of blocks, or a list of block indices.
-        quantize_frozen: None, ``"nf4"``, ``"fp4"`` or ``"int8"``: replace the linear layers of frozen blocks by
+        quantize_frozen: None (or ``"none"``), ``"nf4"``, ``"fp4"`` or ``"int8"``, in any casing: replace the linear layers of frozen blocks by
             bitsandbytes layers (4-bit matmuls run in the training dtype). A block that was ever trained is
             never quantized. On a later call, None keeps the mode of the first call.
         train_extra: dotted paths of further modules to train (e.g. ``"model.norm"``); ``score`` and
@@ -312,12 +313,16 @@ def apply_selection(
             contradict an earlier call / the model's existing quantization.
         ImportError: quantization needs bitsandbytes and it cannot be imported.
     """
-    if quantize_frozen is not None and quantize_frozen not in MODES:
-        raise ValueError(f"quantize_frozen={quantize_frozen!r} is not supported; choose None or one of "
-                         f"{', '.join(MODES)}.")
+    try:
+        quantize_frozen = mode_name(quantize_frozen)
+    except ValueError as err:
+        raise ValueError(f"quantize_frozen: {err}") from None
     state = _state(model)
     stack = find_layers(model, layers if layers is not None else (state.layers_path if state else None))
     selection = _as_selection(selection, len(stack))
+    if not selection.layers:
+        warnings.warn(f"apply_selection: the selection is empty, so all {len(stack)} blocks are frozen and only "
+                      f"train_extra / task heads (if any) train.", stacklevel=2)
 
     if state is not None:
         if quantize_frozen is not None and quantize_frozen != state.quantize and state.quantize is not None:
@@ -364,6 +369,7 @@ def apply_selection(
             state.ever_trained.add(index)
         elif quantize is not None and index not in state.ever_trained:
             quantize_linears(block, quantize, compute_dtype=dtype)
+    keep_plain_layout(model)  # 4-bit layers the model came with, too (see laet_fast.quantize)
     modules = dict(model.named_modules())
     for path in head_paths:
         _cast_floating(modules[path], dtype)
@@ -379,13 +385,23 @@ def apply_selection(
     return ApplyReport({g: (before[g], after[g]) for g in GROUPS}, trainable, total, selection, quantize, dtype)
 
 
-def export_model(model: nn.Module) -> nn.Module:
+def export_model(model: nn.Module, path: str | None = None, tokenizer=None) -> nn.Module:
     """Turn a model prepared by :func:`apply_selection` back into a plain transformers model, in place.
 
     Trained blocks keep their weights as trained; quantized frozen blocks are dequantized to the training
     dtype (their quantization error stays); laet_fast's hooks and state are removed and every parameter
     requires grad again, as after ``from_pretrained``. The result can be ``save_pretrained`` and reloaded.
-    Returns ``model``.
+
+    Args:
+        model: the model (changed in place).
+        path: if given, a folder to write a complete transformers model to: the weights and the config
+            (for a model loaded from GGUF, the config transformers derived from it, without the GGUF
+            quantizer) with ``save_pretrained``, and the tokenizer.
+        tokenizer: the model's tokenizer, saved in ``path``. Without one the folder cannot be tokenized
+            from (``laet-fast score --model path`` fails), so a warning says so.
+
+    Returns:
+        ``model``.
     """
     state = _state(model)
     dtype = state.dtype if state is not None else None
@@ -398,6 +414,13 @@ def export_model(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(param.is_floating_point())
     _forget_dequantized_gguf(model)
+    if path is not None:
+        model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        else:
+            warnings.warn(f"export_model: no tokenizer given, so {path} holds the model but no tokenizer; pass "
+                          f"tokenizer= to make it a complete transformers model.", stacklevel=2)
     return model
 
 

@@ -13,11 +13,21 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like the commands' own (no usage block before them)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from laet_fast import __version__
+
+    parser = _Parser(
         prog="laet-fast",
         description="Layer-selective fine-tuning tools: score layers, choose and apply a selection, plan memory.",
     )
+    parser.add_argument("--version", action="version", version=f"laet-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -26,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a sub-command; returns the exit status (2 for bad input, 0 after --help / --version)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return int(args.func(args) or 0)
     except UsageError as err:

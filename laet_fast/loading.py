@@ -88,6 +88,8 @@ def _resolve_path(path: str | None) -> tuple[str, str | None]:
             raise ValueError(
                 f"model path {path} is a file but not a .gguf file; pass a .gguf file or a save_pretrained folder."
             )
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"GGUF file {path} is empty; download or copy it again.")
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     raise ValueError(f"model path {path} does not exist; pass a save_pretrained folder or a .gguf file.")
 
@@ -140,6 +142,35 @@ def _gguf_kwargs(gguf_file: str | None) -> dict:
     return {"gguf_file": gguf_file} if gguf_file else {}
 
 
+@contextlib.contextmanager
+def _readable_gguf(folder: str, gguf_file: str | None):
+    """Turn what a truncated or corrupt GGUF file raises deep inside gguf / transformers (``struct.error``,
+    ``cannot reshape array``, ``IndexError``...) into one ValueError naming the file."""
+    if gguf_file is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as err:  # the file is the only input here: any failure to parse it is about the file
+        path = os.path.join(folder, gguf_file)
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"GGUF file {path} cannot be read, it is probably truncated or corrupt "
+                         f"({os.path.getsize(path):,} bytes; {type(err).__name__}: {detail}); download or copy "
+                         f"it again.") from err
+
+
+# Files transformers builds a tokenizer from (any one is enough, with tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def _missing_tokenizer_error(folder: str) -> ValueError:
+    return ValueError(
+        f"model folder {folder} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}); save one there with "
+        f"tokenizer.save_pretrained(folder), or export with export_model(model, folder, tokenizer=tokenizer)."
+    )
+
+
 def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
     """A torch dtype from None/"auto"/a name/a torch.dtype.
 
@@ -176,16 +207,22 @@ def load_config(path: str | None = None):
     from transformers import AutoConfig
 
     folder, gguf_file = _resolve_path(path)
-    with _shared_gguf_reader():
+    with _readable_gguf(folder, gguf_file), _shared_gguf_reader():
         return AutoConfig.from_pretrained(folder, **_gguf_kwargs(gguf_file))
 
 
 def load_tokenizer(path: str | None = None):
-    """The tokenizer stored with a model; ``pad_token`` is set to the eos token when missing."""
+    """The tokenizer stored with a model; ``pad_token`` is set to the eos token when missing.
+
+    Raises:
+        ValueError: a model folder without tokenizer files (they are listed), or an unreadable GGUF file.
+    """
     from transformers import AutoTokenizer
 
     folder, gguf_file = _resolve_path(path)
-    with _shared_gguf_reader():
+    if gguf_file is None and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise _missing_tokenizer_error(folder)
+    with _readable_gguf(folder, gguf_file), _shared_gguf_reader():
         tokenizer = AutoTokenizer.from_pretrained(folder, **_gguf_kwargs(gguf_file))
     return _ensure_pad_token(tokenizer)
 
@@ -246,7 +283,9 @@ def load_model_and_tokenizer(
         tokenizer = load_tokenizer(path)
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tokenizer.pad_token_id
-        model = auto.from_pretrained(folder, config=config, dtype=dtype, **_gguf_kwargs(gguf_file), **model_kwargs)
+        with _readable_gguf(folder, gguf_file):
+            model = auto.from_pretrained(folder, config=config, dtype=dtype, **_gguf_kwargs(gguf_file),
+                                         **model_kwargs)
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -269,11 +308,13 @@ def _split_suffix(path: str) -> tuple[str, str | None]:
 
 
 def _open_text(path: str, compression: str | None):
+    # utf-8-sig drops the byte-order mark spreadsheet programs write, which would else prefix the first
+    # column's name ('\ufefftext'); it reads BOM-less UTF-8 unchanged.
     if compression == "bz2":
-        return io.TextIOWrapper(bz2.open(path, "rb"), encoding="utf-8", newline="")
+        return io.TextIOWrapper(bz2.open(path, "rb"), encoding="utf-8-sig", newline="")
     if compression == "gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _read_rows(path: str, fmt: str, handle) -> Iterator[tuple[int, dict | str]]:
@@ -300,6 +341,9 @@ def _read_rows(path: str, fmt: str, handle) -> Iterator[tuple[int, dict | str]]:
         if not isinstance(row, dict):
             raise ValueError(f"{path}: line {number} is not a JSON object; each line must be {{\"text\": ...}}.")
         yield number, row
+
+
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
 
 
 def _label_of(value, path: str, number: int, column: str) -> int:
@@ -371,7 +415,12 @@ def load_texts(
                     text = row[column]
                     if text is None:
                         continue
-                    text = str(text)
+                    if not isinstance(text, str):  # csv/tsv cells always are strings; JSON values may not be
+                        raise ValueError(
+                            f"{path}: line {number}: {column!r} is a JSON {_JSON_TYPES.get(type(text), 'value')} "
+                            f"({json.dumps(text)[:40]}), "
+                            f"not a string; store the text as a string."
+                        )
                 if not text.strip():
                     continue
                 if labels:

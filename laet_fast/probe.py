@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -258,4 +259,8 @@ class LayerProbe:
         if self._recorder is not None:
             metrics.update({k: [float(v) for v in vals] for k, vals in self._recorder.metrics().items()})
             history["grad_norm"] = self._recorder.history()
-        return LayerScores(metrics, self.stack.names, num_tokens=int(tokens.max().item()), history=history)
+        num_tokens = int(tokens.max().item())
+        if num_tokens == 0:
+            warnings.warn("LayerProbe.scores: the probe saw no tokens (no forward pass inside it, or every "
+                          "attention_mask entry was 0), so every forward statistic is NaN.", stacklevel=2)
+        return LayerScores(metrics, self.stack.names, num_tokens=num_tokens, history=history)

@@ -11,6 +11,11 @@ which is a linear layer with a transposed weight) is replaced in place by
 Quantization happens on the device the weight already lives on (bitsandbytes quantizes when a
 ``Params4bit`` / ``Int8Params`` is moved to a device; its CPU backend works in 0.50).
 ``dequantize_linears`` is the inverse: it rebuilds the original layer class from the quantized weight.
+
+bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place, on CPUs with AVX512-BF16, at its first
+eval-mode forward whose input needs no grad, into a layout of its own: not plain NF4/FP4, and its
+matmul passes no gradient back. Frozen blocks are dequantized on re-selection and export, and carry
+gradients for gradient-norm scoring, so :func:`keep_plain_layout` turns that repacking off.
 """
 from __future__ import annotations
 
@@ -28,6 +33,19 @@ _INSTALL_HINT = "Install it with `pip install bitsandbytes` (version 0.45 or new
 
 # Name of the attribute on a quantized layer that remembers the class it replaced (Conv1D, FalconLinear...).
 _SOURCE_CLASS = "_laet_source_class"
+
+
+def mode_name(mode: str | None) -> str | None:
+    """The canonical quantization mode: ``"nf4"``, ``"fp4"``, ``"int8"`` or None, from any casing;
+    ``"none"`` (the command line's spelling) is None. ValueError for anything else."""
+    if mode is None:
+        return None
+    name = str(mode).strip().lower()
+    if name == "none":
+        return None
+    if name not in MODES:
+        raise ValueError(f"Unknown quantization {mode!r}; choose None ('none') or one of {', '.join(MODES)}.")
+    return name
 
 
 def require_bitsandbytes():
@@ -74,6 +92,26 @@ def quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]
 
 
+def keep_plain_layout(module: nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit layer under ``module`` in the plain layout, on every CPU, in place.
+
+    Turns off the eval-mode AVX512-BF16 repacking (``support_avx512bf16_for_cpu``) and undoes it,
+    with bitsandbytes' own inverse, where it already happened (the absmax scales it rounded to bf16
+    stay rounded). No-op on other layers and when bitsandbytes was never imported.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return
+    for layer in module.modules():
+        if not isinstance(layer, bnb.nn.Linear4bit):
+            continue
+        layer.support_avx512bf16_for_cpu = False
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state)
+
+
 @functools.cache
 def _linear8bit_class():
     bnb = require_bitsandbytes()
@@ -112,6 +150,7 @@ def _quantized_linear(layer: nn.Module, mode: str, compute_dtype: torch.dtype) -
     if has_bias:
         quantized.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
     quantized = quantized.to(device)  # moving the weight to its device is what quantizes it
+    keep_plain_layout(quantized)
     setattr(quantized, _SOURCE_CLASS, type(layer))
     quantized.train(layer.training)
     return quantized
@@ -123,6 +162,7 @@ def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if quant_mode(layer) == "int8":
         scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
         return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scales)
+    keep_plain_layout(layer)
     return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
 
@@ -149,14 +189,16 @@ def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype) -
 
     Args:
         module: any module (here: one transformer block); its linear weights are float tensors on any device.
-        mode: ``"nf4"``, ``"fp4"`` (``Linear4bit``, matmuls in ``compute_dtype``) or ``"int8"`` (``Linear8bitLt``).
+        mode: ``"nf4"``, ``"fp4"`` (``Linear4bit``, matmuls in ``compute_dtype``) or ``"int8"`` (``Linear8bitLt``),
+            in any casing; None or ``"none"`` replaces nothing.
         compute_dtype: dtype of the 4-bit layers' matmuls and outputs (the model's training dtype).
 
     Returns:
         How many layers were replaced.
     """
-    if mode not in MODES:
-        raise ValueError(f"Unknown quantization {mode!r}; choose one of {', '.join(MODES)}.")
+    mode = mode_name(mode)
+    if mode is None:
+        return 0
     require_bitsandbytes()
     count = 0
     for name, child in module.named_children():

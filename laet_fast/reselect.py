@@ -83,6 +83,7 @@ class Reselector:
         self.apply_kwargs = dict(apply_kwargs or {})
         self.select_kwargs = dict(select_kwargs)
         self.stack = find_layers(model, layers)
+        self._check_choice(probe, metric)
         self.steps = 0
         trained = [i for i, block in enumerate(self.stack)
                    if any(True for _ in block.parameters()) and all(p.requires_grad for p in block.parameters())]
@@ -142,6 +143,34 @@ class Reselector:
         return ReselectorCallback()
 
     # ------------------------------------------------------------------ internals
+    def _check_choice(self, probe: Any, metric: str) -> None:
+        """Find bad selection arguments now rather than at the first re-selection, mid-training.
+
+        A LayerProbe's metrics are known in advance; ``select_layers`` then runs once on stand-in
+        scores (one distinct value per block) to check ``k``, the bounds, ``splits`` and unknown keywords.
+        """
+        from .probe import LayerProbe
+        from .quantize import mode_name
+        from .scores import METRIC_ORDER
+
+        if isinstance(probe, LayerProbe):
+            available = [m for m in METRIC_ORDER if probe.grad_norms or not m.startswith("grad_norm")]
+            if metric not in available:
+                raise ValueError(f"metric={metric!r} is not one a LayerProbe gives; choose one of "
+                                 f"{', '.join(available)}.")
+        if "quantize_frozen" in self.apply_kwargs:
+            mode_name(self.apply_kwargs["quantize_frozen"])
+        stand_in = {metric: [float(i + 1) for i in range(len(self.stack))]}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a stand-in split landing on a bound says nothing
+                select_layers(stand_in, strategy=self.strategy, num_layers=len(self.stack), **self.select_kwargs)
+        except TypeError as err:
+            raise ValueError(f"Reselector: {err}; the keyword arguments after apply_kwargs go to select_layers "
+                             f"(metric, k, low, high, seed, splits).") from None
+        except ValueError as err:
+            raise ValueError(f"Reselector: {err}") from None
+
     def _apply(self, selection: Selection) -> None:
         from .apply import _state, apply_selection
 

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Iterator, Sequence
 
 # Column order of the table and plot for the metrics LayerProbe produces; other metrics follow, sorted.
 METRIC_ORDER = ("block_influence", "relative_change", "act_rms", "act_absmax", "grad_norm", "grad_norm_sq")
+# Metrics plotted on a log axis when all their values are positive: activation magnitudes span several
+# orders of magnitude across blocks (0.5 to 26,000 on SmolLM2), which a linear axis flattens to a line.
+LOG_SCALE_METRICS = ("act_rms", "act_absmax")
 
 _FORMAT_VERSION = 1
 
@@ -38,6 +42,8 @@ class LayerScores(Mapping):
         num_tokens: how many real (non-padding) tokens the statistics were computed over.
         history: metric -> one list of per-block values per pass (e.g. per backward pass for
             ``grad_norm``); empty when nothing was recorded per pass.
+        metadata: what was scored (model, data, batches, max length, laet_fast version, date...), as
+            plain JSON values; saved by ``to_json``. Empty when not given.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class LayerScores(Mapping):
         names: Sequence[str],
         num_tokens: int = 0,
         history: Mapping[str, Sequence[Sequence[float]]] | None = None,
+        metadata: Mapping[str, object] | None = None,
     ):
         self._names = tuple(str(n) for n in names)
         width = len(self._names)
@@ -62,6 +69,7 @@ class LayerScores(Mapping):
             str(metric): tuple(tuple(float(v) for v in row) for row in rows) for metric, rows in (history or {}).items()
         }
         self.num_tokens = int(num_tokens)
+        self.metadata = dict(metadata or {})
 
     # Mapping interface: values are handed out as fresh lists so the scores cannot be edited.
     def __getitem__(self, metric: str) -> list[float]:
@@ -105,6 +113,7 @@ class LayerScores(Mapping):
             "num_tokens": self.num_tokens,
             "metrics": {metric: self[metric] for metric in self},
             "history": self.history,
+            "metadata": dict(self.metadata),
         }
 
     @classmethod
@@ -115,6 +124,7 @@ class LayerScores(Mapping):
                 names=data["names"],
                 num_tokens=data.get("num_tokens", 0),
                 history={m: [[_decode(v) for v in row] for row in rows] for m, rows in data.get("history", {}).items()},
+                metadata=data.get("metadata") or {},
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"not a LayerScores record ({err!r}); expected keys 'names' and 'metrics'.") from None
@@ -165,10 +175,15 @@ class LayerScores(Mapping):
     def __repr__(self) -> str:
         return f"LayerScores(metrics={self.metrics}, num_layers={self.num_layers}, num_tokens={self.num_tokens})"
 
-    def plot(self, path: str, title: str | None = None) -> None:
-        """Write a PNG with one small panel per metric against the layer index.
+    def plot(self, path: str, title: str | None = None, selection=None):
+        """Write a figure with one small panel per metric against the layer index.
 
-        Needs matplotlib (``pip install matplotlib``); uses the non-interactive Agg backend.
+        The format follows the suffix of ``path`` (``.png``, ``.jpg``, ``.pdf``, ``.svg``... whatever
+        matplotlib writes); a suffix it cannot write is refused. ``act_rms`` / ``act_absmax`` use a log
+        axis when all their values are positive. The default title names the model and data from
+        ``metadata`` when known. ``selection`` (a ``Selection`` or a list of block indices) marks the
+        selected blocks in every panel. Needs matplotlib (``pip install matplotlib``), Agg backend.
+        Returns the matplotlib ``Figure``.
         """
         try:
             import matplotlib
@@ -181,6 +196,11 @@ class LayerScores(Mapping):
         metrics = self.metrics
         if not metrics:
             raise ValueError("LayerScores.plot: there are no metrics to plot.")
+        fmt = plot_format(path)
+        marked = sorted(int(i) for i in (getattr(selection, "layers", selection) or ()))
+        bad = [i for i in marked if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"LayerScores.plot: selection blocks {bad} are out of range for {self.num_layers} layers.")
         cols = 2 if len(metrics) == 4 else min(3, len(metrics))
         rows = math.ceil(len(metrics) / cols)
         # Figure (not pyplot) so that nothing global is touched and no window is ever opened.
@@ -189,17 +209,53 @@ class LayerScores(Mapping):
         index = list(range(self.num_layers))
         for k, metric in enumerate(metrics):
             ax = axes[k // cols][k % cols]
-            ax.plot(index, self._metrics[metric], marker="o", markersize=3, linewidth=1.2)
-            ax.set_title(metric.replace("_", " "))
+            values = self._metrics[metric]
+            ax.plot(index, values, marker="o", markersize=3, linewidth=1.2)
+            if marked:
+                ax.plot(marked, [values[i] for i in marked], linestyle="none", marker="o", markersize=7,
+                        markerfacecolor="none", markeredgecolor="tab:red", label="selected")
+                for i in marked:
+                    ax.axvspan(i - 0.4, i + 0.4, color="tab:red", alpha=0.08, linewidth=0)
+            finite = [v for v in values if math.isfinite(v)]
+            log = metric in LOG_SCALE_METRICS and finite and min(finite) > 0
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(metric.replace("_", " ") + (" (log scale)" if log else ""))
             ax.set_xlabel("layer index")
             ax.set_ylabel(metric)
             ax.grid(True, alpha=0.3)
             if self.num_layers <= 12:
                 ax.set_xticks(index)
+        if marked:
+            axes[0][0].legend(loc="best", fontsize="small")
         for k in range(len(metrics), rows * cols):
             axes[k // cols][k % cols].set_visible(False)
-        fig.suptitle(title or f"Layer scores ({self.num_layers} layers, {self.num_tokens} tokens)")
-        fig.savefig(path, dpi=100, format="png")
+        fig.suptitle(title or self._default_title(marked))
+        fig.savefig(path, dpi=100, format=fmt)
+        return fig
+
+    def _default_title(self, marked: list[int]) -> str:
+        names = [f"{key} {os.path.basename(str(self.metadata[key]).rstrip('/'))}"
+                 for key in ("model", "data") if self.metadata.get(key)]
+        title = f"Layer scores ({self.num_layers} layers, {self.num_tokens} tokens)"
+        if names:
+            title = ", ".join(names) + f": {self.num_layers} layers, {self.num_tokens} tokens"
+        if marked:
+            title += f"; {len(marked)} selected (red)"
+        return title
+
+
+def plot_format(path: str) -> str:
+    """The image format ``LayerScores.plot`` writes for ``path``, from its suffix; ValueError if matplotlib
+    cannot write it. Needs matplotlib."""
+    from matplotlib.figure import Figure
+
+    suffix = os.path.splitext(str(path))[1].lower().lstrip(".")
+    supported = Figure().canvas.get_supported_filetypes()
+    if suffix not in supported:
+        raise ValueError(f"cannot plot to {path}: {('suffix .' + suffix) if suffix else 'no suffix'} is not an "
+                         f"image format matplotlib writes; use one of {', '.join('.' + s for s in sorted(supported))}.")
+    return suffix
 
 
 def _format(value: float, precision: int) -> str:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -75,14 +77,33 @@ class Selection:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Selection":
-        scores = [float("nan") if s is None else float(s) for s in data.get("scores", ())]
+        """A Selection from ``to_dict``'s output; ValueError naming what is missing or of the wrong type."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"not a Selection record: expected an object with 'layers' and 'num_layers', got a "
+                             f"{type(data).__name__}.")
+        missing = [key for key in ("layers", "num_layers") if key not in data]
+        if missing:
+            raise ValueError(f"not a Selection record: no {' or '.join(repr(k) for k in missing)} "
+                             f"(keys found: {sorted(map(str, data))}).")
+        layers, num_layers = data["layers"], data["num_layers"]
+        if not isinstance(layers, list) or not all(_is_int(i) for i in layers):
+            raise ValueError(f"Selection record: 'layers' must be a list of block indices, got {layers!r}.")
+        if not _is_int(num_layers):
+            raise ValueError(f"Selection record: 'num_layers' must be an integer, got {num_layers!r}.")
+        params = data.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise ValueError(f"Selection record: 'params' must be an object, got {params!r}.")
+        try:
+            scores = [float("nan") if s is None else float(s) for s in data.get("scores") or ()]
+        except (TypeError, ValueError):
+            raise ValueError(f"Selection record: 'scores' must be a list of numbers, got {data['scores']!r}.") from None
         return cls(
-            layers=tuple(data["layers"]),
-            num_layers=int(data["num_layers"]),
-            strategy=data.get("strategy", "manual"),
+            layers=tuple(layers),
+            num_layers=num_layers,
+            strategy=str(data.get("strategy") or "manual"),
             metric=data.get("metric"),
             scores=tuple(scores),
-            params=data.get("params", {}),
+            params=params,
         )
 
     def to_json(self, path: str) -> None:
@@ -91,8 +112,16 @@ class Selection:
 
     @classmethod
     def from_json(cls, path: str) -> "Selection":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read ``to_json``'s file; ValueError for an unreadable file, bad JSON or not a Selection record."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read a Selection from {path}: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def to_peft_config(self, r: int = 8, alpha: int = 16, target_modules=None, **kwargs):
         """A ``peft.LoraConfig`` with LoRA on these layers only (``laet_fast.integrations.peft_bridge``)."""
@@ -109,13 +138,12 @@ class Selection:
             )
 
 
-def variance_split(values: Sequence[float], low: float = 0.35, high: float = 0.65) -> int:
-    """Index ``s`` into ascending-sorted ``values`` that minimises var(values[:s]) + var(values[s:]).
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    The split is restricted to ``ceil(low*n) <= s <= floor(high*n)`` (at least one layer per side).
-    Population variances are used, as in IR-Tuning. Ties go to the smallest ``s``.
-    """
-    n = len(values)
+
+def _split_bounds(n: int, low: float, high: float) -> tuple[int, int]:
+    """The allowed split points ``lo..hi`` of ``variance_split`` for ``n`` values."""
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"variance_split needs 0 <= low <= high <= 1, got low={low}, high={high}.")
     # The tolerance keeps products such as 0.35 * 20 = 7.000000000000001 on the intended integer.
@@ -125,6 +153,16 @@ def variance_split(values: Sequence[float], low: float = 0.35, high: float = 0.6
         raise ValueError(
             f"variance_split bounds low={low}, high={high} leave no split point for {n} layers; widen the bounds."
         )
+    return lo, hi
+
+
+def variance_split(values: Sequence[float], low: float = 0.35, high: float = 0.65) -> int:
+    """Index ``s`` into ascending-sorted ``values`` that minimises var(values[:s]) + var(values[s:]).
+
+    The split is restricted to ``ceil(low*n) <= s <= floor(high*n)`` (at least one layer per side).
+    Population variances are used, as in IR-Tuning. Ties go to the smallest ``s``.
+    """
+    lo, hi = _split_bounds(len(values), low, high)
 
     def var(xs: Sequence[float]) -> float:
         mean = sum(xs) / len(xs)
@@ -137,7 +175,7 @@ def _scores_of(scores: Any, metric: str) -> list[float]:
     """Per-layer values of ``metric`` from a LayerScores, a mapping, or a plain sequence."""
     if isinstance(scores, Mapping) or hasattr(scores, "keys"):
         if metric not in scores:
-            raise KeyError(
+            raise ValueError(
                 f"The scores have no metric {metric!r}; available: {sorted(scores.keys())}. "
                 f"Score with that metric first (e.g. LayerProbe(model, grad_norms=True) for 'grad_norm')."
             )
@@ -164,6 +202,7 @@ def select_layers(
     high: float = 0.65,
     seed: int = 0,
     num_layers: int | None = None,
+    splits: int = 1,
 ) -> Selection:
     """Choose the layers to train.
 
@@ -179,6 +218,10 @@ def select_layers(
         low, high: bounds of the variance split point, as fractions of the (finite-scored) layers.
         seed: seed of the ``"random"`` strategy (same seed, same layers).
         num_layers: depth of the model; checked against the scores when both are given.
+        splits: variance split only: how many times to split, each time again within the high group
+            (IR-Tuning's ``split_num``; 2 keeps about a quarter of the layers with the default bounds).
+            A split that lands on a bound (``low`` or ``high``) is warned about: the scores had no
+            clearer gap inside the bounds, and the bound, not the scores, chose the group size.
 
     Non-finite scores never get a layer selected by a score-based strategy: those layers are left
     out of the ranking and of the variance split, and a ValueError says so when too few finite
@@ -201,16 +244,28 @@ def select_layers(
         raise ValueError(f"strategy={strategy!r} without scores needs num_layers=.")
     if n == 0:
         raise ValueError("Cannot select from zero layers.")
-    if strategy != "variance_split":
+    if strategy == "variance_split":
+        if k is not None:
+            raise ValueError(f"k={k!r} is not used by strategy='variance_split', which sizes the group from the "
+                             f"scores; use strategy='top' with k=, or splits=2 for a smaller variance-split group.")
+        if not _is_int(splits) or splits < 1:
+            raise ValueError(f"splits={splits!r}: the number of variance splits must be an integer >= 1.")
+    else:
         if k is None:
             raise ValueError(f"strategy={strategy!r} needs k=, the number of layers to train.")
+        if not _is_int(k):
+            raise ValueError(f"k={k!r} must be an integer number of layers (e.g. k={int(k)})."
+                             if isinstance(k, float) and k.is_integer() else
+                             f"k={k!r} must be an integer number of layers.")
+        if splits != 1:
+            raise ValueError(f"splits={splits!r} applies to strategy='variance_split' only.")
         if not 1 <= k <= n:
             raise ValueError(f"k={k} is out of range: the model has {n} layers, so choose 1 <= k <= {n}.")
 
     # Non-finite scores (NaN / Inf) take no part in score-based choices.
     finite = [i for i in range(n) if math.isfinite(values[i])] if values is not None else []
     if score_based:
-        needed = 2 if strategy == "variance_split" else k
+        needed = 2 ** splits if strategy == "variance_split" else k
         if len(finite) < needed:
             bad = [i for i in range(n) if i not in finite]
             raise ValueError(
@@ -221,9 +276,23 @@ def select_layers(
     params: dict[str, Any] = {}
     if strategy == "variance_split":
         order = sorted(finite, key=lambda i: values[i])
-        split = variance_split([values[i] for i in order], low, high)
+        split = 0  # where the kept (high) group starts in ``order``
+        for round_ in range(1, splits + 1):
+            group = [values[i] for i in order[split:]]
+            lo, hi = _split_bounds(len(group), low, high)
+            cut = variance_split(group, low, high)
+            if lo < hi and cut in (lo, hi):
+                warnings.warn(
+                    f"select_layers: variance split {round_} of {splits} landed on its "
+                    f"{'lower' if cut == lo else 'upper'} bound ({'low' if cut == lo else 'high'}="
+                    f"{low if cut == lo else high}: keeps {len(group) - cut} of {len(group)} layers); the "
+                    f"{metric!r} scores have no clearer gap inside the bounds, so the bound set the size. Widen "
+                    f"low/high, or use splits= or strategy='top' with k=.", stacklevel=2)
+            split += cut
         chosen = order[split:]
         params = {"low": low, "high": high, "split": split}
+        if splits != 1:
+            params["splits"] = splits
     elif strategy in ("top", "bottom"):
         order = sorted(finite, key=lambda i: values[i], reverse=strategy == "top")
         chosen = order[:k]

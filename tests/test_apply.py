@@ -1,4 +1,5 @@
 """apply_selection / suspend_backward_cut / export_model / build_optimizer on tiny random models (CPU)."""
+import os
 import sys
 import warnings
 
@@ -189,7 +190,8 @@ def test_backward_cut_lowest_block_zero_and_empty():
     model = _model("llama", head="seqcls")
     model.enable_input_require_grads()
     reached, requires_grad = _track_block_grads(model)
-    apply_selection(model, Selection((), num_layers=4))
+    with pytest.warns(UserWarning, match="the selection is empty, so all 4 blocks are frozen"):
+        apply_selection(model, Selection((), num_layers=4))
     _loss(model).backward()
     assert reached == set() and not any(requires_grad.values())
     assert model.score.weight.grad is not None
@@ -327,7 +329,7 @@ def test_bad_selection_refused():
         apply_selection(model, Selection((1,), num_layers=6))
     with pytest.raises(ValueError, match=r"out of range for a model with 4 layers"):
         apply_selection(model, [1, 4])
-    with pytest.raises(ValueError, match="quantize_frozen='int4' is not supported"):
+    with pytest.raises(ValueError, match="quantize_frozen: Unknown quantization 'int4'"):
         apply_selection(model, [1], quantize_frozen="int4")
     with pytest.raises(ValueError, match="not a module"):
         apply_selection(model, [1], train_extra=("model.nope",))
@@ -437,3 +439,48 @@ def test_frozen_embeddings_keep_the_cut_under_enable_input_require_grads():
     ids, mask = random_batch(model.config.vocab_size)
     model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
     assert seen == [2]
+
+
+@pytest.mark.parametrize("spelling,mode", [("NF4", "nf4"), (" Int8 ", "int8"), ("none", None), ("None", None),
+                                           ("NONE", None)])
+def test_quantize_frozen_spellings_match_the_command_line(spelling, mode):
+    model = _model("llama")
+    report = apply_selection(model, [3], quantize_frozen=spelling)
+    assert report.quantize == mode and quant_modes(find_layers(model)[0]) == ({mode} if mode else set())
+
+
+def test_empty_selection_warns():
+    model = _model("llama")
+    with pytest.warns(UserWarning, match="apply_selection: the selection is empty"):
+        apply_selection(model, [])
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_export_to_a_folder_is_a_complete_transformers_model(tmp_path):
+    """export_model(model, path, tokenizer=...) writes weights, config and tokenizer: loading and
+    scoring the folder again works (the README's export could not be scored before)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from laet_fast import cli
+    from laet_fast.loading import load_model_and_tokenizer
+
+    words = ["[UNK]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 2)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
+    model = _model("llama")
+    apply_selection(model, [2], quantize_frozen="nf4")
+    export_model(model, str(tmp_path / "out"), tokenizer=tokenizer)
+    reloaded, reloaded_tokenizer = load_model_and_tokenizer(str(tmp_path / "out"), device="cpu")
+    assert reloaded_tokenizer("w3 w7")["input_ids"] == tokenizer("w3 w7")["input_ids"]
+    ids, mask = _batch(4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits)
+    data = tmp_path / "d.txt"
+    data.write_text("w1 w2 w3\nw4 w5\n")
+    assert cli.main(["score", "--model", str(tmp_path / "out"), "--data", str(data), "--device", "cpu"]) == 0
+    with pytest.warns(UserWarning, match="no tokenizer given"):
+        export_model(_model("llama"), str(tmp_path / "bare"))
+    assert os.path.isfile(tmp_path / "bare" / "config.json")

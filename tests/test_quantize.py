@@ -115,6 +115,17 @@ def test_unknown_mode_refused():
         quantize_linears(_toy(), "int4", compute_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("spelling,count,mode", [("NF4", 4, "nf4"), ("Int8", 4, "int8"), ("none", 0, None),
+                                                 ("None", 0, None), (None, 0, None)])
+def test_mode_spellings(spelling, count, mode):
+    """The command line's spellings (upper case, "none") are accepted here as in apply_selection."""
+    from laet_fast.quantize import quant_modes
+
+    toy = _toy()
+    assert quantize_linears(toy, spelling, compute_dtype=torch.float32) == count
+    assert quant_modes(toy) == ({mode} if mode else set())
+
+
 def test_missing_bitsandbytes(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
     with pytest.raises(ImportError, match="pip install bitsandbytes"):

@@ -42,3 +42,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2-laet")
     assert len(reloaded.model.layers) == 30
+    # The export is a complete model: it can be scored again (it had no tokenizer before).
+    from laet_fast import cli
+
+    assert (tmp_path / "smollm2-laet" / "tokenizer_config.json").exists()
+    assert cli.main(["score", "--model", str(tmp_path / "smollm2-laet"), "--batches", "1", "--batch-size", "2",
+                     "--max-length", "16", "--device", "cpu"]) == 0
+    assert "model.layers.29" in capsys.readouterr().out

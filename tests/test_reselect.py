@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tiny_models import random_batch, tiny_model
+from laet_fast import LayerProbe
 from laet_fast.apply import apply_selection
 from laet_fast.layers import find_layers
 from laet_fast.reselect import Reselector
@@ -148,6 +149,26 @@ def test_arguments_checked():
 
     with pytest.raises(ValueError, match=r"grad_norms=True"):
         Reselector(model, NoGradProbe([]), every=1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(strategy="top"), r"needs k="),
+    (dict(strategy="top", k=9), r"k=9 is out of range"),
+    (dict(strategy="top", k=1.5), r"must be an integer"),
+    (dict(metric="loss"), r"metric='loss' is not one a LayerProbe gives"),
+    (dict(metric="grad_norm_sq", probe_grad_norms=False), r"grad_norms=True"),
+    (dict(kk=3), r"unexpected keyword argument 'kk'"),
+    (dict(low=0.9, high=0.2), r"low <= high"),
+    (dict(apply_kwargs={"quantize_frozen": "int4"}), r"Unknown quantization 'int4'"),
+])
+def test_bad_choice_found_at_construction(kwargs, match):
+    """Before, these were only found at the first re-selection, mid-training."""
+    model = tiny_model("llama", seed=3)
+    grad_norms = kwargs.pop("probe_grad_norms", True)
+    with LayerProbe(model, grad_norms=grad_norms) as probe:
+        with pytest.raises(ValueError, match=match):
+            Reselector(model, probe, every=1, **kwargs)
+        Reselector(model, probe, every=1, metric="block_influence", strategy="top", k=2)  # fine
 
 
 def test_trainer_callback_steps_and_adopts_the_optimizer():

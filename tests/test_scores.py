@@ -131,3 +131,55 @@ def test_plot_without_matplotlib_names_the_fix(tmp_path, monkeypatch):
     scores, _, _ = make_scores()
     with pytest.raises(ImportError, match="pip install matplotlib"):
         scores.plot(str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize("suffix,magic", [(".jpg", b"\xff\xd8\xff"), (".pdf", b"%PDF"), (".svg", b"<?xml"),
+                                          (".PNG", b"\x89PNG")])
+def test_plot_honours_the_suffix(tmp_path, suffix, magic):
+    pytest.importorskip("matplotlib")
+    scores, _, _ = make_scores(seed=4)
+    path = tmp_path / f"scores{suffix}"
+    scores.plot(str(path))
+    assert path.read_bytes().startswith(magic)
+
+
+@pytest.mark.parametrize("name", ["scores.xyz", "scores"])
+def test_plot_refuses_a_suffix_it_cannot_write(tmp_path, name):
+    pytest.importorskip("matplotlib")
+    scores, _, _ = make_scores(seed=4)
+    with pytest.raises(ValueError, match=r"is not an image format matplotlib writes; use one of .*\.png"):
+        scores.plot(str(tmp_path / name))
+    assert not (tmp_path / name).exists()
+
+
+def test_plot_log_scale_title_and_selection(tmp_path):
+    pytest.importorskip("matplotlib")
+    from laet_fast.selection import Selection
+
+    metrics = {"block_influence": [0.1, 0.2, 0.05, 0.3, 0.15], "act_rms": [0.5, 3.0, 80.0, 900.0, 26000.0],
+               "act_absmax": [1.0, float("nan"), 10.0, 100.0, 1000.0], "relative_change": [0.1] * 5}
+    scores = LayerScores(metrics, NAMES, num_tokens=99,
+                         metadata={"model": "/models/smollm2-laet/", "data": "/data/reviews.csv"})
+    fig = scores.plot(str(tmp_path / "s.png"), selection=Selection((1, 3), num_layers=5))
+    axes = {ax.get_ylabel(): ax for ax in fig.axes if ax.get_visible()}
+    assert axes["act_rms"].get_yscale() == "log" and axes["act_absmax"].get_yscale() == "log"
+    assert axes["block_influence"].get_yscale() == "linear"
+    title = fig._suptitle.get_text()
+    assert "model smollm2-laet" in title and "data reviews.csv" in title and "2 selected" in title
+    for metric, ax in axes.items():  # the selected blocks are marked on every panel
+        marked = [line for line in ax.get_lines() if line.get_label() == "selected"]
+        assert len(marked) == 1 and list(marked[0].get_xdata()) == [1, 3], metric
+    with pytest.raises(ValueError, match=r"selection blocks \[7\] are out of range"):
+        scores.plot(str(tmp_path / "t.png"), selection=[7])
+    # A metric with a non-positive value stays linear.
+    linear = LayerScores({"act_rms": [0.0, 1.0, 2.0, 3.0, 4.0]}, NAMES).plot(str(tmp_path / "u.png"))
+    assert linear.axes[0].get_yscale() == "linear"
+
+
+def test_metadata_round_trips(tmp_path):
+    scores, _, _ = make_scores(seed=5)
+    meta = {"model": "m", "data": "d.csv", "batches": 3, "max_length": 64, "version": "0.1.0"}
+    scored = LayerScores(dict(scores.items()), NAMES, num_tokens=7, metadata=meta)
+    scored.to_json(str(tmp_path / "s.json"))
+    assert LayerScores.from_json(str(tmp_path / "s.json")).metadata == meta
+    assert scores.metadata == {}

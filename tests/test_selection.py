@@ -2,6 +2,7 @@
 reference, the k-based baselines, serialisation and the user-facing errors."""
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -140,7 +141,12 @@ def test_selection_container_behaviour():
     (dict(strategy="last", k=-1), ValueError, r"k=-1 is out of range"),
     (dict(strategy="top"), ValueError, r"needs k="),
     (dict(strategy="best"), ValueError, r"Unknown strategy 'best'.*variance_split"),
-    (dict(metric="loss_drop"), KeyError, r"no metric 'loss_drop'.*grad_norm"),
+    (dict(metric="loss_drop"), ValueError, r"no metric 'loss_drop'.*grad_norm"),
+    (dict(strategy="top", k=2.0), ValueError, r"k=2.0 must be an integer number of layers \(e.g. k=2\)"),
+    (dict(strategy="last", k=True), ValueError, r"k=True must be an integer"),
+    (dict(k=2), ValueError, r"k=2 is not used by strategy='variance_split'.*splits=2"),
+    (dict(splits=0), ValueError, r"splits=0"),
+    (dict(strategy="top", k=2, splits=2), ValueError, r"variance_split' only"),
     (dict(num_layers=5), ValueError, r"cover 4 layers but num_layers=5"),
     (dict(low=0.6, high=0.4), ValueError, r"low <= high"),
     (dict(low=0.3, high=0.32), ValueError, r"no split point"),
@@ -169,4 +175,59 @@ def test_more_errors():
 
 def test_strategies_listed():
     assert set(STRATEGIES) == {"variance_split", "top", "bottom", "last", "random"}
-    assert all(len(select_layers([1.0, 2.0, 3.0, 4.0], strategy=s, k=2)) >= 1 for s in STRATEGIES)
+    assert all(len(select_layers([1.0, 2.0, 3.0, 4.0], strategy=s, k=None if s == "variance_split" else 2)) >= 1
+               for s in STRATEGIES)
+
+
+def test_repeated_variance_split_splits_the_high_group_again():
+    """IR-Tuning's split_num=2: the second split runs on the high group of the first, same bounds."""
+    rng = np.random.default_rng(7)
+    values = rng.permutation(np.concatenate([rng.normal(1, 0.1, 12), rng.normal(3, 0.1, 10),
+                                             rng.normal(6, 0.1, 8)])).tolist()
+    once = select_layers({"grad_norm": values})
+    twice = select_layers({"grad_norm": values}, splits=2)
+    order = sorted(range(30), key=lambda i: values[i])
+    first = variance_split(sorted(values), 0.35, 0.65)
+    second = variance_split(sorted(values)[first:], 0.35, 0.65)
+    assert once.layers == tuple(sorted(order[first:]))
+    assert twice.layers == tuple(sorted(order[first + second:]))
+    assert len(twice) == 8 and set(twice.layers) < set(once.layers)  # the top cluster
+    assert twice.params == {"low": 0.35, "high": 0.65, "split": first + second, "splits": 2}
+    assert Selection.from_dict(twice.to_dict()) == twice
+
+
+def test_warns_when_the_split_lands_on_a_bound():
+    # A gap outside the bounds: 25 low layers and 5 high ones. Every allowed split mixes both in one
+    # group, least so at the lower bound, which then sets the size (SmolLM2's gradient norms do this:
+    # 19 of 30 blocks kept); 5 low and 25 high land on the upper bound.
+    few_high = [0.01 * i for i in range(25)] + [10.0] * 5
+    with pytest.warns(UserWarning, match=r"landed on its lower bound \(low=0.35: keeps 19 of 30 layers\)"):
+        assert len(select_layers({"grad_norm": few_high})) == 19
+    few_low = [0.0] * 5 + [10.0 + 0.01 * i for i in range(25)]
+    with pytest.warns(UserWarning, match=r"landed on its upper bound \(high=0.65: keeps 11 of 30 layers\)"):
+        assert len(select_layers({"grad_norm": few_low})) == 11
+    gap = [0.0] * 15 + [10.0] * 15  # a clear gap in the middle: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(select_layers({"grad_norm": gap})) == 15
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "cannot read a Selection from"),
+    ("[1, 2]", "expected an object with 'layers' and 'num_layers', got a list"),
+    ('{"layers": [1]}', "no 'num_layers'"),
+    ('{"num_layers": 4}', "no 'layers'"),
+    ('{"layers": "12", "num_layers": 30}', "'layers' must be a list of block indices, got '12'"),
+    ('{"layers": [1, 2.5], "num_layers": 4}', "'layers' must be a list of block indices"),
+    ('{"layers": [1], "num_layers": "4"}', "'num_layers' must be an integer"),
+    ('{"layers": [1], "num_layers": 4, "params": [1]}', "'params' must be an object"),
+    ('{"layers": [5], "num_layers": 4}', "out of range"),
+])
+def test_from_json_validates(tmp_path, content, match):
+    path = tmp_path / "sel.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match) as info:
+        Selection.from_json(str(path))
+    assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match="cannot read a Selection"):
+        Selection.from_json(str(tmp_path / "missing.json"))
