@@ -11,7 +11,7 @@ setup(
     # kernels/ sits at the repository root but is installed as laet_fast.kernels: the top-level
     # name `kernels` belongs to Hugging Face's hub-kernel loader, which transformers and
     # bitsandbytes probe at import time.
-    packages=["laet_fast", "laet_fast.commands", "laet_fast.kernels"],
+    packages=["laet_fast", "laet_fast.commands", "laet_fast.merge", "laet_fast.kernels"],
     package_dir={"laet_fast": "laet_fast", "laet_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
