@@ -163,3 +163,36 @@ def test_compiled_kernel_on_cuda(dtype):
     got = slerp(a.cuda(), b.cuda(), 0.4).cpu()
     assert_close_to_mergekit(got, a, b, 0.4)
     assert torch.equal(slerp(a.cuda(), b.cuda(), 0.0).cpu(), a)
+
+
+# Compiles both passes for sm_90 in a subprocess without the interpreter (Triton's compiler and
+# ptxas need no GPU), so that CI without a GPU catches a kernel that does not lower, and checks
+# that both passes read with 16-byte vector loads and the write pass stores with them.
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from laet_fast.kernels import slerp as sl
+
+target, options = GPUTarget("cuda", 90, 32), {"num_warps": sl.GPU_NUM_WARPS}
+reduce_sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "partial_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+write_sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "s0": "fp32", "s1": "fp32",
+             "BLOCK": "constexpr"}
+for name, kernel, signature in (("reduce", sl._slerp_reduce_kernel, reduce_sig), ("write", sl._slerp_write_kernel, write_sig)):
+    # Triton specializes pointers and sizes divisible by 16 (weight matrices' sizes are), as here.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(signature) if signature[arg][0] in "*i"}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK": sl.GPU_BLOCK}, attrs=aligned)
+    ptx = triton.compile(source, target=target, options=options).asm["ptx"]
+    print(name + "_vector_loads", "ld.global.v4" in ptx)
+    if name == "write":
+        print("write_vector_stores", "st.global.v4" in ptx)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    from sm90_compile import run_compile_script
+
+    assert run_compile_script(_COMPILE_SCRIPT, tmp_path) == {
+        "reduce_vector_loads": "True", "write_vector_loads": "True", "write_vector_stores": "True"}
