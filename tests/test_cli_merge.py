@@ -51,7 +51,7 @@ def test_merge_with_explicit_t(pair, tmp_path, capsys):
 
 def test_merge_with_policy_and_scores(pair, tmp_path, capsys):
     scores_path = str(tmp_path / "scores.json")
-    scores = LayerScores({"general_ppl_delta": [0.5, -2.0, 0.1, 0.3]}, [f"model.layers.{i}" for i in range(4)])
+    scores = LayerScores({"general_ppl_delta": [0.5, -2.0, -0.1, 0.3]}, [f"model.layers.{i}" for i in range(4)])
     scores.to_json(scores_path)
     out = str(tmp_path / "merged")
     assert cli.main(["merge", "--base", pair[0], "--tuned", pair[1], "--policy", "balanced",

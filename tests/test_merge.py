@@ -189,6 +189,10 @@ def test_policies_rank_by_impact():
     with_data = LayerScores({"weight_rel_change": [0.1] * 6, "general_ppl_delta": [0.2, -1, 0.1, -3, 0, 0.5]},
                             [f"l.{i}" for i in range(6)])
     assert policy_t(with_data, "balanced") == {1: 0.5, 3: 0.5}
+    # Only blocks whose restoration helps (delta < 0) or that changed at all are candidates.
+    assert policy_t(with_data, "conservative") == {1: 0.25, 3: 0.25}
+    unchanged = LayerScores({"weight_rel_change": [0.0, 0.3, 0.0, 0.0, 0.1, 0.0]}, [f"l.{i}" for i in range(6)])
+    assert policy_t(unchanged, "conservative") == {1: 0.25, 4: 0.25}
     with pytest.raises(ValueError, match="unknown policy 'wild'"):
         policy_t(scores, "wild")
 

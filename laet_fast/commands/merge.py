@@ -18,7 +18,8 @@ def register(subparsers) -> None:
             "the tuned model's. The output is a transformers folder with the tuned config and tokenizer, written "
             "tensor by tensor. Policies: conservative (top half of the blocks by impact, t=0.25), balanced (top "
             "third, t=0.5), aggressive (top fifth, t=0.75); impact is the weight change, or the general "
-            "perplexity change from --scores written by `laet-fast impact --general ... --json`."
+            "perplexity change from --scores written by `laet-fast impact --general ... --json` (then only blocks "
+            "whose restoration lowers it are picked)."
         ),
     )
     parser.add_argument("--base", required=True, metavar="DIR", help="the base model's save_pretrained folder")

@@ -6,12 +6,13 @@ standard transformers folder (the tuned model's config, tokenizer and other file
 sharded as the tuned checkpoint was), written tensor by tensor into a temporary folder that is
 renamed to ``out`` only once complete.
 
-Named policies rank the blocks by impact, then SLERP the top ``fraction`` of them (rounded up)
-with one ``t`` and leave the rest tuned:
+Named policies rank the candidate blocks by impact, then SLERP the top ``fraction`` of all blocks
+(rounded up; fewer when fewer are candidates) with one ``t`` and leave the rest tuned:
 
-* impact = ``general_ppl_delta`` when the scores have it (most negative first: the blocks whose
-  restoration alone lowers general perplexity most, the general-critical ones), else
-  ``weight_rel_change`` (most changed first);
+* with ``general_ppl_delta`` in the scores, the candidates are the blocks whose restoration alone
+  lowers general perplexity, most negative first (the general-critical ones); otherwise the
+  blocks that changed, by ``weight_rel_change``, most changed first. A block that did not change
+  or whose restoration does not help is never picked;
 * ``conservative``: the top half of the blocks, t = 0.25 (strong pull toward base);
 * ``balanced``: the top third, t = 0.5;
 * ``aggressive``: the top fifth, t = 0.75 (keeps the most domain change).
@@ -36,9 +37,11 @@ def policy_t(scores: LayerScores, policy: str) -> dict[int, float]:
         raise ValueError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)} or give t={{block: t}}.")
     fraction, t = POLICIES[policy]
     if "general_ppl_delta" in scores:
-        order = sorted(range(scores.num_layers), key=lambda i: scores["general_ppl_delta"][i])
+        delta = scores["general_ppl_delta"]
+        order = sorted((i for i in range(scores.num_layers) if delta[i] < 0), key=lambda i: delta[i])
     elif "weight_rel_change" in scores:
-        order = sorted(range(scores.num_layers), key=lambda i: -scores["weight_rel_change"][i])
+        change = scores["weight_rel_change"]
+        order = sorted((i for i in range(scores.num_layers) if change[i] > 0), key=lambda i: -change[i])
     else:
         raise ValueError("policies need layer_impact scores (weight_rel_change or general_ppl_delta).")
     return {index: t for index in sorted(order[:math.ceil(fraction * scores.num_layers)])}
