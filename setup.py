@@ -30,6 +30,8 @@ setup(
         # (llama-cpp-python, spaCy, ...) we never use: install those two with `pip install --no-deps`
         # (see README). Listing them here would make pip build llama-cpp-python from source.
         "demo": ["gguf>=0.10", "matplotlib>=3.5"],
+        # benchmarks/spear_check.py also reads the Lee news corpus that gensim ships as test data:
+        # `pip install --no-deps gensim` (its numerical dependencies are not used).
     },
     entry_points={"console_scripts": ["laet-fast=laet_fast.cli:main"]},
 )
