@@ -57,7 +57,7 @@ def bench_slerp(device, numel: int, dtype: torch.dtype, impls=IMPLS, repeats: in
         device: "cuda", "cuda:N" or "cpu".
         numel: elements per tensor; dtype: float32, bfloat16 or float16.
         impls: a subset of ("triton", "torch_eager", "torch_compile").
-        copy_gbps: the device's copy bandwidth (read + write); measured here when None.
+        copy_gbps: the device's copy bandwidth (read + write, GB/s); measured here (1 GiB copies) when None.
 
     Returns a dict: ``numel``, ``dtype``, ``bytes_min`` (3 * numel * itemsize),
     ``copy_bandwidth_gbps`` and per implementation ``{impl: {"us_per_call" (best of three means), "gbps",
@@ -71,7 +71,8 @@ def bench_slerp(device, numel: int, dtype: torch.dtype, impls=IMPLS, repeats: in
     b = (0.8 * a.float() + 0.6 * torch.randn(numel, generator=gen, device=device)).to(dtype)
     want = slerp_reference(a, b, T, out_dtype=torch.float64)
     if copy_gbps is None:
-        copy_gbps = copy_bandwidth_gbps(device, nbytes=max(1 << 20, 2 * numel * a.element_size()))
+        # 1 GiB, far past the last-level cache: the bandwidth of memory, not of L2.
+        copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else copy_bandwidth_gbps(device, 1 << 24, 2)
     bytes_min = 3 * numel * a.element_size()
     result = {"numel": numel, "dtype": str(dtype).replace("torch.", ""), "bytes_min": bytes_min,
               "copy_bandwidth_gbps": copy_gbps, "t": T}
