@@ -300,3 +300,11 @@ def test_folder_without_safetensors_is_refused(tmp_path, pair):
     (tmp_path / "bin").mkdir()
     with pytest.raises(ValueError, match="has no model.safetensors"):
         layer_impact(pair[0], str(tmp_path / "bin"))
+
+
+def test_missing_shard_is_named(tmp_path):
+    base_dir, tuned_dir, _, _ = save_pair(tmp_path, layers=3, shard="60KB", seed=9)
+    shard = Checkpoint(tuned_dir).files[-1]
+    os.remove(os.path.join(tuned_dir, shard))
+    with pytest.raises(ValueError, match=f"{shard} is missing"):
+        layer_impact(base_dir, tuned_dir)

@@ -49,6 +49,8 @@ class TensorInfo:
 
 def _read_header(path: str) -> tuple[dict, int]:
     """The JSON header of a safetensors file and the offset where its data starts."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing (the checkpoint's {INDEX_FILE} lists it).")
     with open(path, "rb") as handle:
         raw = handle.read(8)
         if len(raw) != 8:
