@@ -14,10 +14,12 @@
 5. Retention = general perplexity of the base / of the model (1 = nothing forgotten); domain gain
    kept = (base - model) / (base - tuned) domain perplexity, and the same for the probe accuracy.
 
-Writes ``benchmarks/results/spear_check.{json,md,png}``. CPU-sized by default (about 40 minutes on
-two shared cores):
+Writes ``benchmarks/results/spear_check.{json,md,png}``. The committed results come from this
+smoke-sized run (about 10 minutes on two lightly shared cores; the defaults are larger, closer to
+an hour on a busy CPU):
 
-    python benchmarks/spear_check.py --work /tmp/spear_work
+    python benchmarks/spear_check.py --work /tmp/spear_work --steps 15 --lr 3e-4 --general-eval 16 \
+        --general-length 48 --domain-eval 32 --probe 48 --impact-texts 4 --variants full,grad_norm --threads 2
 """
 from __future__ import annotations
 
