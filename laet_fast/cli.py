@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func=run``.
-COMMANDS = ("score", "plan")
+COMMANDS = ("score", "plan", "impact", "merge")
 
 
 class UsageError(Exception):

@@ -1,0 +1,59 @@
+"""``laet-fast impact``: how much fine-tuning changed each block, and what restoring it alone would do."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from laet_fast.cli import UsageError
+from laet_fast.commands.score import _check_output, _one_line
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "impact",
+        help="per-block impact of fine-tuning: weight change, and optionally the effect of restoring each block",
+        description=(
+            "Compare a base and a tuned checkpoint block by block (only one block of each in memory): relative "
+            "Frobenius change, cosine, SNR-weighted change and top singular-value drop of the block's matrices. "
+            "With --general/--domain text files, also the perplexity change on general text and the loss change "
+            "on domain text when each block alone is restored to the base weights."
+        ),
+    )
+    parser.add_argument("--base", required=True, metavar="DIR", help="the base model's save_pretrained folder")
+    parser.add_argument("--tuned", required=True, metavar="DIR", help="the fine-tuned model's save_pretrained folder")
+    parser.add_argument("--general", metavar="FILE", default=None, help="general text (.txt, .csv, .tsv, .jsonl)")
+    parser.add_argument("--domain", metavar="FILE", default=None, help="domain text (.txt, .csv, .tsv, .jsonl)")
+    parser.add_argument("--text-column", default="text", help="csv column / jsonl key holding the texts (default: text)")
+    parser.add_argument("--max-texts", type=int, default=64, help="texts read from each file (default: 64)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per text (default: 64)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N for the text scoring")
+    parser.add_argument("--json", metavar="OUT", default=None, help="also write the scores to this JSON file")
+    parser.add_argument("--plot", metavar="OUT.png", default=None, help="also plot the scores to this PNG file")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    for option, value in (("--max-texts", args.max_texts), ("--max-length", args.max_length)):
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}.")
+    _check_output(args.json, "--json")
+    _check_output(args.plot, "--plot")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib")
+
+    from laet_fast.merge import layer_impact
+
+    try:
+        scores = layer_impact(args.base, args.tuned, general_data=args.general, domain_data=args.domain,
+                              device=args.device, max_texts=args.max_texts, max_length=args.max_length,
+                              text_column=args.text_column)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    print(scores.table())
+    if args.json is not None:
+        scores.to_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        scores.plot(args.plot, title="Fine-tuning impact per block")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
