@@ -84,9 +84,11 @@ def test_merge_refuses_to_overwrite_an_input(pair, capsys):
     assert "never overwrites its inputs" in capsys.readouterr().err
 
 
-def test_merge_needs_policy_or_t(pair, tmp_path):
-    with pytest.raises(SystemExit):
-        cli.main(["merge", "--base", pair[0], "--tuned", pair[1], "--out", str(tmp_path / "m")])
+def test_merge_needs_policy_or_t(pair, tmp_path, capsys):
+    assert cli.main(["merge", "--base", pair[0], "--tuned", pair[1], "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "--policy" in err and "--t" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
 
 
 def test_impact_bad_folder_is_one_line(pair, tmp_path, capsys):
