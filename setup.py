@@ -1,5 +1,5 @@
 """laet_fast: layer-selective fine-tuning of transformer LMs on one consumer GPU."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="laet_fast",
@@ -11,7 +11,7 @@ setup(
     # kernels/ sits at the repository root but is installed as laet_fast.kernels: the top-level
     # name `kernels` belongs to Hugging Face's hub-kernel loader, which transformers and
     # bitsandbytes probe at import time.
-    packages=["laet_fast", "laet_fast.commands", "laet_fast.integrations", "laet_fast.merge", "laet_fast.kernels"],
+    packages=find_packages(include=["laet_fast", "laet_fast.*"]) + ["laet_fast.kernels"],
     package_dir={"laet_fast": "laet_fast", "laet_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

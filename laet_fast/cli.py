@@ -3,10 +3,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
-# Each module defines ``register(subparsers)``, which adds its parser and sets ``func=run``.
-COMMANDS = ("score", "plan", "impact", "merge")
+# Each module of laet_fast/commands defines ``register(subparsers)``, which adds its parser and sets
+# ``func=run``. They are found on disk, so adding a command is adding its module; this order is
+# only how ``--help`` lists them (the workflow's order), with any other command after these.
+_HELP_ORDER = ("train", "predict", "score", "probe", "fuse", "plan", "impact", "merge")
+
+
+def command_names() -> list[str]:
+    """The sub-commands, in ``--help`` order."""
+    import laet_fast.commands
+
+    found = [m.name for m in pkgutil.iter_modules(laet_fast.commands.__path__) if not m.name.startswith("_")]
+    rank = {name: i for i, name in enumerate(_HELP_ORDER)}
+    return sorted(found, key=lambda name: (rank.get(name, len(rank)), name))
 
 
 class UsageError(Exception):
@@ -30,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"laet-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
+    for name in command_names():
         importlib.import_module(f"laet_fast.commands.{name}").register(sub)
     return parser
 
