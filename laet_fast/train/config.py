@@ -1,0 +1,119 @@
+"""TrainConfig: everything that defines a training run, as one dataclass (saved with every checkpoint)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .methods import METHODS, parse_method
+
+TASKS = ("classify", "lm")
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
+# Fields a resumed run may change without changing the run (where to write, how often to report).
+RESUMABLE_CHANGES = ("out", "keep", "progress", "eval_every", "resume")
+
+
+@dataclass
+class TrainConfig:
+    """A training run.
+
+    Attributes:
+        task: ``"classify"`` (text + label, heads on pooled block outputs) or ``"lm"`` (next-token loss).
+        method: one of ``laet_fast.train.METHODS`` or an explicit list of blocks (``"3,7,12"``).
+        k: number of blocks for methods that need one (``laet`` and ``grad_norm`` choose without it).
+        splits: ``grad_norm``'s variance splits (IR-Tuning's ``split_num``).
+        quantize_frozen: ``"nf4"``, ``"fp4"``, ``"int8"`` or None: storage of the frozen blocks.
+        optimizer: ``"adamw"`` or ``"adamw8bit"``; ``lr``, ``weight_decay`` (matrices only).
+        schedule, warmup_steps: ``transformers.get_scheduler``'s name and warmup (decay follows).
+        max_steps / epochs: length of training (``max_steps`` wins when both are set).
+        batch_size, grad_accum: sequences per forward pass, forward passes per optimizer step.
+        max_length: tokens per text; longer texts are truncated (and counted in the log).
+        eval_every, save_every, keep: evaluate / checkpoint every N optimizer steps; keep the last ``keep``.
+        eval_fraction: share of the data held out (seeded, stratified for ``classify``) when no eval data is given.
+        score_batches: batches of training data the method scores on.
+        reselect_every: re-select every N steps (IR-Tuning); 0 keeps the first selection.
+        gradient_checkpointing: non-reentrant checkpointing on the trained blocks.
+        max_nan_steps: stop after this many NaN losses in a row (each NaN step is skipped).
+        seed: seed of the split, the shuffling, the heads and ``random``.
+        out: the run folder (log.jsonl, checkpoints/, model/, report.*).
+        progress: show the progress bar; resume: continue from the newest checkpoint in ``out``.
+        head_hidden: hidden sizes of LAET's probe heads.
+    """
+
+    task: str = "classify"
+    method: str = "laet"
+    k: int | None = None
+    splits: int = 1
+    quantize_frozen: str | None = None
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 64
+    eval_every: int = 0
+    save_every: int = 0
+    keep: int = 2
+    eval_fraction: float = 0.2
+    score_batches: int = 4
+    reselect_every: int = 0
+    gradient_checkpointing: bool = False
+    max_nan_steps: int = 5
+    seed: int = 0
+    out: str = "laet-run"
+    progress: bool = True
+    resume: bool = False
+    head_hidden: tuple[int, ...] = field(default=(128, 64))
+
+    def __post_init__(self):
+        from ..quantize import mode_name
+
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: choose one of {', '.join(TASKS)}.")
+        method = parse_method(self.method)
+        self.method = method if isinstance(method, str) else ",".join(map(str, method))
+        if self.method == "laet" and self.task != "classify":
+            raise ValueError("method 'laet' trains classification heads; use task='classify', or another method "
+                             f"({', '.join(m for m in METHODS if m != 'laet')}) for task='lm'.")
+        self.quantize_frozen = mode_name(self.quantize_frozen)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+        for name in ("batch_size", "grad_accum", "max_length", "max_nan_steps", "keep", "score_batches", "splits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        for name in ("eval_every", "save_every", "reselect_every", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0 (0 = never).")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps={self.max_steps!r} must be an integer >= 1.")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs!r} must be > 0.")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction!r} must be between 0 and 1.")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"k={self.k!r} must be an integer >= 1.")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0.")
+        if self.reselect_every and self.save_every and self.save_every % self.reselect_every:
+            # A checkpoint between two re-selections would have to hold the probe's half-filled
+            # scoring window; at a re-selection the window is empty, so resume is exact.
+            raise ValueError(f"save_every={self.save_every} must be a multiple of reselect_every="
+                             f"{self.reselect_every}, so that checkpoints fall on re-selections.")
+        self.head_hidden = tuple(int(h) for h in self.head_hidden)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["head_hidden"] = list(self.head_hidden)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})

@@ -1,0 +1,141 @@
+"""Classification heads on pooled block outputs, the vote between them, and the truncated forward pass.
+
+LAET puts a head on each selected block; other methods put one on the last block. No loss depends
+on a block above the highest head, so :class:`TaskModel` stops the forward pass there (a forward
+hook raises once that block has run): the blocks above it and the LM head never run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import find_layers
+from ..probe import _first_tensor
+
+POOLING = "mean"
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``hidden`` [B, T, H] over the real tokens (``mask`` [B, T], 1 = real); float32 [B, H]."""
+    h = hidden.float()
+    if mask is None:
+        return h.mean(1)
+    weights = mask.to(h.dtype).unsqueeze(-1)
+    return (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class ProbeHead(nn.Module):
+    """Standardize pooled features, then an MLP: float [B, H] -> logits float32 [B, C].
+
+    ``mean`` / ``std`` [H] come from the training features (LAET's probe standardization); block
+    outputs differ in scale by orders of magnitude between blocks, so a head sees unit-scale inputs.
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int, hidden: tuple[int, ...] = (),
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(hidden_size) if mean is None else mean.detach().float().clone())
+        self.register_buffer("std", torch.ones(hidden_size) if std is None else std.detach().float().clone())
+        dims = (hidden_size, *hidden, num_classes)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.ReLU())
+        self.mlp = nn.Sequential(*layers)
+        self.hidden = tuple(hidden)
+
+    def spec(self) -> dict:
+        return {"hidden_size": self.mean.numel(), "num_classes": self.mlp[-1].out_features, "hidden": list(self.hidden)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "ProbeHead":
+        return cls(spec["hidden_size"], spec["num_classes"], tuple(spec["hidden"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(((x.float() - self.mean) / self.std).to(self.mlp[0].weight.dtype)).float()
+
+
+def vote(logits: torch.Tensor) -> torch.Tensor:
+    """Majority vote of the heads; a tie goes to the tied class of highest mean probability.
+
+    Args:
+        logits: float [heads, B, C].
+
+    Returns:
+        int64 [B]: the predicted class of each row.
+    """
+    probs = logits.float().softmax(-1)
+    votes = F.one_hot(probs.argmax(-1), probs.shape[-1]).sum(0)  # [B, C]
+    mean = probs.mean(0)
+    tied = votes == votes.max(-1, keepdim=True).values
+    return mean.masked_fill(~tied, -1.0).argmax(-1)
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the highest head's block: nothing above it is needed."""
+
+
+class TaskModel(nn.Module):
+    """The transformers model with the task on top: heads for ``classify``, its own LM loss for ``lm``.
+
+    Args:
+        model: a transformers model (causal LM or base model).
+        task: ``"classify"`` or ``"lm"``.
+        heads: ``classify``: block index -> head mapping pooled [B, H] features to logits [B, C].
+        layers: dotted path of the block list inside ``model``.
+
+    The heads sit in ``self.classifier`` (an ``nn.ModuleDict`` keyed by block index), a name that
+    ``apply_selection`` keeps trainable as a task head.
+    """
+
+    def __init__(self, model: nn.Module, task: str, heads: dict[int, nn.Module] | None = None,
+                 layers: str | None = None):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.stack = find_layers(model, layers)
+        self.layers_path = "model." + self.stack.path
+        self.classifier = nn.ModuleDict({str(i): head for i, head in sorted((heads or {}).items())})
+
+    @property
+    def head_layers(self) -> list[int]:
+        return sorted(int(i) for i in self.classifier)
+
+    @property
+    def top_block(self) -> int:
+        """The highest block the forward pass runs."""
+        return max(self.head_layers) if self.task == "classify" else len(self.stack) - 1
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        """Returns (loss or None, logits): ``classify``: logits float32 [heads, B, C], loss the sum of the heads'
+        cross-entropies; ``lm``: the model's next-token loss over real tokens and its logits."""
+        if self.task == "lm":
+            target = None if labels is None else labels
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=target, use_cache=False)
+            return out.loss, out.logits
+        outputs: dict[int, torch.Tensor] = {}
+        top = self.top_block
+
+        def capture(index):
+            def hook(module, args, output):
+                outputs[index] = _first_tensor(output)
+                if index == top:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.stack[i].register_forward_hook(capture(i)) for i in self.head_layers]
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = torch.stack([self.classifier[str(i)](pool(outputs[i], attention_mask)) for i in self.head_layers])
+        loss = None
+        if labels is not None:
+            loss = sum(F.cross_entropy(head_logits, labels) for head_logits in logits)
+        return loss, logits

@@ -1,0 +1,167 @@
+"""Layer-selection methods shared by the trainer and the callback: score the blocks, then choose.
+
+A method is one of :data:`METHODS` or an explicit list of block indices:
+
+========================  ==========================================================================
+``laet``                  LAET: a probe per block on its pooled output, trained on the labels; the
+                          blocks whose probes classify best (``probe_acc``) are chosen, and their
+                          probes become the training heads. Needs labels.
+``grad_norm``             IR-Tuning: per-block gradient norms of the next-token loss, sorted and cut
+                          where var(low) + var(high) is smallest (``splits=`` splits again); with
+                          ``k`` the k largest instead.
+``block_influence``       ShortGPT's 1 - cos(block input, block output): the k blocks that change the
+                          hidden state most.
+``relative_change``       ``|out - in| / |in|``: the k largest.
+``last``                  the last k blocks (freeze-tuning baseline); no scoring.
+``random``                k blocks drawn with ``seed`` (LISA-like); no scoring.
+``all``                   every block: full fine-tuning of the blocks, the baseline.
+========================  ==========================================================================
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..scores import LayerScores
+from ..selection import Selection, select_layers
+
+METHODS = ("laet", "grad_norm", "block_influence", "relative_change", "last", "random", "all")
+# The metric each scored method ranks blocks by.
+METRIC_OF = {"laet": "probe_acc", "grad_norm": "grad_norm", "block_influence": "block_influence",
+             "relative_change": "relative_change"}
+SCORE_FREE = ("last", "random", "all")
+
+
+def parse_method(method) -> str | tuple[int, ...]:
+    """A method name from :data:`METHODS`, or a tuple of block indices from a list or ``"3,7,12"``."""
+    if isinstance(method, str):
+        name = method.strip().lower()
+        if name in METHODS:
+            return name
+        parts = [p.strip() for p in name.split(",") if p.strip()]
+        if parts and all(p.lstrip("-").isdigit() for p in parts):
+            return tuple(int(p) for p in parts)
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}, or list blocks "
+                         f"as '3,7,12'.")
+    if isinstance(method, Sequence) and method and all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in method):
+        return tuple(method)
+    raise ValueError(f"method must be one of {', '.join(METHODS)} or a list of block indices, got {method!r}.")
+
+
+def score_layers(
+    model: nn.Module,
+    batches: Iterable[dict],
+    method,
+    *,
+    labels: Sequence | torch.Tensor | None = None,
+    layers: str | None = None,
+    return_probes: bool = False,
+    seed: int = 0,
+    **probe_kwargs,
+):
+    """Score every block of ``model`` for ``method`` on ``batches``; None for score-free methods.
+
+    Args:
+        model: a transformers model (its weights are not changed; gradients are not stored).
+        batches: dicts with ``input_ids`` and ``attention_mask`` (int64 [B, T], 1 = real token).
+        method: see :data:`METHODS` (an explicit block list needs no scores).
+        labels: ``laet`` only: one class id per row of ``batches``, in order (LongTensor [N] or list).
+        layers: dotted path of the block list when it is not found automatically.
+        return_probes: ``laet`` only: return ``(scores, BatchedProbe)``, the probes being the heads.
+        seed: ``laet`` only: seed of the probes' split and initialisation.
+        **probe_kwargs: ``laet`` only: passed to ``laet_fast.embed.probe_layers`` (``hidden``, ``epochs``...).
+
+    Returns:
+        A ``LayerScores`` (one value per block for each metric), ``(LayerScores, BatchedProbe)`` with
+        ``return_probes`` for ``laet``, or None for ``last``, ``random``, ``all`` and explicit blocks.
+    """
+    method = parse_method(method)
+    if not isinstance(method, str) or method in SCORE_FREE:
+        return None
+    batches = list(batches)
+    if not batches:
+        raise ValueError("score_layers: no batches to score on; give at least one batch of text.")
+    if method == "laet":
+        return _score_laet(model, batches, labels, layers, return_probes, seed, probe_kwargs)
+    from ..apply import suspend_backward_cut
+    from ..probe import LayerProbe
+
+    grad_norms = method == "grad_norm"
+    was_training = model.training
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    model.requires_grad_(False)  # gradient norms are measured without storing any weight gradient
+    try:
+        with LayerProbe(model, layers=layers, grad_norms=grad_norms) as probe, suspend_backward_cut(model), \
+                torch.set_grad_enabled(grad_norms):
+            for batch in batches:
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                if grad_norms:
+                    target = ids.masked_fill(mask == 0, -100)
+                    model(input_ids=ids, attention_mask=mask, labels=target, use_cache=False).loss.backward()
+                else:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+        model.train(was_training)
+    return probe.scores()
+
+
+def _score_laet(model, batches, labels, layers, return_probes, seed, probe_kwargs):
+    try:
+        from ..embed import layer_embeddings, probe_layers
+    except ImportError:
+        raise ValueError("method 'laet' needs laet_fast.embed (layer embeddings and probes), which this "
+                         "install lacks; choose another method.") from None
+    if labels is None:
+        raise ValueError("method 'laet' trains a probe per block on labels; pass labels= (one per text).")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    rows = sum(int(b["input_ids"].shape[0]) for b in batches)
+    if labels.numel() != rows:
+        raise ValueError(f"score_layers: {labels.numel()} labels for {rows} texts; give one label per text.")
+    emb = layer_embeddings(model, batches, layers=layers, progress=False)
+    return probe_layers(emb, labels, seed=seed, return_probes=return_probes, **probe_kwargs)
+
+
+def choose_layers(scores: LayerScores | None, method, *, k: int | None = None, num_layers: int, seed: int = 0,
+                  **select_kwargs) -> Selection:
+    """The blocks to train for ``method``, from ``score_layers``' scores.
+
+    Args:
+        scores: ``score_layers``' output (its LayerScores when it returned probes too); None for
+            score-free methods.
+        method: see :data:`METHODS`, or an explicit list of block indices.
+        k: how many blocks; needed by ``block_influence``, ``relative_change``, ``last`` and
+            ``random``. ``grad_norm`` without k uses the variance split, ``laet`` without k its
+            margin rule (``select_layers(strategy="laet")``); with k both take the k best.
+        num_layers: the model's number of blocks.
+        seed: seed of ``random``.
+        **select_kwargs: further ``select_layers`` arguments (``splits``, ``low``, ``high``, ``margin``).
+
+    Returns:
+        A ``Selection`` whose ``strategy`` names the method (``params`` says how it was chosen).
+    """
+    method = parse_method(method)
+    if not isinstance(method, str):
+        return Selection(layers=method, num_layers=num_layers, strategy="manual")
+    if method == "all":
+        if k is not None and k != num_layers:
+            raise ValueError(f"method 'all' trains all {num_layers} blocks; drop k={k} or choose 'last' with k.")
+        return Selection(layers=tuple(range(num_layers)), num_layers=num_layers, strategy="all")
+    if method in ("last", "random"):
+        return select_layers(None, strategy=method, k=k, seed=seed, num_layers=num_layers, **select_kwargs)
+    if scores is None:
+        raise ValueError(f"method {method!r} chooses from scores; run score_layers first.")
+    metric = METRIC_OF[method]
+    if k is not None:
+        strategy = "top"
+    elif method == "grad_norm":
+        strategy = "variance_split"
+    elif method == "laet":
+        strategy = "laet"
+    else:
+        raise ValueError(f"method {method!r} needs k, the number of blocks to train.")
+    return select_layers(scores, metric=metric, strategy=strategy, k=k, num_layers=num_layers, **select_kwargs)

@@ -1,0 +1,140 @@
+"""The end-of-run report: what was trained, what it cost, what it reached; as text, JSON and PNG."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+GIB = 2**30
+
+
+@dataclass
+class TrainReport:
+    """What a run trained and measured.
+
+    Attributes:
+        selection: the blocks trained at the end (``num_layers`` in all); ``head_layers`` carry heads.
+        trainable_params / total_params: after ``apply_selection`` (heads included in trainable).
+        peak_memory: bytes; ``memory_kind`` says which measure (CUDA ``max_memory_allocated`` or the
+            process's peak RSS on CPU); ``planned_memory``: ``plan_memory``'s ``peak_allocated`` for
+            the same selection, batch and length (None when it cannot model the architecture).
+        forward: how much of the model the forward pass runs (``classify`` stops at the highest head).
+        time_per_step: mean seconds per optimizer step; ``scoring_time`` and ``training_time`` in seconds.
+        metrics: the final evaluation.
+    """
+
+    model: str
+    task: str
+    method: str
+    selection: list[int]
+    num_layers: int
+    head_layers: list[int]
+    trainable_params: int
+    total_params: int
+    quantize_frozen: str | None
+    peak_memory: int
+    memory_kind: str
+    planned_memory: int | None
+    forward: dict
+    steps: int
+    skipped_steps: int
+    time_per_step: float
+    scoring_time: float
+    training_time: float
+    metrics: dict
+    export_dir: str
+    classes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, trainer, task_model, selection, apply_report, metrics, step_times, steps, skipped, peak, cuda,
+              scoring_time, training_time, export_dir) -> "TrainReport":
+        cfg = trainer.config
+        planned, notes = _planned(trainer, selection), []
+        if not cuda:
+            notes.append("peak memory on CPU is the whole process's peak RSS (Python, libraries, model loading "
+                         "included); the plan counts training tensors only")
+        if planned is not None and cfg.task == "classify":
+            notes.append("the plan assumes a full forward pass to the LM head; classify stops at the highest head")
+        return cls(
+            model=trainer.model_name, task=cfg.task, method=cfg.method, selection=list(selection.layers),
+            num_layers=selection.num_layers, head_layers=task_model.head_layers,
+            trainable_params=apply_report.trainable_params, total_params=apply_report.total_params,
+            quantize_frozen=cfg.quantize_frozen, peak_memory=int(peak),
+            memory_kind="CUDA max_memory_allocated" if cuda else "peak RSS of the process",
+            planned_memory=planned, forward=_forward_share(task_model), steps=steps, skipped_steps=skipped,
+            time_per_step=sum(step_times) / max(len(step_times), 1), scoring_time=scoring_time,
+            training_time=training_time, metrics=metrics, export_dir=export_dir, classes=trainer.classes, notes=notes,
+        )
+
+    def text(self) -> str:
+        share = 100.0 * self.trainable_params / max(self.total_params, 1)
+        fwd = self.forward
+        lines = [
+            f"laet_fast training report: {self.model}, task {self.task}, method {self.method}",
+            f"  trained blocks     {self.selection} of {self.num_layers}"
+            + (f"; heads on {self.head_layers}" if self.head_layers else ""),
+            f"  trainable params   {self.trainable_params:,} ({share:.2f}% of {self.total_params:,})",
+            f"  frozen blocks      {self.quantize_frozen or 'not quantized'}",
+            f"  forward pass       blocks 0..{fwd['blocks_run'] - 1} of {self.num_layers}"
+            + ("" if fwd["lm_head_run"] else ", LM head never run")
+            + f": {100 * fwd['saved_share']:.1f}% of the forward matmul weights skipped",
+            f"  peak memory        {self.peak_memory / GIB:.3f} GiB ({self.memory_kind})"
+            + (f"; planner: {self.planned_memory / GIB:.3f} GiB" if self.planned_memory is not None else ""),
+            f"  time               {self.time_per_step:.3f} s/step over {self.steps} steps"
+            + (f" ({self.skipped_steps} skipped)" if self.skipped_steps else "")
+            + f"; scoring {self.scoring_time:.1f} s, training {self.training_time:.1f} s",
+            "  final metrics      " + ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()),
+            f"  model              {self.export_dir}",
+        ]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.text()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, out: str, scores=None) -> None:
+        """OUT/report.txt, OUT/report.json and, with matplotlib and layer scores, OUT/report.png (the scores
+        with the trained blocks marked)."""
+        with open(os.path.join(out, "report.txt"), "w", encoding="utf-8") as handle:
+            handle.write(self.text() + "\n")
+        with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=1)
+        if scores is not None and len(scores):
+            try:
+                scores.plot(os.path.join(out, "report.png"), selection=self.selection,
+                            title=f"{os.path.basename(self.model)}: method {self.method}, trained blocks "
+                                  f"{self.selection} (red)")
+            except ImportError:
+                pass
+
+
+def _planned(trainer, selection) -> int | None:
+    from ..memory import dtype_label, plan_memory
+
+    cfg = trainer.config
+    dtype = next(trainer.model.parameters()).dtype
+    try:
+        plan = plan_memory(trainer.model.config, selection, seq_len=cfg.max_length, batch_size=cfg.batch_size,
+                           quantize_frozen=cfg.quantize_frozen, optimizer=cfg.optimizer, dtype=dtype_label(dtype),
+                           keep_logits=cfg.task == "lm")
+    except ValueError:
+        return None
+    return plan.peak_allocated
+
+
+def _forward_share(task_model) -> dict:
+    """The blocks and LM head the forward pass runs, and the share of the forward's matmul weights it skips."""
+    from ..apply import _logical_numel
+
+    blocks = [sum(_logical_numel(p) for p in block.parameters()) for block in task_model.stack]
+    head = task_model.model.get_output_embeddings()
+    head_numel = head.weight.numel() if head is not None else 0
+    run = task_model.top_block + 1
+    lm_head_run = task_model.task == "lm"
+    full = sum(blocks) + head_numel
+    used = sum(blocks[:run]) + (head_numel if lm_head_run else 0)
+    return {"blocks_run": run, "lm_head_run": lm_head_run, "saved_share": 1.0 - used / max(full, 1)}

@@ -1,0 +1,501 @@
+"""The thin Trainer: score, select, apply, then a plain PyTorch loop on the selected blocks.
+
+``accelerate.Accelerator`` places the model, runs bf16 autocast on CUDA (fp32 on CPU) and the
+backward pass; ``transformers.get_scheduler`` gives warmup then decay. Everything else is here, in
+the order a step runs: batches by position (``data.Batches``), the task loss (``heads.TaskModel``),
+a NaN check, the optimizer step, re-selection, evaluation, one ``log.jsonl`` line, a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+
+import torch
+
+from . import checkpoints
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .data import Batches, TextData, encode_labels, split
+from .heads import ProbeHead, TaskModel, pool, vote
+from .methods import METRIC_OF, choose_layers, score_layers
+
+LOG = "log.jsonl"
+MAX_GRAD_NORM = 1.0
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on (repeated NaN losses, out of memory); the message says what to change."""
+
+
+def as_text_data(data, task: str, classes=None) -> TextData:
+    """A ``TextData`` from a TextData, ``(texts, labels)``, ``{"text": ..., "label": ...}`` or a list of texts."""
+    if isinstance(data, TextData):
+        texts, labels = data.texts, (None if data.labels is None else [data.classes[i] for i in data.labels])
+        classes = classes or data.classes
+    elif isinstance(data, dict):
+        texts, labels = data.get("text"), data.get("label")
+    elif isinstance(data, tuple) and len(data) == 2:
+        texts, labels = data
+    else:
+        texts, labels = data, None
+    texts = list(texts or [])
+    if not texts:
+        raise ValueError("the dataset is empty; give at least one text.")
+    if task == "lm":
+        return TextData(texts)
+    if labels is None:
+        raise ValueError("task 'classify' needs a label per text, and the data has none; give labels (--label-column) "
+                         "or use --task lm.")
+    labels = list(labels)
+    if len(labels) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text.")
+    ids, classes = encode_labels(labels, classes)
+    return TextData(texts, ids, classes)
+
+
+def run_exists(out: str) -> bool:
+    return os.path.isfile(os.path.join(out, LOG)) or bool(checkpoints.complete(out))
+
+
+def _digest(data: TextData) -> str:
+    hasher = hashlib.sha256()
+    for i, text in enumerate(data.texts):
+        hasher.update(text.encode("utf-8") + b"\0" + (b"" if data.labels is None else str(data.labels[i]).encode()))
+    return hasher.hexdigest()[:16]
+
+
+def _finite(value: torch.Tensor | float) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(value)).all())
+
+
+class Trainer:
+    """Fine-tune only the selected blocks of ``model`` (see ``TrainConfig``); ``fit()`` returns a ``TrainReport``.
+
+    Args:
+        model: a transformers causal LM (or base model, for ``classify``), unchanged until ``fit()``.
+        tokenizer: its tokenizer (with a pad token).
+        config: the run.
+        train_data: ``classify``: ``(texts, labels)`` (labels of any type, mapped to ids), a dict with
+            ``text`` and ``label``, or a ``TextData``; ``lm``: a list of texts.
+        eval_data: the same; None holds out ``config.eval_fraction`` of ``train_data`` (seeded,
+            stratified by label).
+        model_name: names the model in the fingerprint and report (default: its config's name).
+        layers: dotted path of the block list when it is not found automatically.
+    """
+
+    def __init__(self, model, tokenizer, config: TrainConfig, train_data, eval_data=None, *,
+                 model_name: str | None = None, layers: str | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        data = as_text_data(train_data, config.task)
+        if eval_data is None:
+            self.train_data, self.eval_data = split(data, config.eval_fraction, config.seed)
+        else:
+            self.train_data = data
+            self.eval_data = as_text_data(eval_data, config.task, classes=data.classes)
+        self.classes = self.train_data.classes
+        self.model_name = model_name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+        self.layers = layers
+        self.scores = None
+        self.log_path = os.path.join(config.out, LOG)
+
+    # ------------------------------------------------------------------ set-up
+    def fingerprint(self) -> dict:
+        """What makes two runs the same run; a checkpoint from a run with another fingerprint is refused."""
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES}
+        mc = self.model.config
+        return {
+            "model": self.model_name,
+            "model_shape": [mc.model_type, getattr(mc, "num_hidden_layers", None), getattr(mc, "hidden_size", None),
+                            getattr(mc, "vocab_size", None)],
+            "classes": self.classes,
+            "train_data": _digest(self.train_data),
+            "eval_data": _digest(self.eval_data),
+            **cfg,
+        }
+
+    def _total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        return max(1, math.ceil(cfg.epochs * len(self.train_data) / (cfg.batch_size * cfg.grad_accum)))
+
+    def _choose(self, batches: Batches, device):
+        """Score on the first ``score_batches`` training batches, choose, and build the heads."""
+        cfg = self.config
+        num_layers = len(TaskModel(self.model, "lm", layers=self.layers).stack)
+        score_data = [{k: v.to(device) for k, v in batches.at(i * cfg.batch_size).items()}
+                      for i in range(cfg.score_batches)]
+        labels = torch.cat([b["labels"] for b in score_data]) if cfg.task == "classify" else None
+        extra = {"hidden": cfg.head_hidden} if cfg.method == "laet" else {}
+        scored = score_layers(self.model, score_data, cfg.method, labels=labels, layers=self.layers,
+                              return_probes=cfg.method == "laet", seed=cfg.seed, **extra)
+        scores, probes = scored if cfg.method == "laet" else (scored, None)
+        self.scores = scores
+        select_kwargs = {"splits": cfg.splits} if cfg.method == "grad_norm" and cfg.k is None else {}
+        selection = choose_layers(scores, cfg.method, k=cfg.k, num_layers=num_layers, seed=cfg.seed, **select_kwargs)
+        heads = {}
+        if cfg.task == "classify":
+            if probes is not None:
+                from .heads import head_from_probe
+
+                heads = {i: head_from_probe(probes, i) for i in selection.layers}
+            else:
+                heads = {num_layers - 1: self._last_block_head(score_data, num_layers - 1)}
+        return selection, heads
+
+    def _last_block_head(self, score_data, index: int) -> ProbeHead:
+        """A linear head on the last block, standardized by the scoring batches' pooled features."""
+        probe_model = TaskModel(self.model, "classify", {index: torch.nn.Identity()}, layers=self.layers)
+        with torch.no_grad():
+            feats = torch.cat([probe_model(b["input_ids"], b["attention_mask"])[1][0] for b in score_data])
+        torch.manual_seed(self.config.seed)
+        return ProbeHead(feats.shape[-1], len(self.classes), (), feats.mean(0), feats.std(0).clamp_min(1e-6))
+
+    # ------------------------------------------------------------------ the run
+    def fit(self):
+        """Train; returns a ``TrainReport`` (also written as OUT/report.txt, .json and .png).
+
+        Raises:
+            ValueError: bad input (another run in ``out`` without resume, a checkpoint of another run).
+            TrainError: training had to stop (NaN losses in a row, out of memory); checkpoints are kept.
+        """
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        from ..apply import apply_selection, build_optimizer, export_model
+        from ..selection import Selection
+        from .report import TrainReport
+
+        cfg = self.config
+        resume_from = checkpoints.latest(cfg.out) if cfg.resume else None
+        if not cfg.resume and run_exists(cfg.out):
+            raise ValueError(f"--out {cfg.out} holds another run (log.jsonl or checkpoints); resume it with --resume, "
+                             f"or choose another --out folder.")
+        os.makedirs(cfg.out, exist_ok=True)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        cuda = torch.cuda.is_available()
+        accelerator = Accelerator(mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
+        device = accelerator.device
+        self.model.to(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+        train_batches = Batches(self.train_data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
+        eval_batches = Batches(self.eval_data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
+        truncated = train_batches.truncated() + eval_batches.truncated()
+        if truncated:
+            print(f"note: {truncated} of {len(self.train_data) + len(self.eval_data)} texts are longer than "
+                  f"max_length={cfg.max_length} tokens and were truncated.", file=sys.stderr)
+
+        t_start = time.perf_counter()
+        saved = None
+        if resume_from is not None:
+            saved_tensors, saved = checkpoints.load(resume_from)
+            checkpoints.check_same_run(saved["fingerprint"], self.fingerprint(), resume_from)
+            selection = Selection.from_dict(saved["selection"])
+            heads = {int(i): ProbeHead.from_spec(spec) for i, spec in saved["heads"].items()}
+            if saved.get("scores"):
+                from ..scores import LayerScores
+
+                self.scores = LayerScores.from_dict(saved["scores"])
+        else:
+            selection, heads = self._choose(train_batches, device)
+        t_scored = time.perf_counter()
+
+        task_model = TaskModel(self.model, cfg.task, heads, layers=self.layers).to(device)
+        apply_kwargs = {"quantize_frozen": cfg.quantize_frozen, "layers": task_model.layers_path}
+        if saved is not None and set(saved["ever_trained"]) - set(selection.layers):
+            # Blocks trained earlier and frozen since hold trained weights: mark them trained first so that
+            # quantize_frozen never rounds them.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                apply_selection(task_model, saved["ever_trained"], **apply_kwargs)
+        report = apply_selection(task_model, selection, **apply_kwargs)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = build_optimizer(task_model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total_steps = self._total_steps()
+        scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                  num_training_steps=total_steps)
+        step, position, nan_run, skipped = 0, 0, 0, 0
+        if saved is not None:
+            self._restore(task_model, optimizer, scheduler, saved_tensors, saved)
+            step, position, nan_run, skipped = saved["step"], saved["position"], saved["nan_run"], saved["skipped"]
+        self._truncate_log(step)
+
+        reselector, probe = self._reselector(task_model, optimizer, selection)
+        if reselector is not None:
+            reselector.steps = step
+        module, accel_optimizer, accel_scheduler = accelerator.prepare(task_model, optimizer, scheduler)
+        module.train()
+        trainable = [p for p in task_model.parameters() if p.requires_grad]
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr,
+                   disable=not cfg.progress)
+        step_times, metrics, ever_trained = [], {}, set(selection.layers) | set(saved["ever_trained"] if saved else ())
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            while step < total_steps:
+                t0 = time.perf_counter()
+                losses, tokens = [], 0
+                for _ in range(cfg.grad_accum):
+                    batch = {k: v.to(device) for k, v in train_batches.at(position).items()}
+                    position += cfg.batch_size
+                    tokens += int(batch["attention_mask"].sum())
+                    try:
+                        with accelerator.autocast():
+                            loss, _ = module(**self._loss_inputs(batch))
+                        if _finite(loss.detach()):
+                            accelerator.backward(loss / cfg.grad_accum)
+                    except torch.OutOfMemoryError:
+                        raise TrainError(self._oom_message(step, selection)) from None
+                    losses.append(float(loss.detach()))
+                loss_value = sum(losses) / len(losses)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM) if math.isfinite(loss_value) else None
+                entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0]}
+                if grad_norm is None or not _finite(grad_norm):
+                    accel_optimizer.zero_grad(set_to_none=True)
+                    nan_run, skipped = nan_run + 1, skipped + 1
+                    entry.update(loss=None, skipped="non-finite loss or gradient")
+                else:
+                    accel_optimizer.step()
+                    accel_scheduler.step()
+                    accel_optimizer.zero_grad(set_to_none=True)
+                    nan_run = 0
+                    entry.update(loss=loss_value, grad_norm=float(grad_norm))
+                step += 1
+                entry["tokens"] = tokens
+                if reselector is not None:
+                    made = reselector.step()
+                    if made is not None:
+                        entry["layer_scores"] = {made.metric: _strict(list(made.scores))}
+                        if made.layers != selection.layers:
+                            entry["selection"] = list(made.layers)
+                            ever_trained |= set(made.layers)
+                            trainable = [p for p in task_model.parameters() if p.requires_grad]
+                        selection = made
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+                    metrics = self.evaluate(module, eval_batches, device, accelerator, probe)
+                    entry["eval"] = metrics
+                step_times.append(time.perf_counter() - t0)
+                log.write(json.dumps(entry, allow_nan=False) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss="nan" if entry["loss"] is None else f"{loss_value:.4f}",
+                                tok_s=f"{tokens / step_times[-1]:.0f}", mem=_memory_text(cuda))
+                if nan_run >= cfg.max_nan_steps:
+                    bar.close()
+                    raise TrainError(f"training stopped at step {step}: {nan_run} non-finite losses in a row (each "
+                                     f"step skipped, {skipped} in all); the last checkpoint holds the last good "
+                                     f"weights. Lower --lr, or check the data.")
+                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                    self._save(task_model, optimizer, scheduler, step, position, nan_run, skipped, selection,
+                               ever_trained)
+        bar.close()
+        if probe is not None:
+            probe.detach()
+        t_trained = time.perf_counter()
+        peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+        export_dir = os.path.join(cfg.out, "model")
+        from .export import export_trained
+
+        export_model(task_model)  # laet_fast's hooks off, frozen blocks dequantized
+        export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
+        result = TrainReport.build(self, task_model, selection, report, metrics, step_times, total_steps, skipped,
+                                   peak, cuda, t_scored - t_start, t_trained - t_scored, export_dir)
+        result.write(cfg.out, self.scores)
+        return result
+
+    def _loss_inputs(self, batch: dict) -> dict:
+        if self.config.task == "lm":
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+        return batch
+
+    def _reselector(self, task_model, optimizer, selection):
+        cfg = self.config
+        if not cfg.reselect_every:
+            return None, None
+        if cfg.method not in ("grad_norm", "block_influence", "relative_change"):
+            raise ValueError(f"reselect_every re-scores with grad_norm, block_influence or relative_change; method "
+                             f"{cfg.method!r} has no such score to re-select by.")
+        from ..probe import LayerProbe
+        from ..reselect import Reselector
+
+        probe = LayerProbe(task_model, layers=task_model.layers_path, grad_norms=cfg.method == "grad_norm").attach()
+        strategy = "variance_split" if cfg.method == "grad_norm" and cfg.k is None else "top"
+        kwargs = {"k": len(selection)} if strategy == "top" else {"splits": cfg.splits}
+        reselector = Reselector(task_model, probe, cfg.reselect_every, strategy=strategy, optimizer=optimizer,
+                                apply_kwargs={"quantize_frozen": cfg.quantize_frozen}, layers=task_model.layers_path,
+                                metric=METRIC_OF[cfg.method], **kwargs)
+        return reselector, probe
+
+    @torch.no_grad()
+    def evaluate(self, module, batches: Batches, device, accelerator=None, probe=None) -> dict:
+        """``classify``: accuracy and macro-F1 of the heads' vote, loss (sum of the heads' mean cross-entropies);
+        ``lm``: loss per real token and perplexity."""
+        was_training = module.training
+        module.eval()
+        if probe is not None:
+            probe.detach()  # evaluation passes are no part of the re-selection window
+        total_loss, count, preds, golds = 0.0, 0, [], []
+        try:
+            for batch in batches.in_order():
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
+                    loss, logits = module(**self._loss_inputs(batch))
+                if self.config.task == "lm":
+                    n = int(batch["attention_mask"][:, 1:].sum())
+                    total_loss, count = total_loss + float(loss) * n, count + n
+                else:
+                    n = int(batch["labels"].numel())
+                    total_loss, count = total_loss + float(loss) * n, count + n
+                    preds.append(vote(logits).cpu())
+                    golds.append(batch["labels"].cpu())
+        finally:
+            module.train(was_training)
+            if probe is not None:
+                probe.attach()
+        mean_loss = total_loss / max(count, 1)
+        if self.config.task == "lm":
+            return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0))}
+        pred, gold = torch.cat(preds), torch.cat(golds)
+        return {"accuracy": float((pred == gold).float().mean()), "macro_f1": macro_f1(pred, gold, len(self.classes)),
+                "loss": mean_loss}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, task_model, optimizer, scheduler, step, position, nan_run, skipped, selection, ever_trained):
+        prefixes = tuple(f"{task_model.layers_path}.{i}." for i in sorted(ever_trained)) + ("classifier.",)
+        state = task_model.state_dict()
+        trained = {name: t for name, t in state.items() if name.startswith(prefixes)}
+        bad = [name for name, t in trained.items() if t.is_floating_point() and not _finite(t)]
+        if bad:
+            raise TrainError(f"not saving step {step}: {bad[0]} holds non-finite values; the last checkpoint is kept.")
+        names = {id(p): n for n, p in task_model.named_parameters()}
+        opt_tensors, opt_extra = {}, {}
+        for param, values in optimizer.state.items():
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    opt_tensors[f"{names[id(param)]}/{key}"] = value
+                else:
+                    opt_extra.setdefault(names[id(param)], {})[key] = value
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+                  for g in optimizer.param_groups]
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        meta = {
+            "step": step, "position": position, "nan_run": nan_run, "skipped": skipped,
+            "fingerprint": self.fingerprint(), "selection": selection.to_dict(), "ever_trained": sorted(ever_trained),
+            "heads": {str(i): task_model.classifier[str(i)].spec() for i in task_model.head_layers},
+            "optimizer": {"groups": groups, "extra": opt_extra}, "scheduler": scheduler.state_dict(),
+            "python_rng": _json_rng(random.getstate()),
+            "scores": None if self.scores is None else _strict(self.scores.to_dict()),
+        }
+        checkpoints.save(self.config.out, step, {"trained": trained, "optimizer": opt_tensors, "rng": rng}, meta,
+                         self.config.keep)
+
+    def _restore(self, task_model, optimizer, scheduler, tensors, meta):
+        missing, unexpected = task_model.load_state_dict(tensors["trained"], strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint tensors {unexpected[:3]} do not fit the model; it is from another run.")
+        params = dict(task_model.named_parameters())
+        saved_groups = meta["optimizer"]["groups"]
+        if len(saved_groups) != len(optimizer.param_groups):
+            raise ValueError("the checkpoint's optimizer groups do not fit this run; it is from another run.")
+        for group, saved in zip(optimizer.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+            group["params"] = [params[n] for n in saved["params"]]
+        optimizer.state.clear()
+        for key, value in tensors["optimizer"].items():
+            name, field = key.rsplit("/", 1)
+            optimizer.state.setdefault(params[name], {})[field] = value.to(params[name].device)
+        for name, extra in meta["optimizer"]["extra"].items():
+            optimizer.state.setdefault(params[name], {}).update(extra)
+        scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng"]["torch"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensors["rng"][f"cuda{i}"] for i in range(torch.cuda.device_count())
+                                          if f"cuda{i}" in tensors["rng"]])
+        random.setstate(_python_rng(meta["python_rng"]))
+
+    def _truncate_log(self, step: int) -> None:
+        """Keep the log lines of steps up to ``step`` (a run cut after its last checkpoint wrote more)."""
+        kept = []
+        if os.path.isfile(self.log_path):
+            with open(self.log_path, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a line cut by the crash
+                    if entry.get("step", 0) > step:
+                        break
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.log_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.log_path)
+
+    def _oom_message(self, step: int, selection) -> str:
+        from ..memory import plan_memory
+
+        cfg = self.config
+        try:
+            plan = plan_memory(self.model.config, selection, seq_len=cfg.max_length, batch_size=cfg.batch_size,
+                               quantize_frozen=cfg.quantize_frozen, optimizer=cfg.optimizer)
+            estimate = f"the planner predicts {plan.total / 2**30:.2f} GiB for this run"
+        except ValueError:
+            estimate = "the planner cannot model this architecture"
+        return (f"CUDA out of memory at step {step + 1} (batch {cfg.batch_size} x {cfg.max_length} tokens, "
+                f"{len(selection)} trained blocks); {estimate}. Lower --batch-size or --max-length, train fewer "
+                f"blocks (--k), or use --quantize-frozen nf4 and --optimizer adamw8bit.")
+
+
+def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean over classes of F1 (a class absent from both counts as 0)."""
+    scores = []
+    for c in range(num_classes):
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp = int(((pred == c) & (gold != c)).sum())
+        fn = int(((pred != c) & (gold == c)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / num_classes
+
+
+def _memory_text(cuda: bool) -> str:
+    if cuda:
+        return f"{torch.cuda.memory_allocated() / 2**30:.2f}GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB"
+
+
+def _json_rng(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng(data):
+    version, internal, gauss = data
+    return version, tuple(internal), gauss
+
+
+def _strict(value):
+    """NaN/inf -> None in nested JSON data."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value

@@ -1,0 +1,36 @@
+"""A tiny llama with a word-level tokenizer saved as a folder, and labelled random-word texts, for the train tests."""
+import csv
+import random
+
+from merge_models import WORDS, random_texts, save_tokenizer
+from tiny_models import tiny_model
+
+CLASSES = ("low", "high")
+
+
+def labelled_texts(count, seed):
+    """Random texts of the tokenizer's words; the label says whether the first word is in the vocabulary's upper half."""
+    texts = random_texts(count, seed)
+    labels = [CLASSES[WORDS.index(t.split()[0]) >= len(WORDS) // 2] for t in texts]
+    return texts, labels
+
+
+def save_model(folder, layers=4, seed=0):
+    """A tiny llama (random weights) and its tokenizer in ``folder``; returns the folder as a string."""
+    tiny_model("llama", seed=seed, num_hidden_layers=layers).save_pretrained(str(folder))
+    save_tokenizer(folder)
+    return str(folder)
+
+
+def write_csv(path, texts, labels, text_column="text", label_column="label"):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([text_column, label_column])
+        writer.writerows(zip(texts, labels))
+    return str(path)
+
+
+def shuffled(items, seed):
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items
