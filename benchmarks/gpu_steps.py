@@ -558,7 +558,7 @@ def _slerp_cases(inputs, device, shape, dtype, copy_gbps, target_s):
 
 
 def _pooling_cases(inputs, device, shape, dtype, copy_gbps, target_s):
-    from laet_fast.kernels.pooling import pool_hidden, pool_hidden_reference
+    from laet_fast.kernels.pooling import masked_pool, masked_pool_reference
 
     batch, seq, hidden = shape
     size = f"{batch}x{seq}x{hidden} {_label(dtype)} mean"
@@ -567,10 +567,10 @@ def _pooling_cases(inputs, device, shape, dtype, copy_gbps, target_s):
         gen = torch.Generator(device=device).manual_seed(3)
         states = torch.randn(batch, seq, hidden, generator=gen, device=device).to(dtype)
         mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-        return states, mask, pool_hidden_reference(states, mask, "mean", compute_dtype=torch.float64)
+        return states, mask, masked_pool_reference(states, mask, "mean", compute_dtype=torch.float64)
 
-    eager = functools.partial(pool_hidden_reference, compute_dtype=torch.float32)
-    fns = {"triton": pool_hidden, "torch_eager": eager, "torch_compile": None}
+    eager = functools.partial(masked_pool_reference, compute_dtype=torch.float32)
+    fns = {"triton": masked_pool, "torch_eager": eager, "torch_compile": None}
 
     def case(impl):
         def run():
