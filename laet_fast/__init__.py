@@ -73,6 +73,11 @@ _EXPORTS = {
     "layer_impact": "laet_fast.merge",
     "restore": "laet_fast.merge",
     "slerp": "laet_fast.kernels.slerp",
+    "layer_embeddings": "laet_fast.embed",
+    "probe_layers": "laet_fast.embed",
+    "BatchedProbe": "laet_fast.embed",
+    "FusionClassifier": "laet_fast.embed",
+    "encode_labels": "laet_fast.embed",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-STRATEGIES = ("variance_split", "top", "bottom", "last", "random", "cost_aware")
+STRATEGIES = ("variance_split", "top", "bottom", "last", "random", "laet", "cost_aware")
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,7 @@ def select_layers(
     seed: int = 0,
     num_layers: int | None = None,
     splits: int = 1,
+    margin: float = 0.5,
     budget_s: float | None = None,
     budget_gb: float | None = None,
     tradeoff: float | None = None,
@@ -231,6 +232,9 @@ def select_layers(
             GiB) fits, or that maximises ``score - tradeoff * seconds``; exactly one of the three.
             ``cost_model`` is a ``laet_fast.cost.CostModel`` (config, batch, sequence length, device rates).
             ``laet_fast.cost.cost_aware_selection`` returns the trade-off curve as well.
+        margin: ``"laet"`` only (see ``laet_keep``): LAET's choice from probe scores, which needs the
+            metrics ``probe_acc`` and ``probe_f1`` (``laet_fast.embed.probe_layers``); ``metric`` and ``k``
+            are not used.
 
     Non-finite scores never get a layer selected by a score-based strategy: those layers are left
     out of the ranking and of the variance split, and a ValueError says so when too few finite
@@ -244,6 +248,11 @@ def select_layers(
         return _cost_aware(scores, metric, k, num_layers, **budget)
     if budget:
         raise ValueError(f"{', '.join(budget)} apply to strategy='cost_aware' only.")
+    if strategy == "laet":
+        if k is not None:
+            raise ValueError(f"k={k!r} is not used by strategy='laet', which keeps every layer no other layer "
+                             f"clearly beats; lower or raise margin= instead.")
+        return _select_laet(scores, margin, num_layers)
     score_based = strategy in ("variance_split", "top", "bottom")
     if score_based and scores is None:
         raise ValueError(f"strategy={strategy!r} needs scores.")
@@ -342,3 +351,49 @@ def _cost_aware(scores: Any, metric: str, k: int | None, num_layers: int | None,
         raise ValueError(f"The scores cover {len(values)} layers but num_layers={num_layers}; score this model first.")
     selection, _ = cost_aware_selection(values, budget.pop("cost_model", None), metric=metric, **budget)
     return selection
+
+
+LAET_METRICS = ("probe_acc", "probe_f1")
+
+
+def laet_keep(acc: Sequence[float], f1: Sequence[float], margin: float = 0.5) -> list[int]:
+    """LAET's layer choice: the layers that no other layer clearly beats on both probe metrics.
+
+    Layer i is dropped when some layer j has ``acc[j] - acc[i] >= margin * sd(acc)`` and
+    ``f1[j] - f1[i] >= margin * sd(f1)``, sd being the population standard deviation of that metric
+    across the (finite-scored) layers, and j better than i on at least one of them (so that equal
+    layers never drop each other); every other finite-scored layer is kept, so the best layer always
+    is. Layers with a non-finite score are never kept nor used to beat another. When all layers score
+    the same (sd 0), all are kept.
+    """
+    if not margin >= 0:
+        raise ValueError(f"margin={margin!r} must be >= 0 (LAET uses 0.5).")
+    if len(acc) != len(f1):
+        raise ValueError(f"probe_acc has {len(acc)} values but probe_f1 has {len(f1)}; score every layer once.")
+    finite = [i for i in range(len(acc)) if math.isfinite(acc[i]) and math.isfinite(f1[i])]
+    if not finite:
+        raise ValueError("no layer has finite probe_acc and probe_f1 scores; re-run the probes.")
+
+    def sd(values):
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+    acc_gap = margin * sd([acc[i] for i in finite])
+    f1_gap = margin * sd([f1[i] for i in finite])
+    def beats(j, i):
+        return (acc[j] - acc[i] >= acc_gap and f1[j] - f1[i] >= f1_gap
+                and (acc[j] > acc[i] or f1[j] > f1[i]))
+
+    return [i for i in finite if not any(beats(j, i) for j in finite if j != i)]
+
+
+def _select_laet(scores: Any, margin: float, num_layers: int | None) -> Selection:
+    if scores is None or not (isinstance(scores, Mapping) or hasattr(scores, "keys")) or any(
+            m not in scores for m in LAET_METRICS):
+        raise ValueError("strategy='laet' needs probe scores with 'probe_acc' and 'probe_f1' per layer: run "
+                         "laet_fast.embed.probe_layers(layer_embeddings(...), labels) first.")
+    acc, f1 = ([float(v) for v in scores[m]] for m in LAET_METRICS)
+    if num_layers is not None and len(acc) != num_layers:
+        raise ValueError(f"The scores cover {len(acc)} layers but num_layers={num_layers}; score this model first.")
+    return Selection(layers=tuple(laet_keep(acc, f1, margin)), num_layers=len(acc), strategy="laet",
+                     metric="probe_acc", scores=tuple(acc), params={"margin": margin})

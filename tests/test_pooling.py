@@ -4,6 +4,16 @@ import torch
 
 from laet_fast.kernels.pooling import POOLING_MODES, masked_pool, masked_pool_reference
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster than two on a shared CPU, where idle-spinning threads wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 

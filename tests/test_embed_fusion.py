@@ -1,0 +1,115 @@
+"""FusionClassifier: auto layer choice, cross-model fusion, refused mismatches, save/load."""
+import os
+
+import pytest
+import torch
+
+from merge_models import random_texts
+
+from laet_fast.embed import FUSIONS, FusionClassifier, LayerEmbeddings, fingerprint_texts
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster than two on a shared CPU, where idle-spinning threads wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+SETTINGS = dict(epochs=15, hidden=32, proj_dim=16, batch_size=32, lr=1e-2, seed=0)
+
+
+def two_models(n=400, seed=0):
+    """Two "models" over the same texts: the label is the sign of A's layer 1 plus B's layer 0 (feature 0 each),
+    so each model alone sees half of the signal and the fusion of both sees all of it."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 3, 10, generator=gen)
+    b = torch.randn(n, 2, 7, generator=gen) * 3 + 2
+    y = ((a[:, 1, 0] + (b[:, 0, 0] - 2) / 3) > 0).long()
+    texts = random_texts(n, seed=seed)
+    wrap = lambda data, name: LayerEmbeddings(data, fingerprint=fingerprint_texts(texts), layers=range(data.shape[1]),
+                                              names=[f"{name}.{i}" for i in range(data.shape[1])], pooling="mean")
+    return wrap(a, "a"), wrap(b, "b"), y, texts
+
+
+def split(emb, rows):
+    """The rows of an embeddings container, re-wrapped with the fingerprint of those examples."""
+    return LayerEmbeddings(emb[rows], fingerprint=f"rows:{rows[0]}-{rows[-1]}", layers=emb.layers, names=emb.names,
+                           pooling=emb.pooling)
+
+
+def test_auto_picks_the_signal_layers_and_cross_model_fusion_beats_each_model():
+    a, b, y, _ = two_models()
+    train, test = list(range(0, 320)), list(range(320, 400))
+    labels = ["pos" if v else "neg" for v in y.tolist()]
+    fused = FusionClassifier("auto", **SETTINGS).fit([split(a, train), split(b, train)], [labels[i] for i in train])
+    top_two = {(c["model"], c["layer"]) for c in fused.search_["candidates"][:2]}
+    assert top_two == {(0, 1), (1, 0)} <= set(fused.layers_) and len(fused.search_["candidates"]) == 5
+    assert len(fused.layers_) == fused.search_["k"] and fused.search_["val_acc_by_k"]["2"] > 0.8
+    both = fused.score([split(a, test), split(b, test)], [labels[i] for i in test])
+    alone = FusionClassifier([(0, 1)], **SETTINGS).fit(a[train], y[train]).score(a[test], y[test])
+    assert both > alone + 0.1 and both > 0.85
+    assert fused.predict([split(a, test), split(b, test)])[:3] == [fused.classes_[i] for i in
+                                                                     fused.predict_proba([split(a, test),
+                                                                                          split(b, test)])[:3]
+                                                                     .argmax(1).tolist()]
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_learns_the_cross_model_signal(fusion):
+    a, b, y, _ = two_models(seed=1)
+    train, test = list(range(0, 320)), list(range(320, 400))
+    model = FusionClassifier([(0, 1), (1, 0)], fusion, **SETTINGS).fit([split(a, train), split(b, train)], y[train])
+    proba = model.predict_proba([split(a, test), split(b, test)])
+    assert proba.shape == (80, 2) and torch.allclose(proba.sum(1), torch.ones(80))
+    assert model.score([split(a, test), split(b, test)], y[test]) > 0.8
+
+
+def test_examples_in_another_order_or_count_are_refused():
+    a, b, y, texts = two_models(n=40)
+    shuffled = a[torch.randperm(40)]  # a plain tensor now: it lost the fingerprint
+    with pytest.raises(ValueError, match="fingerprint"):
+        FusionClassifier([(0, 0), (1, 0)]).fit([shuffled, b], y)
+    other = LayerEmbeddings(torch.as_tensor(a), fingerprint=fingerprint_texts(texts[::-1]), layers=a.layers,
+                            names=a.names, pooling="mean")
+    with pytest.raises(ValueError, match="different texts or a different order"):
+        FusionClassifier([(0, 0), (1, 0)]).fit([other, b], y)
+    with pytest.raises(ValueError, match="different numbers of examples"):
+        FusionClassifier([(0, 0), (1, 0)]).fit([a, split(b, list(range(30)))], y)
+    with pytest.raises(ValueError, match="fingerprint"):
+        FusionClassifier([(0, 0), (1, 0)]).fit([a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor)], y)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    a, b, y, _ = two_models(n=120)
+    labels = ["yes" if v else "no" for v in y.tolist()]
+    model = FusionClassifier("auto", "gated", **{**SETTINGS, "epochs": 3, "k_max": 2}).fit([a, b], labels)
+    model.save(str(tmp_path / "fusion"))
+    assert sorted(os.listdir(tmp_path / "fusion")) == ["fusion.json", "fusion.safetensors"]
+    loaded = FusionClassifier.load(str(tmp_path / "fusion"))
+    assert loaded.layers_ == model.layers_ and loaded.classes_ == ["no", "yes"]
+    torch.testing.assert_close(loaded.predict_proba([a, b]), model.predict_proba([a, b]))
+    with pytest.raises(ValueError, match="holds no saved FusionClassifier"):
+        FusionClassifier.load(str(tmp_path))
+
+
+def test_bad_input():
+    a, b, y, _ = two_models(n=40)
+    with pytest.raises(ValueError, match="unknown fusion 'sum'"):
+        FusionClassifier("auto", "sum")
+    with pytest.raises(ValueError, match="out of range"):
+        FusionClassifier([(0, 5)]).fit(a, y)
+    with pytest.raises(ValueError, match="not fitted"):
+        FusionClassifier().predict(a)
+    model = FusionClassifier([(0, 0)], epochs=1).fit(a, y)
+    with pytest.raises(ValueError, match=r"\(layers, hidden\)"):
+        model.predict(b)
+    with pytest.raises(ValueError, match="not seen in fit"):
+        model.score(a, [7] * 40)
+    with pytest.raises(ValueError, match="single class"):
+        FusionClassifier([(0, 0)]).fit(a, [1] * 40)
+    with pytest.raises(ValueError, match="no embeddings"):
+        FusionClassifier().fit([], y)
