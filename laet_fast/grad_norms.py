@@ -208,8 +208,26 @@ class GradNormRecorder:
 
         A block whose gradient held NaN/Inf in some pass gets a non-finite score, with a warning
         naming it. Without any recorded backward pass every score is NaN (with a warning).
+
+        Under ``torch.distributed`` (more than one rank) both are over the passes of every rank (each
+        rank's backward pass counts as one pass of its own micro-batch): call it on every rank.
+        ``history()`` stays this rank's own.
         """
-        squared = self._squared_history()
+        from .distributed import all_reduce_sum, is_distributed
+
+        squared = self._squared_history() if self._passes or not is_distributed() else None
+        if is_distributed():
+            # Per block: the sum over passes of the norms, of the squared norms; then the pass count.
+            totals = torch.zeros(2 * len(self.names) + 1, dtype=torch.float64)
+            if squared is not None:
+                totals[:-1] = torch.cat([squared.sqrt().sum(0), squared.sum(0)])
+                totals[-1] = len(squared)
+            totals = all_reduce_sum(totals)
+            passes = int(totals[-1].item())
+            if passes:
+                norms, squares = totals[:-1].view(2, -1)
+                return {"grad_norm": (norms / passes).tolist(), "grad_norm_sq": squares.tolist()}
+            squared = self._squared_history()  # no rank recorded a pass: the warning, and NaN
         if squared is None:
             nan = [math.nan] * len(self.names)
             return {"grad_norm": list(nan), "grad_norm_sq": list(nan)}

@@ -239,10 +239,16 @@ class LayerProbe:
         return total
 
     def scores(self) -> LayerScores:
-        """The scores of every block so far (one host sync). NaN for a block that saw no tokens."""
+        """The scores of every block so far (one host sync). NaN for a block that saw no tokens.
+
+        Under ``torch.distributed`` (more than one rank) the statistics and gradient norms of every
+        rank are summed first (``laet_fast.distributed``), so all ranks get the scores of the global
+        batch: call it on every rank.
+        """
+        from .distributed import all_reduce_hidden_stats
         from .kernels.hidden_stats import STAT_FIELDS, hidden_stats_metrics
 
-        stats = self._merged_stats()
+        stats = all_reduce_hidden_stats(self._merged_stats())
         num_layers = len(self.stack)
         metrics: dict[str, list[float]] = {}
         groups: dict[int, list[int]] = {}

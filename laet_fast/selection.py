@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-STRATEGIES = ("variance_split", "top", "bottom", "last", "random")
+STRATEGIES = ("variance_split", "top", "bottom", "last", "random", "cost_aware")
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,10 @@ def select_layers(
     seed: int = 0,
     num_layers: int | None = None,
     splits: int = 1,
+    budget_s: float | None = None,
+    budget_gb: float | None = None,
+    tradeoff: float | None = None,
+    cost_model: Any = None,
 ) -> Selection:
     """Choose the layers to train.
 
@@ -222,6 +226,11 @@ def select_layers(
             (IR-Tuning's ``split_num``; 2 keeps about a quarter of the layers with the default bounds).
             A split that lands on a bound (``low`` or ``high``) is warned about: the scores had no
             clearer gap inside the bounds, and the bound, not the scores, chose the group size.
+        budget_s, budget_gb, tradeoff, cost_model: ``"cost_aware"`` only (``laet_fast.cost``): the set with
+            the highest total score whose predicted step time (``budget_s`` seconds) or memory (``budget_gb``
+            GiB) fits, or that maximises ``score - tradeoff * seconds``; exactly one of the three.
+            ``cost_model`` is a ``laet_fast.cost.CostModel`` (config, batch, sequence length, device rates).
+            ``laet_fast.cost.cost_aware_selection`` returns the trade-off curve as well.
 
     Non-finite scores never get a layer selected by a score-based strategy: those layers are left
     out of the ranking and of the variance split, and a ValueError says so when too few finite
@@ -229,6 +238,12 @@ def select_layers(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    budget = {name: value for name, value in (("budget_s", budget_s), ("budget_gb", budget_gb),
+                                              ("tradeoff", tradeoff), ("cost_model", cost_model)) if value is not None}
+    if strategy == "cost_aware":
+        return _cost_aware(scores, metric, k, num_layers, **budget)
+    if budget:
+        raise ValueError(f"{', '.join(budget)} apply to strategy='cost_aware' only.")
     score_based = strategy in ("variance_split", "top", "bottom")
     if score_based and scores is None:
         raise ValueError(f"strategy={strategy!r} needs scores.")
@@ -311,3 +326,19 @@ def select_layers(
         scores=tuple(values or ()),
         params=params,
     )
+
+
+def _cost_aware(scores: Any, metric: str, k: int | None, num_layers: int | None, **budget: Any) -> Selection:
+    """``select_layers(strategy="cost_aware")``: the checks of its arguments, then ``laet_fast.cost``."""
+    from .cost import cost_aware_selection
+
+    if k is not None:
+        raise ValueError(f"k={k!r} is not used by strategy='cost_aware', which sizes the set from the budget; "
+                         f"pass budget_s=, budget_gb= or tradeoff=.")
+    if scores is None:
+        raise ValueError("strategy='cost_aware' needs scores.")
+    values = _scores_of(scores, metric)
+    if num_layers is not None and len(values) != num_layers:
+        raise ValueError(f"The scores cover {len(values)} layers but num_layers={num_layers}; score this model first.")
+    selection, _ = cost_aware_selection(values, budget.pop("cost_model", None), metric=metric, **budget)
+    return selection
