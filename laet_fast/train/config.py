@@ -8,6 +8,7 @@ from .methods import METHODS, parse_method
 TASKS = ("classify", "lm")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
+QUANTIZE = ("nf4", "fp4", "int8")
 # Fields a resumed run may change without changing the run (where to write, how often to report).
 RESUMABLE_CHANGES = ("out", "keep", "progress", "eval_every", "resume")
 
@@ -69,8 +70,6 @@ class TrainConfig:
     head_hidden: tuple[int, ...] = field(default=(128, 64))
 
     def __post_init__(self):
-        from ..quantize import mode_name
-
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: choose one of {', '.join(TASKS)}.")
         method = parse_method(self.method)
@@ -78,7 +77,7 @@ class TrainConfig:
         if self.method == "laet" and self.task != "classify":
             raise ValueError("method 'laet' trains classification heads; use task='classify', or another method "
                              f"({', '.join(m for m in METHODS if m != 'laet')}) for task='lm'.")
-        self.quantize_frozen = mode_name(self.quantize_frozen)
+        self.quantize_frozen = _quantize_name(self.quantize_frozen)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
         if self.schedule not in SCHEDULES:
@@ -114,6 +113,21 @@ class TrainConfig:
         return data
 
     @classmethod
+    def defaults(cls) -> dict:
+        """The default of each field, without building (and checking) a config."""
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def _quantize_name(mode) -> str | None:
+    """laet_fast.quantize.mode_name's rule, without importing torch: None/"none" or a mode in any casing."""
+    name = None if mode is None else str(mode).strip().lower()
+    if name in (None, "none"):
+        return None
+    if name not in QUANTIZE:
+        raise ValueError(f"quantize_frozen={mode!r}: choose none or one of {', '.join(QUANTIZE)}.")
+    return name

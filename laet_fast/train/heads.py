@@ -17,12 +17,11 @@ POOLING = "mean"
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``hidden`` [B, T, H] over the real tokens (``mask`` [B, T], 1 = real); float32 [B, H]."""
-    h = hidden.float()
-    if mask is None:
-        return h.mean(1)
-    weights = mask.to(h.dtype).unsqueeze(-1)
-    return (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    """Mean of ``hidden`` [B, T, H] over the real tokens (``mask`` [B, T], 1 = real); float32 [B, H]
+    (``laet_fast.kernels.pooling.masked_pool``, differentiable, left or right padding)."""
+    from ..kernels.pooling import masked_pool
+
+    return masked_pool(hidden, mask, mode=POOLING)
 
 
 class ProbeHead(nn.Module):

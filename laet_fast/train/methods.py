@@ -19,13 +19,15 @@ A method is one of :data:`METHODS` or an explicit list of block indices:
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import torch
-import torch.nn as nn
-
-from ..scores import LayerScores
 from ..selection import Selection, select_layers
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that the command line's --help stays light
+    import torch
+    import torch.nn as nn
+
+    from ..scores import LayerScores
 
 METHODS = ("laet", "grad_norm", "block_influence", "relative_change", "last", "random", "all")
 # The metric each scored method ranks blocks by.
@@ -52,11 +54,11 @@ def parse_method(method) -> str | tuple[int, ...]:
 
 
 def score_layers(
-    model: nn.Module,
+    model: "nn.Module",
     batches: Iterable[dict],
     method,
     *,
-    labels: Sequence | torch.Tensor | None = None,
+    labels: "Sequence | torch.Tensor | None" = None,
     layers: str | None = None,
     return_probes: bool = False,
     seed: int = 0,
@@ -78,6 +80,8 @@ def score_layers(
         A ``LayerScores`` (one value per block for each metric), ``(LayerScores, BatchedProbe)`` with
         ``return_probes`` for ``laet``, or None for ``last``, ``random``, ``all`` and explicit blocks.
     """
+    import torch
+
     method = parse_method(method)
     if not isinstance(method, str) or method in SCORE_FREE:
         return None
@@ -111,6 +115,8 @@ def score_layers(
 
 
 def _score_laet(model, batches, labels, layers, return_probes, seed, probe_kwargs):
+    import torch
+
     try:
         from ..embed import layer_embeddings, probe_layers
     except ImportError:
@@ -126,7 +132,7 @@ def _score_laet(model, batches, labels, layers, return_probes, seed, probe_kwarg
     return probe_layers(emb, labels, seed=seed, return_probes=return_probes, **probe_kwargs)
 
 
-def choose_layers(scores: LayerScores | None, method, *, k: int | None = None, num_layers: int, seed: int = 0,
+def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None, num_layers: int, seed: int = 0,
                   **select_kwargs) -> Selection:
     """The blocks to train for ``method``, from ``score_layers``' scores.
 

@@ -1,0 +1,58 @@
+"""``laet-fast predict``: classify texts with a trained run's heads (their vote), and score them when labelled."""
+from __future__ import annotations
+
+import os
+import sys
+
+from laet_fast.cli import UsageError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify texts with a model trained by `laet-fast train`",
+        description="Print one predicted label per text (the heads' majority vote, ties broken by mean probability) "
+                    "and, when the file has labels, the accuracy.",
+    )
+    parser.add_argument("--model-dir", required=True, metavar="DIR", help="the model/ folder of a train run")
+    parser.add_argument("--data", required=True, metavar="FILE", help=".csv/.tsv/.jsonl (optionally .bz2/.gz) or .txt")
+    parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
+    parser.add_argument("--label-column", default="label", help="column / key of the labels, if any (default: label)")
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.set_defaults(func=run)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def run(args) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if not os.path.isdir(args.model_dir):
+        raise UsageError(f"--model-dir {args.model_dir} is not a folder; pass the model/ folder of a train run.")
+    from laet_fast.loading import load_texts
+    from laet_fast.train.data import read_data
+    from laet_fast.train.export import load_trained
+
+    try:
+        predictor = load_trained(args.model_dir, device=args.device)
+        labels = None
+        try:
+            data = read_data(args.data, "classify", args.text_column, args.label_column, classes=predictor.classes)
+            texts, labels = data.texts, [predictor.classes[i] for i in data.labels]
+        except ValueError as err:
+            if "label column" not in str(err) and "classification needs" not in str(err):
+                raise
+            texts = load_texts(args.data, column=args.text_column)
+        predictions = predictor.predict(texts, batch_size=args.batch_size)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    for text, label in zip(texts, predictions):
+        print(f"{label}\t{text}")
+    if labels is not None:
+        correct = sum(p == y for p, y in zip(predictions, labels))
+        print(f"accuracy {correct / len(labels):.4f} ({correct} of {len(labels)})", file=sys.stderr)
+    return 0

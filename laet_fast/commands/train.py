@@ -1,0 +1,142 @@
+"""``laet-fast train``: fine-tune only the right blocks of a model, and print the report.
+
+Without options it runs the demo: SmolLM2-135M-Instruct classifying Rotten Tomatoes sentences as
+fresh or rotten (a fixed seeded subset, sized to finish in a few minutes on 2 CPU cores), LAET method.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from laet_fast.cli import UsageError
+
+# The demo run: a seeded subset of the corpus, short texts, one pass over the training part.
+DEMO_SUBSET = 400
+DEMO_K = 3
+
+
+def register(subparsers) -> None:
+    from laet_fast.train.config import OPTIMIZERS, SCHEDULES, TASKS, TrainConfig
+    from laet_fast.train.methods import METHODS
+
+    d = TrainConfig.defaults()
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune only the selected blocks (LAET heads, IR-Tuning, baselines) and report",
+        description=(
+            "Score the blocks on the training data, choose which to train (--method), freeze (and optionally "
+            "quantize) the rest, train, evaluate, checkpoint and export a transformers folder, then print the "
+            "report (also OUT/report.txt, .json, .png). Without --model/--data: the demo, SmolLM2-135M-Instruct "
+            f"on {DEMO_SUBSET} Rotten Tomatoes sentences (fresh/rotten), method laet."
+        ),
+    )
+    parser.add_argument("--model", metavar="PATH", default=None,
+                        help="save_pretrained folder or .gguf file (default: the demo SmolLM2-135M-Instruct)")
+    parser.add_argument("--data", metavar="FILE", default=None,
+                        help=".csv/.tsv/.jsonl (text and label) for classify, also .txt for lm; optionally .bz2/.gz "
+                             "(default: the demo Rotten Tomatoes sentences, fresh/rotten)")
+    parser.add_argument("--eval-data", metavar="FILE", default=None,
+                        help="evaluation file (default: a seeded, stratified 20%% of --data)")
+    parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
+    parser.add_argument("--label-column", default="label", help="column / key of the labels, any values (default: label)")
+    parser.add_argument("--subset", type=int, default=None,
+                        help=f"use a seeded random sample of this many texts (default: all; the demo: {DEMO_SUBSET})")
+    parser.add_argument("--task", choices=TASKS, default=d["task"], help="classify (default) or lm")
+    parser.add_argument("--method", default=d["method"],
+                        help=f"{', '.join(METHODS)}, or blocks as 3,7,12 (default: {d['method']})")
+    parser.add_argument("--k", type=int, default=None,
+                        help=f"blocks to train (needed by block_influence, relative_change, last, random; the demo: "
+                             f"{DEMO_K})")
+    parser.add_argument("--splits", type=int, default=d["splits"], help="grad_norm's variance splits (default: 1)")
+    parser.add_argument("--quantize-frozen", default="none", choices=("none", "nf4", "fp4", "int8"),
+                        help="storage of the frozen blocks (default: none)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"], help="default: adamw")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"], help="learning-rate schedule (default: linear)")
+    parser.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="default: 0")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one epoch)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"default: {d['batch_size']}")
+    parser.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="batches per optimizer step (default: 1)")
+    parser.add_argument("--max-length", type=int, default=d["max_length"],
+                        help=f"tokens per text, longer ones are truncated (default: {d['max_length']})")
+    parser.add_argument("--lr", type=float, default=d["lr"], help=f"default: {d['lr']}")
+    parser.add_argument("--score-batches", type=int, default=d["score_batches"],
+                        help=f"training batches the method scores on (default: {d['score_batches']})")
+    parser.add_argument("--reselect-every", type=int, default=0, help="re-select every N steps (default: never)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant, on the blocks")
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps, and at the end (default: end)")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: never)")
+    parser.add_argument("--keep", type=int, default=d["keep"], help=f"checkpoints kept (default: {d['keep']})")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="default: 0")
+    parser.add_argument("--layers", metavar="PATH", default=None, help="dotted path of the block list, if not found")
+    parser.add_argument("--out", default=d["out"], help=f"run folder (default: {d['out']})")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def run(args) -> int:
+    from laet_fast.train.config import TrainConfig
+
+    demo_data = args.data is None
+    k = args.k if args.k is not None or args.model is not None or not demo_data else DEMO_K
+    if k is None and args.method in ("last", "random", "block_influence", "relative_change"):
+        raise UsageError(f"--method {args.method} needs --k, the number of blocks to train.")
+    try:
+        config = TrainConfig(
+            task=args.task, method=args.method, k=k, splits=args.splits, quantize_frozen=args.quantize_frozen,
+            optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+            max_steps=args.max_steps, epochs=args.epochs or 1.0, batch_size=args.batch_size,
+            grad_accum=args.grad_accum, max_length=args.max_length, eval_every=args.eval_every,
+            save_every=args.save_every, keep=args.keep, score_batches=args.score_batches,
+            reselect_every=args.reselect_every, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+            out=args.out, progress=not args.no_progress, resume=args.resume,
+        )
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    if args.subset is not None and args.subset < 2:
+        raise UsageError(f"--subset must be at least 2, got {args.subset}.")
+    from laet_fast.train.trainer import run_exists
+
+    if not args.resume and run_exists(args.out):
+        raise UsageError(f"--out {args.out} holds another run (log.jsonl or checkpoints); resume it with --resume, or "
+                         f"choose another --out folder.")
+
+    from laet_fast.loading import load_model_and_tokenizer
+    from laet_fast.train.data import read_data
+    from laet_fast.train.trainer import TrainError, Trainer
+
+    subset = args.subset if args.subset is not None else (DEMO_SUBSET if demo_data else None)
+    try:
+        train = read_data(args.data, args.task, args.text_column, args.label_column, subset=subset, seed=args.seed)
+        evaluation = None
+        if args.eval_data is not None:
+            evaluation = read_data(args.eval_data, args.task, args.text_column, args.label_column,
+                                   classes=train.classes)
+        model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    except OSError as err:
+        raise UsageError(f"cannot load the model from {args.model}: {_one_line(err)}") from None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and config.max_length > positions:
+        print(f"note: --max-length {config.max_length} is more than the model's {positions} positions; using "
+              f"{positions}.", file=sys.stderr)
+        config.max_length = positions
+    name = os.path.abspath(args.model) if args.model else "SmolLM2-135M-Instruct (demo)"
+    try:
+        trainer = Trainer(model, tokenizer, config, train, evaluation, model_name=name, layers=args.layers)
+        report = trainer.fit()
+    except (ValueError, TrainError) as err:
+        raise UsageError(_one_line(err)) from None
+    print(report.text())
+    print(f"wrote {args.out}/report.txt, report.json" + (", report.png" if os.path.isfile(
+        os.path.join(args.out, "report.png")) else "") + f", log.jsonl and the model in {report.export_dir}",
+          file=sys.stderr)
+    return 0

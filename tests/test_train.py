@@ -1,0 +1,245 @@
+"""The Trainer on tiny random models: a run end to end, heads and vote, the truncated forward, re-selection, NaN."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tiny_models import random_batch, tiny_model
+from train_fixtures import CLASSES, labelled_texts, save_model
+from laet_fast.layers import find_layers
+from laet_fast.loading import load_model_and_tokenizer
+from laet_fast.train import TrainConfig, Trainer, load_trained
+from laet_fast.train.data import Batches, TextData, encode_labels, split
+from laet_fast.train.heads import ProbeHead, TaskModel, vote
+from laet_fast.train.trainer import TrainError
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    # The kernels have their own tests; the PyTorch path keeps these loops quick.
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model(tmp_path_factory.mktemp("tiny"), layers=4)
+
+
+def load(model_dir):
+    return load_model_and_tokenizer(model_dir, device="cpu")
+
+
+def config(tmp_path, **kw):
+    base = dict(method="last", k=2, max_steps=6, batch_size=8, lr=1e-3, out=str(tmp_path / "run"), progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_classify_run_logs_reports_and_exports(model_dir, tmp_path):
+    model, tok = load(model_dir)
+    texts, labels = labelled_texts(60, 0)
+    cfg = config(tmp_path, eval_every=3)
+    report = Trainer(model, tok, cfg, (texts, labels)).fit()
+    log = read_log(cfg.out)
+    assert [e["step"] for e in log] == list(range(1, 7))
+    assert all(math.isfinite(e["loss"]) and e["lr"] > 0 for e in log)
+    assert "eval" in log[2] and "eval" in log[5] and "eval" not in log[0]
+    assert report.selection == [2, 3] and report.head_layers == [3] and report.steps == 6
+    assert set(report.metrics) == {"accuracy", "macro_f1", "loss"}
+    assert report.metrics == log[-1]["eval"]
+    assert report.trainable_params == sum(p.numel() for p in model.model.layers[2:].parameters()) + 2 * 72 + 2
+    for name in ("report.txt", "report.json"):
+        assert os.path.isfile(os.path.join(cfg.out, name))
+    assert "trainable params" in open(os.path.join(cfg.out, "report.txt")).read()
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(report.export_dir)
+    for a, b in zip(reloaded.model.layers[3].parameters(), model.model.layers[3].parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    predictor = load_trained(report.export_dir, device="cpu")
+    assert predictor.classes == sorted(CLASSES) and predictor.head_layers == [3]
+    # The eval split is the trainer's: the predictor's accuracy on it is the report's.
+    _, held = split(TextData(texts, *encode_labels(labels)), cfg.eval_fraction, cfg.seed)
+    predicted = predictor.predict(held.texts)
+    accuracy = sum(p == held.classes[y] for p, y in zip(predicted, held.labels)) / len(held)
+    assert accuracy == pytest.approx(report.metrics["accuracy"], abs=1e-9)
+
+
+def test_forward_stops_at_the_highest_head_and_never_runs_the_lm_head():
+    model = tiny_model("llama", seed=0, num_hidden_layers=5)
+    heads = {1: ProbeHead(72, 3), 2: ProbeHead(72, 3, (16,))}
+    task_model = TaskModel(model, "classify", heads)
+    ran = []
+    for i, block in enumerate(find_layers(model)):
+        block.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    model.lm_head.register_forward_hook(lambda m, a, o: ran.append("lm_head"))
+    ids, mask = random_batch(model.config.vocab_size, batch=3, seq=9, side="left")
+    labels = torch.tensor([0, 2, 1])
+    loss, logits = task_model(ids, mask, labels)
+    assert ran == [0, 1, 2] and logits.shape == (2, 3, 3)
+    # The loss is the sum of the heads' cross-entropies on the mean of each block's real tokens.
+    hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    expected = 0
+    for index, head in heads.items():
+        pooled = (hidden[index + 1] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        expected = expected + torch.nn.functional.cross_entropy(head(pooled), labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vote_majority_then_mean_probability():
+    # Row 0: heads vote 0, 0, 1 -> 0. Row 1: one vote each for 0 and 1; head 1 is sure of 1 -> 1.
+    logits = torch.tensor([
+        [[2.0, 0.0], [0.1, 0.0]],
+        [[2.0, 0.0], [0.0, 5.0]],
+        [[0.0, 1.0], [0.0, 0.0]],
+    ]).log_softmax(-1)
+    logits[2, 1] = torch.tensor([0.0, 0.0]).log_softmax(-1)  # head 2 undecided on row 1: argmax 0
+    assert vote(logits[:2]).tolist() == [0, 1]
+    assert vote(logits).tolist() == [0, 0]
+    # Three classes, a 1-1-1 tie: the highest mean probability wins.
+    three = torch.tensor([[[3.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]], [[0.0, 0.0, 1.2]]])
+    assert vote(three).tolist() == [0]
+
+
+def test_lm_task_masks_padding(model_dir, tmp_path):
+    model, tok = load(model_dir)
+    texts, _ = labelled_texts(40, 1)
+    cfg = config(tmp_path, task="lm", method="0,2", k=None, max_steps=3)
+    report = Trainer(model, tok, cfg, texts).fit()
+    assert report.selection == [0, 2] and report.head_layers == []
+    assert set(report.metrics) == {"loss", "perplexity"}
+    assert report.metrics["perplexity"] == pytest.approx(math.exp(report.metrics["loss"]))
+    assert report.forward["lm_head_run"] and report.forward["blocks_run"] == 4
+
+
+def test_labels_are_mapped_and_bad_labels_refused():
+    assert encode_labels(["pos", "neg", "pos"]) == ([1, 0, 1], ["neg", "pos"])
+    assert encode_labels(["10", "9", 10]) == ([1, 0, 1], ["9", "10"])  # numeric order, "10" and 10 alike
+    with pytest.raises(ValueError, match="at least two classes"):
+        encode_labels(["a", "a"])
+    with pytest.raises(ValueError, match="no label"):
+        encode_labels(["a", "", "b"])
+    with pytest.raises(ValueError, match="not among the trained classes"):
+        encode_labels(["c"], classes=["a", "b"])
+
+
+def test_split_is_seeded_and_stratified():
+    labels = [0] * 30 + [1] * 10
+    data = TextData([str(i) for i in range(40)], labels, ["a", "b"])
+    train, held = split(data, 0.2, seed=3)
+    assert sorted(held.labels) == [0] * 6 + [1] * 2 and len(train) == 32
+    assert split(data, 0.2, seed=3)[1].texts == held.texts != split(data, 0.2, seed=4)[1].texts
+
+
+def test_batches_are_a_function_of_the_position(model_dir):
+    _, tok = load(model_dir)
+    texts, labels = labelled_texts(10, 2)
+    data = TextData(texts, *encode_labels(labels))
+    batches = Batches(data, tok, batch_size=4, max_length=6, seed=1)
+    stream = [i for p in range(0, 20, 4) for i in batches.indices_at(p)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]  # each epoch its own order
+    again = Batches(data, tok, batch_size=4, max_length=6, seed=1)
+    assert again.indices_at(8) == batches.indices_at(8)
+    assert batches.at(8)["input_ids"].shape[1] <= 6 and batches.truncated() > 0
+
+
+def test_a_block_that_joins_on_reselection_trains_from_its_next_step(model_dir, tmp_path, monkeypatch):
+    import laet_fast.reselect as reselect
+    import laet_fast.train.trainer as trainer_module
+    from laet_fast.selection import Selection
+
+    # Choices that move the trained block: 3 (the first choice), then 1, then 0; the first call is
+    # the Reselector checking its arguments.
+    plan = iter([(3,), (1,), (0,), (0,)])
+    monkeypatch.setattr(reselect, "select_layers", lambda scores, **kw: Selection(next(plan), 4, "top",
+                                                                                  "block_influence", (0.0,) * 4))
+    monkeypatch.setattr(trainer_module, "choose_layers", lambda *a, **kw: Selection((3,), 4, "top"))
+    model, tok = load(model_dir)
+    texts, labels = labelled_texts(60, 3)
+    snapshots = []
+
+    def snapshot(module, args, output):  # at each training forward: blocks 0 and 1 as they are
+        if module.training:
+            snapshots.append([p.detach().clone() for p in model.model.layers[:2].parameters()])
+
+    model.model.layers[3].register_forward_hook(snapshot)
+    cfg = config(tmp_path, method="block_influence", k=1, max_steps=6, reselect_every=2)
+    report = Trainer(model, tok, cfg, (texts, labels)).fit()
+    log = read_log(cfg.out)
+    assert log[1]["selection"] == [1] and log[3]["selection"] == [0]
+    assert all("layer_scores" in log[i] for i in (1, 3, 5))
+    block_1 = [torch.cat([p.flatten() for p in snap[9:]]) for snap in snapshots]
+    block_0 = [torch.cat([p.flatten() for p in snap[:9]]) for snap in snapshots]
+    # One snapshot per training step, at its forward pass. Block 1 joins after step 2: step 3's
+    # update changes it (seen at forward 4); block 0 joins after step 4 and step 5 changes it.
+    assert torch.equal(block_1[0], block_1[2]) and not torch.equal(block_1[2], block_1[3])
+    assert torch.equal(block_0[0], block_0[4]) and not torch.equal(block_0[4], block_0[5])
+    assert report.selection == [0]
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run(model_dir, tmp_path):
+    model, tok = load(model_dir)
+    texts, labels = labelled_texts(60, 4)
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) == 3 or len(calls) >= 7:  # one NaN step, later NaN for good
+            return output * float("nan")
+        return output
+
+    cfg = config(tmp_path, max_steps=20, save_every=2, max_nan_steps=3)
+    trainer = Trainer(model, tok, cfg, (texts, labels))
+    handle = None
+    original_choose = trainer._choose
+
+    def choose_then_poison(*args):
+        nonlocal handle
+        result = original_choose(*args)
+        handle = model.model.layers[3].register_forward_hook(poison)
+        return result
+
+    trainer._choose = choose_then_poison
+    with pytest.raises(TrainError, match=r"3 non-finite losses in a row \(each step skipped, 4 in all\)"):
+        trainer.fit()
+    log = read_log(cfg.out)
+    assert [e["step"] for e in log] == list(range(1, 10))
+    assert log[2]["loss"] is None and log[2]["skipped"] and all(log[i]["loss"] is None for i in (6, 7, 8))
+    assert all(math.isfinite(log[i]["loss"]) for i in (0, 1, 3, 4, 5))
+    from laet_fast.train import checkpoints
+
+    saved, meta = checkpoints.load(checkpoints.latest(cfg.out))
+    assert meta["step"] == 8 and meta["skipped"] == 3  # skipped steps never changed the weights
+    assert all(torch.isfinite(t).all() for group in saved.values() for t in group.values() if t.is_floating_point())
+
+
+def test_quantized_frozen_blocks_and_gradient_checkpointing(model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model, tok = load(model_dir)
+    texts, labels = labelled_texts(40, 5)
+    cfg = config(tmp_path, quantize_frozen="nf4", gradient_checkpointing=True, max_steps=2, method="1", k=None)
+    report = Trainer(model, tok, cfg, (texts, labels)).fit()
+    assert report.quantize_frozen == "nf4" and report.selection == [1]
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(report.export_dir)  # dequantized: plain nn.Linear
+    assert type(reloaded.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_config_refusals():
+    with pytest.raises(ValueError, match="task='classify'"):
+        TrainConfig(task="lm", method="laet")
+    with pytest.raises(ValueError, match="multiple of reselect_every"):
+        TrainConfig(reselect_every=3, save_every=4)
+    with pytest.raises(ValueError, match="quantize_frozen"):
+        TrainConfig(quantize_frozen="nf3")
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(method="best")
