@@ -73,6 +73,7 @@ _EXPORTS = {
     "layer_impact": "laet_fast.merge",
     "restore": "laet_fast.merge",
     "slerp": "laet_fast.kernels.slerp",
+    "LaetCallback": "laet_fast.integrations.callback",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
