@@ -78,6 +78,10 @@ _EXPORTS = {
     "BatchedProbe": "laet_fast.embed",
     "FusionClassifier": "laet_fast.embed",
     "encode_labels": "laet_fast.embed",
+    "LaetCallback": "laet_fast.integrations.callback",
+    "Trainer": "laet_fast.train",
+    "TrainConfig": "laet_fast.train",
+    "load_trained": "laet_fast.train",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

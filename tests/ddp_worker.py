@@ -8,6 +8,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ddp_cases  # noqa: E402
+import trainer_cases  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -16,6 +17,7 @@ def main(out_dir: str) -> None:
     result = {
         "scores": ddp_cases.run_scores(rank, world).to_dict(),
         "training": ddp_cases.run_training(rank, world),
+        "trainer": trainer_cases.run_trainer_ddp(rank, world, os.path.join(out_dir, "trainer")),
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

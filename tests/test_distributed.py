@@ -75,6 +75,17 @@ def test_ddp_training_matches_one_process(ranks):
     assert math.isclose(runs[0]["trainable_abs_sum"], single["trainable_abs_sum"], rel_tol=1e-5)
 
 
+def test_callback_in_a_ddp_trainer_matches_one_process(ranks, tmp_path):
+    import trainer_cases
+
+    runs = [r["trainer"] for r in ranks]
+    single = trainer_cases.run_trainer_ddp(0, 1, tmp_path)
+    assert runs[0]["selection"] == runs[1]["selection"] == single["selection"]
+    for run in runs:
+        assert close(run["losses"], single["losses"], rel=1e-5), (run["losses"], single["losses"])
+        assert run["bucket_bytes"] == run["trainable_bytes"]  # frozen parameters outside DDP's buckets
+
+
 def test_collectives_are_no_ops_alone():
     from laet_fast import distributed
 

@@ -1,0 +1,277 @@
+"""``LaetCallback``: layer-selective fine-tuning inside an existing ``transformers.Trainer`` (or TRL's trainers).
+
+At train begin the callback scores the blocks on the Trainer's own first batches, chooses the
+blocks with the same methods as ``laet_fast.Trainer`` (``laet_fast.train.methods``), applies the
+choice (``apply_selection``: freeze, quantize the frozen blocks, cut the backward pass below the
+lowest trained block), and keeps the Trainer's optimizer to the trainable parameters only. With
+``reselect_every`` it re-scores every block while training and moves the trained set on schedule.
+
+What the peers' users ran into, and what happens here instead:
+
+* The optimizer is the Trainer's own object, edited in place: frozen parameters leave its groups
+  before any state exists (AdamW allocates state at the first step), a joining block enters the
+  group of the same layer of another block with empty state and is updated from its next step, and
+  a leaving block drops its state and keeps its weights. The scheduler scales the groups' learning
+  rates and holds no parameters, so it stays valid (LISA's optimizer, built once, never trained a
+  re-selected layer: LMFlow issue 726).
+* Under DDP the Trainer wrapped the model before any callback runs, with every parameter in DDP's
+  buckets; the callback rebuilds the buckets over the trainable parameters after every change
+  (``laet_fast.distributed.rebuild_ddp``), so ``find_unused_parameters`` is not needed and frozen
+  blocks hold no bucket memory. Scores are all-reduced, so every rank picks the same blocks.
+* transformers gives callbacks the model and the optimizer but not the Trainer, whose ``log`` and
+  wrapped model the callback needs; it finds the Trainer that holds it from the objects that refer
+  to it (its callback list), once per training.
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+
+import torch
+import torch.nn as nn
+from transformers import TrainerCallback
+
+from ..apply import apply_selection
+from ..layers import find_layers
+from ..quantize import mode_name
+from ..reselect import Reselector
+from ..train.methods import METRIC_OF, choose_layers, parse_method, score_layers
+
+# Methods that can be re-scored during training (from hidden statistics or gradient norms), or re-drawn.
+RESELECTABLE = ("grad_norm", "block_influence", "relative_change", "random")
+
+
+class LaetCallback(TrainerCallback):
+    """Train only the blocks a method chooses, inside a ``transformers.Trainer``.
+
+    Args:
+        method: a name from ``laet_fast.train.METHODS`` (``"grad_norm"``, ``"block_influence"``,
+            ``"relative_change"``, ``"last"``, ``"random"``, ``"all"``, ``"laet"``) or a list of block indices.
+        k: how many blocks (see ``choose_layers``; ``grad_norm`` without k uses the variance split).
+        reselect_every: re-score and re-select every this many optimizer steps (None: never). Only for
+            ``grad_norm``, ``block_influence``, ``relative_change`` and ``random`` (a new draw each time).
+        quantize_frozen: ``"nf4"``, ``"fp4"``, ``"int8"`` or None: the frozen blocks' linear layers in
+            bitsandbytes form (blocks that ever trained are never quantized).
+        score_batches: how many of the Trainer's first train batches (this rank's) to score on.
+        **select_kwargs: further ``choose_layers`` / ``select_layers`` arguments (``seed``, ``splits``,
+            ``low``, ``high``, ``margin``).
+
+    Attributes:
+        scores: the ``LayerScores`` of the last scoring (None for score-free methods).
+        selection: the ``Selection`` in force.
+        history: ``(global_step, Selection)`` for the first selection and every re-selection.
+
+    The Trainer's batches must hold ``input_ids`` and ``attention_mask``; ``"laet"`` also needs a
+    classification dataset (its ``labels``, one class per row).
+    """
+
+    def __init__(self, method="grad_norm", k: int | None = None, reselect_every: int | None = None,
+                 quantize_frozen: str | None = None, score_batches: int = 8, **select_kwargs):
+        self.method = parse_method(method)
+        if reselect_every is not None:
+            if not isinstance(reselect_every, int) or isinstance(reselect_every, bool) or reselect_every < 1:
+                raise ValueError(f"reselect_every={reselect_every!r}: re-select every N optimizer steps with an "
+                                 f"integer N >= 1, or None.")
+            if self.method not in RESELECTABLE:
+                raise ValueError(f"reselect_every needs a method that can be scored again while training "
+                                 f"({', '.join(RESELECTABLE)}), not {self.method!r}.")
+        if not isinstance(score_batches, int) or isinstance(score_batches, bool) or score_batches < 1:
+            raise ValueError(f"score_batches={score_batches!r}: score on an integer number >= 1 of batches.")
+        self.k = k
+        self.reselect_every = reselect_every
+        self.quantize_frozen = mode_name(quantize_frozen)
+        self.score_batches = score_batches
+        self.select_kwargs = dict(select_kwargs)
+        self.scores = None
+        self.selection = None
+        self.history: list = []
+        self._trainer = None
+        self._probe = None
+        self._reselector = None
+        self._draws = 0
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        self._trainer = self._find_trainer(model)
+        self._refuse_sharding()
+        num_layers = len(find_layers(model))
+        batches = self._first_batches(train_dataloader, model)
+        labels = None
+        if self.method == "laet":
+            if any("labels" not in b for b in batches):
+                raise ValueError("LaetCallback(method='laet') trains a probe per block on the class labels; the "
+                                 "Trainer's batches have no 'labels'. Use a classification dataset.")
+            labels = torch.cat([b["labels"].reshape(-1).cpu() for b in batches])
+        texts = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
+        self.scores = score_layers(model, texts, self.method, labels=labels)
+        selection = choose_layers(self.scores, self.method, k=self.k, num_layers=num_layers, **self.select_kwargs)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        apply_selection(model, selection, quantize_frozen=self.quantize_frozen, dtype=dtype)
+        model.zero_grad(set_to_none=True)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        if inner is not None:
+            _keep_trainable(inner, model)
+        self._rebuild_wrapper(model)
+        self.selection = selection
+        self.history.append((state.global_step, selection))
+        if self.reselect_every is not None:
+            self._start_reselection(model, inner)
+        self._log(state, self.scores, selection)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._probe is not None:
+            self._probe.attach()  # training steps only: evaluation forwards are not scored
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._probe is None:
+            return
+        self._probe.detach()
+        reselector = self._reselector
+        if self.method == "random" and (reselector.steps + 1) % reselector.every == 0:
+            self._draws += 1  # a new draw each time, as LISA
+            reselector.select_kwargs["seed"] = self.select_kwargs.get("seed", 0) + self._draws
+        before = reselector.selection.layers
+        new = reselector.step()
+        if new is None:
+            return
+        self.selection = new
+        self.history.append((state.global_step, new))
+        if new.layers != before:
+            self._rebuild_wrapper(reselector.model)
+        self._log(state, {new.metric: list(new.scores)} if new.metric else None, new)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._probe is not None:
+            self._probe.detach()
+
+    # ------------------------------------------------------------------ internals
+    def _find_trainer(self, model):
+        """The Trainer whose callbacks include this one (transformers passes callbacks no Trainer).
+
+        Walks up from this callback through the objects referring to it (the handler's list, the
+        handler, the Trainer's attribute dict), a few steps, never the whole heap.
+        """
+        from transformers import Trainer
+        from transformers.trainer_callback import CallbackHandler
+
+        frontier, seen = [self], {id(self)}
+        for _ in range(6):
+            found = []
+            for obj in frontier:
+                for ref in gc.get_referrers(obj):
+                    if id(ref) in seen or ref is frontier or ref is found:
+                        continue
+                    seen.add(id(ref))
+                    if isinstance(ref, Trainer) and ref.model is model and self in ref.callback_handler.callbacks:
+                        return ref
+                    if isinstance(ref, (list, dict, CallbackHandler)):
+                        found.append(ref)
+            frontier = found
+        return None
+
+    def _refuse_sharding(self) -> None:
+        wrapped = getattr(self._trainer, "model_wrapped", None)
+        name = type(wrapped).__name__
+        if "FSDP" in name or "FullyShardedDataParallel" in name or "DeepSpeed" in name or \
+                getattr(self._trainer, "is_deepspeed_enabled", False) or getattr(self._trainer, "is_fsdp_enabled", False):
+            raise NotImplementedError("LaetCallback works on one device and under DDP; FSDP and DeepSpeed shard "
+                                      "the blocks it freezes and quantizes (see the README's Integrations).")
+
+    def _first_batches(self, dataloader, model) -> list[dict]:
+        if dataloader is None:
+            raise ValueError("LaetCallback: the Trainer has no train dataloader to score on.")
+        # accelerate's loader moves batches and keeps epoch state; its plain DataLoader (this rank's
+        # shard) is read instead, so the training epoch starts untouched.
+        loader = getattr(dataloader, "base_dataloader", dataloader)
+        device = next(model.parameters()).device
+        batches = []
+        for batch in loader:
+            if "input_ids" not in batch or "attention_mask" not in batch:
+                raise ValueError("LaetCallback scores on batches with input_ids and attention_mask; the Trainer's "
+                                 f"batches hold {sorted(batch)}.")
+            batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            if len(batches) == self.score_batches:
+                break
+        return batches
+
+    def _rebuild_wrapper(self, model) -> None:
+        wrapped = getattr(self._trainer, "model_wrapped", model)
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+            from ..distributed import rebuild_ddp
+
+            rebuild_ddp(wrapped)
+        elif self._trainer is None:
+            from ..distributed import is_distributed
+
+            if is_distributed():
+                warnings.warn("LaetCallback: no Trainer holds this callback, so a DDP wrapper could not be found "
+                              "and rebuilt; frozen parameters stay in its buckets.", stacklevel=2)
+
+    def _start_reselection(self, model, optimizer) -> None:
+        from ..probe import LayerProbe
+
+        method = self.method
+        kwargs = dict(self.select_kwargs)
+        if method == "random":
+            self._probe, strategy = _NoScores(), "random"
+        else:
+            self._probe = LayerProbe(model, grad_norms=method == "grad_norm")
+            kwargs["metric"] = METRIC_OF[method]
+            strategy = "top" if self.k is not None else "variance_split"
+        if self.k is not None:
+            kwargs["k"] = self.k
+        self._reselector = Reselector(model, self._probe, every=self.reselect_every, strategy=strategy,
+                                      optimizer=optimizer, apply_kwargs={"quantize_frozen": self.quantize_frozen},
+                                      **kwargs)
+
+    def _log(self, state, scores, selection) -> None:
+        """Per-layer metrics and the selection (1.0 = trained), as numbers every ``report_to`` accepts."""
+        logs = {}
+        for metric, values in (scores or {}).items():
+            for index, value in enumerate(values):
+                logs[f"laet/{metric}/layer_{index}"] = float(value)
+        for index in range(selection.num_layers):
+            logs[f"laet/selected/layer_{index}"] = float(index in selection.layers)
+        logs["laet/num_selected"] = float(len(selection))
+        if self._trainer is not None:
+            self._trainer.log(logs)
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
+
+
+class _NoScores:
+    """The probe of a score-free re-selection (``random``): nothing to gather."""
+
+    grad_norms = None
+
+    def attach(self):
+        return self
+
+    def detach(self):
+        pass
+
+    def scores(self):
+        return None
+
+    def reset(self):
+        pass
+
+
+def _keep_trainable(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Remove from ``optimizer``'s groups (and state) every parameter of ``model`` that no longer trains,
+    and add the trainable ones it lacks to its first group: in place, so the Trainer's scheduler and
+    accelerate's wrapper keep pointing at it."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    keep = {id(p) for p in trainable}
+    present = set()
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) in keep]
+        for param in group["params"]:
+            if id(param) not in keep:
+                optimizer.state.pop(param, None)
+        group["params"] = kept
+        present.update(id(p) for p in kept)
+    # Parameters created by apply_selection (a quantized block's bias, a dequantized weight) are new objects.
+    missing = [p for p in trainable if id(p) not in present]
+    if missing:
+        optimizer.param_groups[0]["params"].extend(missing)
