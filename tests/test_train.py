@@ -243,3 +243,31 @@ def test_config_refusals():
         TrainConfig(quantize_frozen="nf3")
     with pytest.raises(ValueError, match="unknown method"):
         TrainConfig(method="best")
+
+
+def test_laet_heads_start_from_the_sweeps_probes_and_the_export_votes(model_dir, tmp_path, monkeypatch):
+    from laet_fast.train import heads as heads_module
+
+    converted = {}
+    real = heads_module.head_from_probe
+
+    def recording(probes, index):
+        head = real(probes, index)
+        converted[index] = (probes.head(index), {k: v.clone() for k, v in head.state_dict().items()})
+        return head
+
+    monkeypatch.setattr(heads_module, "head_from_probe", recording)
+    model, tok = load(model_dir)
+    texts, labels = labelled_texts(60, 1)
+    cfg = config(tmp_path, method="laet", k=2, max_steps=3, eval_every=3)
+    report = Trainer(model, tok, cfg, (texts, labels)).fit()
+    assert report.head_layers == sorted(report.selection) and len(report.head_layers) == 2
+    # Each head starts as the probe the sweep trained on that block: same logits on fresh features.
+    x = torch.randn(5, model.config.hidden_size) * 3
+    for index, (probe, state) in converted.items():
+        head = ProbeHead(x.shape[1], len(CLASSES), (128, 64))
+        head.load_state_dict(state)
+        torch.testing.assert_close(head(x), probe(x).float(), rtol=1e-5, atol=1e-6)
+    predictor = load_trained(report.export_dir, device="cpu")
+    assert predictor.head_layers == report.head_layers
+    assert set(predictor.predict(texts[:7])) <= set(CLASSES)

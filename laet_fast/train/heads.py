@@ -56,6 +56,16 @@ class ProbeHead(nn.Module):
         return self.mlp(((x.float() - self.mean) / self.std).to(self.mlp[0].weight.dtype)).float()
 
 
+def head_from_probe(probes, index: int) -> ProbeHead:
+    """Probe ``index`` of LAET's sweep (a ``laet_fast.embed.BatchedProbe``) as a trainable head, starting
+    from the probe's trained weights and standardization: raw pooled features [B, H] -> logits [B, C]."""
+    probe = probes.head(index)
+    widths = [m.out_features for m in probe.net if isinstance(m, nn.Linear)]
+    head = ProbeHead(probe.mean.numel(), widths[-1], tuple(widths[:-1]), probe.mean, probe.std)
+    head.mlp.load_state_dict(probe.net.state_dict())
+    return head
+
+
 def vote(logits: torch.Tensor) -> torch.Tensor:
     """Majority vote of the heads; a tie goes to the tied class of highest mean probability.
 
