@@ -34,6 +34,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
         exec(compile(block, README, "exec"), namespace)
     out = capsys.readouterr().out
     assert "model.layers.29" in out and "grad_norm" in out
+    assert "strategy='cost_aware'" in out and (tmp_path / "tradeoff.png").exists()
     assert (tmp_path / "smollm2-laet" / "config.json").exists()
     reselector = namespace["reselector"]
     assert len(reselector.history) >= 2 and all(len(sel) == 4 for _, sel in reselector.history[1:])
