@@ -36,9 +36,7 @@ def two_models(n=400, seed=0):
 
 
 def split(emb, rows):
-    """The rows of an embeddings container, re-wrapped with the fingerprint of those examples."""
-    return LayerEmbeddings(emb[rows], fingerprint=f"rows:{rows[0]}-{rows[-1]}", layers=emb.layers, names=emb.names,
-                           pooling=emb.pooling)
+    return emb.subset(rows)
 
 
 def test_auto_picks_the_signal_layers_and_cross_model_fusion_beats_each_model():
@@ -79,6 +77,9 @@ def test_examples_in_another_order_or_count_are_refused():
         FusionClassifier([(0, 0), (1, 0)]).fit([other, b], y)
     with pytest.raises(ValueError, match="different numbers of examples"):
         FusionClassifier([(0, 0), (1, 0)]).fit([a, split(b, list(range(30)))], y)
+    with pytest.raises(ValueError, match="different texts or a different order"):
+        FusionClassifier([(0, 0), (1, 0)]).fit([a.subset(range(20)), b.subset(range(20, 40))], y[:20])
+    assert a.subset([3, 1]).fingerprint == b.subset([3, 1]).fingerprint != a.subset([1, 3]).fingerprint
     with pytest.raises(ValueError, match="fingerprint"):
         FusionClassifier([(0, 0), (1, 0)]).fit([a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor)], y)
 

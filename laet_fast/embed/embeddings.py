@@ -55,6 +55,19 @@ class LayerEmbeddings(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
+    def subset(self, rows) -> "LayerEmbeddings":
+        """The examples at ``rows`` (indices, in that order), fingerprinted as "these rows of those examples":
+        the same rows of every model's embeddings of one text list share a fingerprint, nothing else does."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        data = self.as_subclass(torch.Tensor)[rows]
+        if self.fingerprint is None:
+            fingerprint = None
+        else:
+            digest = hashlib.sha256(rows.numpy().astype("<i8").tobytes()).hexdigest()
+            fingerprint = f"{len(rows)}:{digest}<-{self.fingerprint}"
+        return LayerEmbeddings(data, fingerprint=fingerprint, layers=self.layers, names=self.names,
+                               pooling=self.pooling)
+
     def __repr__(self) -> str:
         n, num_layers, hidden = self.shape
         return (f"LayerEmbeddings(N={n}, layers={list(self.layers)}, hidden={hidden}, pooling={self.pooling!r}, "
