@@ -108,3 +108,11 @@ def test_single_class_data_exits_2(models, tmp_path, capsys):
     path.write_text("text,label\n" + "".join(f"{w} {w},same\n" for w in WORDS[:10]))
     assert cli.main(["probe", "--model", models[0], "--data", str(path)]) == 2
     assert "single class" in capsys.readouterr().err
+
+
+def test_parser_choices_are_the_librarys():
+    from laet_fast.commands._embedding_options import FUSION_CHOICES, POOLING_CHOICES
+    from laet_fast.embed import FUSIONS
+    from laet_fast.kernels.pooling import POOLING_MODES
+
+    assert POOLING_CHOICES == POOLING_MODES and FUSION_CHOICES == FUSIONS

@@ -6,11 +6,13 @@ import os
 from laet_fast.cli import UsageError
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+# The library's choices, spelled out so that building the parser imports no torch (`laet-fast plan` on a
+# built-in shape runs without it); tests/test_cli_probe.py checks they equal laet_fast.embed's own.
+POOLING_CHOICES = ("mean", "last", "first")
+FUSION_CHOICES = ("concat", "mean", "weighted", "gated")
 
 
 def add_embedding_arguments(parser, model_help: str) -> None:
-    from laet_fast.kernels.pooling import POOLING_MODES
-
     parser.add_argument("--model", metavar="PATH", action="append", default=None, help=model_help)
     parser.add_argument("--data", metavar="PATH", default=None,
                         help=".csv/.tsv/.jsonl with a text and a label column, optionally .bz2/.gz (default: the "
@@ -19,7 +21,7 @@ def add_embedding_arguments(parser, model_help: str) -> None:
     parser.add_argument("--label-column", default="label",
                         help="column / key holding the labels, strings or integers (default: label)")
     parser.add_argument("--limit", type=int, default=2000, help="use at most this many examples (default: 2000)")
-    parser.add_argument("--pooling", default="mean", choices=POOLING_MODES,
+    parser.add_argument("--pooling", default="mean", choices=POOLING_CHOICES,
                         help="mean over real tokens (default), last real token, or first (CLS)")
     parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per text (default: 64)")

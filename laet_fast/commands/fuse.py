@@ -6,14 +6,12 @@ import os
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands._embedding_options import (add_embedding_arguments, check_embedding_arguments, check_output,
+from laet_fast.commands._embedding_options import (FUSION_CHOICES, add_embedding_arguments, check_embedding_arguments, check_output,
                                                    embed, one_line)
 from laet_fast.commands._labeled_data import read_labeled
 
 
 def register(subparsers) -> None:
-    from laet_fast.embed import FUSIONS
-
     parser = subparsers.add_parser(
         "fuse",
         help="train a fused head over layers of one or several models",
@@ -28,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--layers", default="auto",
                         help="auto (top-k layers by probe accuracy, k chosen on validation) or MODEL:LAYER pairs, "
                              "e.g. 0:5,0:11,1:3 (model = position of its --model)")
-    parser.add_argument("--fusion", default="concat", choices=FUSIONS, help="how the layers are combined")
+    parser.add_argument("--fusion", default="concat", choices=FUSION_CHOICES, help="how the layers are combined")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="test share per class (default: 0.2)")
     parser.add_argument("--save", metavar="DIR", default=None, help="save the trained fusion (safetensors + JSON)")
     parser.add_argument("--json", metavar="OUT", default=None,
