@@ -4,18 +4,12 @@ import pytest
 import torch
 
 from merge_models import random_texts, save_tokenizer
-from tiny_models import tiny_model
+from tiny_models import one_thread, tiny_model  # noqa: F401 (one_thread: a fixture)
 
 from laet_fast.embed import LayerEmbeddings, layer_embeddings
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two on a shared CPU, where idle-spinning threads wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_tiny(arch, seed=0):

@@ -5,18 +5,12 @@ import pytest
 import torch
 
 from merge_models import random_texts
+from tiny_models import one_thread  # noqa: F401 (a fixture)
 
 from laet_fast.embed import FUSIONS, FusionClassifier, LayerEmbeddings, fingerprint_texts
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two on a shared CPU, where idle-spinning threads wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = dict(epochs=15, hidden=32, proj_dim=16, batch_size=32, lr=1e-2, seed=0)

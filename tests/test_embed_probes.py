@@ -5,20 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tiny_models import one_thread  # noqa: F401 (a fixture)
+
 from laet_fast import select_layers
 from laet_fast.embed import BatchedProbe, ProbeConfig, encode_labels, probe_layers
 from laet_fast.embed.split import stratified_folds, stratified_split
 from laet_fast.selection import laet_keep
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two on a shared CPU, where idle-spinning threads wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n=300, layers=5, hidden=12, signal_layer=None, seed=0, classes=2):
@@ -69,7 +64,7 @@ def test_batched_probes_equal_probes_trained_one_by_one(probe, hidden):
     torch.testing.assert_close(batched.mean.double(), mean, rtol=1e-6, atol=1e-6)
     logits = batched(x)
     for i in range(4):
-        init = [m for m in initial.head(i).net if isinstance(m, torch.nn.Linear)]
+        init = [m for m in initial.head(i).mlp if isinstance(m, torch.nn.Linear)]
         alone = train_alone(init, x[:, i], y, mean[i], std[i], config, torch.Generator().manual_seed(config.seed))
         with torch.no_grad():
             torch.testing.assert_close(logits[:, i], alone(x[:, i]), rtol=2e-4, atol=2e-4)

@@ -2,16 +2,12 @@
 import pytest
 import torch
 
+from tiny_models import one_thread  # noqa: F401 (a fixture)
+
 from laet_fast.kernels.pooling import POOLING_MODES, masked_pool, masked_pool_reference
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two on a shared CPU, where idle-spinning threads wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -1,5 +1,19 @@
 """Tiny transformers models with random weights, one per supported architecture, for the tests."""
+import pytest
 import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is faster than two on a shared CPU, where idle-spinning threads wait.
+
+    A test module opts in with ``from tiny_models import one_thread`` and
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # Small configs with random weights, one per supported architecture. Sizes are odd on purpose
 # (hidden sizes that are not powers of two) and tiny so that the interpreter stays fast.

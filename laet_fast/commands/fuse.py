@@ -6,9 +6,10 @@ import os
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands._embedding_options import (FUSION_CHOICES, add_embedding_arguments, check_embedding_arguments, check_output,
-                                                   embed, one_line)
+from laet_fast.commands._embedding_options import (FUSION_CHOICES, add_embedding_arguments, check_embedding_arguments,
+                                                   embed)
 from laet_fast.commands._labeled_data import read_labeled
+from laet_fast.commands._options import check_output, one_line
 
 
 def register(subparsers) -> None:

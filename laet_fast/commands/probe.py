@@ -1,13 +1,12 @@
 """``laet-fast probe``: a probe per layer on pooled embeddings; accuracy, F1, and the layers LAET keeps."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands._embedding_options import (add_embedding_arguments, check_embedding_arguments, check_output,
-                                                   embed, one_line)
+from laet_fast.commands._embedding_options import add_embedding_arguments, check_embedding_arguments, embed
 from laet_fast.commands._labeled_data import read_labeled
+from laet_fast.commands._options import check_output, check_plot, one_line
 
 
 def register(subparsers) -> None:
@@ -44,16 +43,7 @@ def run(args) -> int:
     if args.margin < 0:
         raise UsageError(f"--margin must be >= 0, got {args.margin}.")
     check_output(args.json, "--json")
-    check_output(args.plot, "--plot")
-    if args.plot is not None:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("--plot needs matplotlib: pip install matplotlib")
-        from laet_fast.scores import plot_format
-
-        try:
-            plot_format(args.plot)
-        except ValueError as err:
-            raise UsageError(f"--plot {err}") from None
+    check_plot(args.plot)
 
     from laet_fast.embed import encode_labels, probe_layers
     from laet_fast.selection import select_layers

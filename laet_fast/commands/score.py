@@ -1,15 +1,17 @@
 """``laet-fast score``: score every transformer block of a model on a few batches of text."""
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
 import os
 import sys
 
 from laet_fast.cli import UsageError
+from laet_fast.commands._options import (add_device_arguments, add_model_and_data_arguments, check_at_least_one,
+                                         check_output, check_plot, load_model, one_line)
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+# impact.py and merge.py import these two from here.
+_check_output, _one_line = check_output, one_line
 
 
 def register(subparsers) -> None:
@@ -24,12 +26,10 @@ def register(subparsers) -> None:
             "the demo model (SmolLM2-135M) and the demo data (Rotten Tomatoes review sentences) are used."
         ),
     )
-    parser.add_argument("--model", metavar="PATH", default=None,
-                        help="save_pretrained folder or .gguf file (default: the demo SmolLM2-135M)")
-    parser.add_argument("--data", metavar="PATH", default=None,
-                        help=".txt (one text per line), .csv/.tsv, .jsonl, optionally .bz2/.gz "
-                             "(default: the demo Rotten Tomatoes sentences)")
-    parser.add_argument("--text-column", default="text", help="csv column / jsonl key holding the texts (default: text)")
+    add_model_and_data_arguments(
+        parser, model_help="save_pretrained folder or .gguf file (default: the demo SmolLM2-135M)",
+        data_help=".txt (one text per line), .csv/.tsv, .jsonl, optionally .bz2/.gz (default: the demo Rotten "
+                  "Tomatoes sentences)")
     parser.add_argument("--batches", type=int, default=8, help="number of batches to run (default: 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per batch (default: 8)")
     parser.add_argument("--max-length", type=int, default=64,
@@ -40,30 +40,13 @@ def register(subparsers) -> None:
                              "batch; no weight gradient is stored)")
     parser.add_argument("--layers", metavar="PATH", default=None,
                         help="dotted path of the block list (e.g. model.layers), when not found automatically")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="model dtype; auto (default) = float32 on CPU, bfloat16 (float16) on GPU")
+    add_device_arguments(parser)
     parser.add_argument("--json", metavar="OUT", default=None,
                         help="also write the scores to this JSON file, with what was scored (model, data, batches, "
                              "max length, version, date)")
     parser.add_argument("--plot", metavar="OUT.png", default=None,
                         help="also plot the scores to this file; its suffix sets the format (.png, .jpg, .pdf, .svg...)")
     parser.set_defaults(func=run)
-
-
-def _check_output(path: str | None, option: str) -> None:
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{option} {path}: folder {folder} does not exist.")
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path} is a folder; give a file name.")
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _metadata(args, device, batches: int, max_length: int, texts: int) -> dict:
@@ -84,46 +67,27 @@ def _metadata(args, device, batches: int, max_length: int, texts: int) -> dict:
 
 
 def run(args) -> int:
-    for option, value in (("--batches", args.batches), ("--batch-size", args.batch_size),
-                          ("--max-length", args.max_length)):
-        if value < 1:
-            raise UsageError(f"{option} must be at least 1, got {value}.")
-    _check_output(args.json, "--json")
-    _check_output(args.plot, "--plot")
-    if args.plot is not None:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("--plot needs matplotlib: pip install matplotlib")
-        from laet_fast.scores import plot_format
-
-        try:
-            plot_format(args.plot)
-        except ValueError as err:
-            raise UsageError(f"--plot {err}") from None
+    check_at_least_one(batches=args.batches, batch_size=args.batch_size, max_length=args.max_length)
+    check_output(args.json, "--json")
+    check_plot(args.plot)
 
     # Heavy imports only once the arguments are known to be sane.
     import torch
     from tqdm.auto import tqdm
 
-    from laet_fast.loading import iter_batches, load_model_and_tokenizer, load_texts, resolve_device
+    from laet_fast.loading import iter_batches, load_texts
     from laet_fast.probe import LayerProbe
 
     try:
-        device = resolve_device(args.device)
         texts = load_texts(args.data, column=args.text_column, limit=args.batches * args.batch_size)
     except ValueError as err:
-        raise UsageError(_one_line(err)) from None
-
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-    except ValueError as err:
-        raise UsageError(_one_line(err)) from None
-    except OSError as err:
-        raise UsageError(f"cannot load the model from {args.model}: {_one_line(err)}") from None
+        raise UsageError(one_line(err)) from None
+    model, tokenizer, device = load_model(args.model, args)
 
     try:
         probe = LayerProbe(model, layers=args.layers, grad_norms=args.grad_norms)
     except ValueError as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
 
     max_length = args.max_length
     positions = getattr(model.config, "max_position_embeddings", None)

@@ -67,19 +67,36 @@ def _layer_seed(seed: int, layer: int) -> int:
 
 
 class ProbeHead(nn.Module):
-    """One probe on its own: raw pooled features ``[B, H]`` -> logits ``[B, C]``, standardization included."""
+    """One probe on its own: standardize pooled features, then an MLP: float [B, H] -> logits float32 [B, C].
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, linears: Sequence[nn.Linear]):
+    ``mean`` / ``std`` [H] come from the training features (LAET's probe standardization): block outputs
+    differ in scale by orders of magnitude between blocks, so the MLP sees unit-scale inputs. ``hidden``
+    are the MLP's hidden widths (``()``: a linear probe). ``BatchedProbe.head`` makes one from a trained
+    probe; LAET's trainer (``laet_fast.train``) puts one on each selected block and saves it by ``spec``.
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int, hidden: Sequence[int] = (),
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("mean", mean.clone())
-        self.register_buffer("std", std.clone())
-        modules: list[nn.Module] = []
-        for k, linear in enumerate(linears):
-            modules += [linear] if k == len(linears) - 1 else [linear, nn.ReLU()]
-        self.net = nn.Sequential(*modules)
+        self.register_buffer("mean", torch.zeros(hidden_size) if mean is None else mean.detach().float().clone())
+        self.register_buffer("std", torch.ones(hidden_size) if std is None else std.detach().float().clone())
+        self.hidden = tuple(int(h) for h in hidden)
+        dims = (hidden_size, *self.hidden, num_classes)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers += [nn.Linear(a, b)] if i == len(dims) - 2 else [nn.Linear(a, b), nn.ReLU()]
+        self.mlp = nn.Sequential(*layers)
+
+    def spec(self) -> dict:
+        """The constructor's sizes, as JSON: ``ProbeHead.from_spec(spec)`` rebuilds the module (weights apart)."""
+        return {"hidden_size": self.mean.numel(), "num_classes": self.mlp[-1].out_features, "hidden": list(self.hidden)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "ProbeHead":
+        return cls(spec["hidden_size"], spec["num_classes"], tuple(spec["hidden"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x.to(self.mean.dtype) - self.mean) / self.std)
+        return self.mlp(((x.float() - self.mean) / self.std).to(self.mlp[0].weight.dtype)).float()
 
 
 class BatchedProbe(nn.Module):
@@ -138,14 +155,14 @@ class BatchedProbe(nn.Module):
         """A standalone, trainable copy of probe ``i``: raw features ``[B, H]`` -> logits ``[B, C]``."""
         if not 0 <= i < self.num_layers:
             raise ValueError(f"probe index {i} is out of range 0..{self.num_layers - 1}.")
-        linears = []
-        for w, b in zip(self.weights, self.biases):
-            linear = nn.Linear(w.shape[1], w.shape[2], device=w.device, dtype=w.dtype)
-            with torch.no_grad():
+        hidden = self.config.hidden if self.config.probe == "mlp" else ()
+        head = ProbeHead(self.in_features, self.num_classes, hidden, self.mean[i], self.std[i]).to(self.mean.device)
+        linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            for linear, w, b in zip(linears, self.weights, self.biases):
                 linear.weight.copy_(w[i].T)
                 linear.bias.copy_(b[i])
-            linears.append(linear)
-        return ProbeHead(self.mean[i], self.std[i], linears)
+        return head
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over layers of each probe's mean cross-entropy: probe i's gradient is that of its own loss."""

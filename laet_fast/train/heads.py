@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..embed.probes import ProbeHead
 from ..layers import find_layers
 from ..probe import _first_tensor
 
@@ -24,46 +25,10 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return masked_pool(hidden, mask, mode=POOLING)
 
 
-class ProbeHead(nn.Module):
-    """Standardize pooled features, then an MLP: float [B, H] -> logits float32 [B, C].
-
-    ``mean`` / ``std`` [H] come from the training features (LAET's probe standardization); block
-    outputs differ in scale by orders of magnitude between blocks, so a head sees unit-scale inputs.
-    """
-
-    def __init__(self, hidden_size: int, num_classes: int, hidden: tuple[int, ...] = (),
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(hidden_size) if mean is None else mean.detach().float().clone())
-        self.register_buffer("std", torch.ones(hidden_size) if std is None else std.detach().float().clone())
-        dims = (hidden_size, *hidden, num_classes)
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2:
-                layers.append(nn.ReLU())
-        self.mlp = nn.Sequential(*layers)
-        self.hidden = tuple(hidden)
-
-    def spec(self) -> dict:
-        return {"hidden_size": self.mean.numel(), "num_classes": self.mlp[-1].out_features, "hidden": list(self.hidden)}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> "ProbeHead":
-        return cls(spec["hidden_size"], spec["num_classes"], tuple(spec["hidden"]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(((x.float() - self.mean) / self.std).to(self.mlp[0].weight.dtype)).float()
-
-
 def head_from_probe(probes, index: int) -> ProbeHead:
     """Probe ``index`` of LAET's sweep (a ``laet_fast.embed.BatchedProbe``) as a trainable head, starting
     from the probe's trained weights and standardization: raw pooled features [B, H] -> logits [B, C]."""
-    probe = probes.head(index)
-    widths = [m.out_features for m in probe.net if isinstance(m, nn.Linear)]
-    head = ProbeHead(probe.mean.numel(), widths[-1], tuple(widths[:-1]), probe.mean, probe.std)
-    head.mlp.load_state_dict(probe.net.state_dict())
-    return head
+    return probes.head(index)
 
 
 def vote(logits: torch.Tensor) -> torch.Tensor:
