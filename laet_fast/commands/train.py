@@ -82,6 +82,21 @@ def _one_line(err: BaseException) -> str:
 
 
 def run(args) -> int:
+    if not args.no_progress:
+        return _run(args)
+    # --no-progress silences transformers' bars too (loading, writing shards): stderr keeps our lines only.
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _run(args)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _run(args) -> int:
     from laet_fast.train.config import TrainConfig
 
     demo_data = args.data is None

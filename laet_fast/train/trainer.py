@@ -70,6 +70,17 @@ def _digest(data: TextData) -> str:
     return hasher.hexdigest()[:16]
 
 
+def _weights_digest(model, samples: int = 4096) -> str:
+    """A digest of the model's weights as loaded: every tensor's name, shape and a strided sample of its values
+    (another model of the same shape, saved in the same folder, differs here)."""
+    hasher = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples)].to("cpu", torch.float32)
+        hasher.update(f"{name}{tuple(tensor.shape)}".encode() + sample.numpy().tobytes())
+    return hasher.hexdigest()[:16]
+
+
 def _finite(value: torch.Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(value)).all())
 
@@ -103,14 +114,18 @@ class Trainer:
         self.layers = layers
         self.scores = None
         self.log_path = os.path.join(config.out, LOG)
+        self._weights = None
 
     # ------------------------------------------------------------------ set-up
     def fingerprint(self) -> dict:
         """What makes two runs the same run; a checkpoint from a run with another fingerprint is refused."""
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES}
         mc = self.model.config
+        if self._weights is None:
+            self._weights = _weights_digest(self.model)
         return {
             "model": self.model_name,
+            "model_weights": self._weights,
             "model_shape": [mc.model_type, getattr(mc, "num_hidden_layers", None), getattr(mc, "hidden_size", None),
                             getattr(mc, "vocab_size", None)],
             "classes": self.classes,
@@ -178,6 +193,7 @@ class Trainer:
             raise ValueError(f"--out {cfg.out} holds another run (log.jsonl or checkpoints); resume it with --resume, "
                              f"or choose another --out folder.")
         os.makedirs(cfg.out, exist_ok=True)
+        self.fingerprint()  # the weights' digest, taken before training changes them
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         cuda = torch.cuda.is_available()

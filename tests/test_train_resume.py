@@ -1,0 +1,370 @@
+"""Checkpoints and resume: a killed run resumes to the straight run's losses, cut saves, wrong checkpoints refused.
+
+Runs go through ``laet-fast train`` on a tiny random llama saved as a folder (train_fixtures), fp32
+on the CPU with one thread, so that a resumed run can be compared step by step with a run that was
+never interrupted (to 1e-6 relative).
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train_fixtures import labelled_texts, save_model, write_csv
+from laet_fast.cli import main
+from laet_fast.train import checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The run the tests interrupt: 12 steps, a checkpoint every 4 (keep 2).
+BASE = ["--max-steps", "12", "--batch-size", "4", "--max-length", "16",
+        "--lr", "1e-3", "--save-every", "4", "--keep", "2", "--eval-every", "6", "--score-batches", "2",
+        "--no-progress"]
+VARIANTS = {
+    "plain": ["--method", "last", "--k", "2"],
+    # Re-selection every 2 steps by IR-Tuning's variance split of gradient norms: on this model and data the
+    # selection moves from [0] to [1] at step 10 and back at 12, so the checkpoint at 12 holds a block
+    # trained earlier and frozen since.
+    "reselect": ["--method", "grad_norm", "--splits", "2", "--reselect-every", "2", "--lr", "2e-4",
+                 "--max-steps", "16"],
+    "nf4": ["--quantize-frozen", "nf4", "--method", "1,3"],
+}
+
+# Runs `laet-fast train` with every training batch slowed down (so that a test can kill it between two
+# steps) and, with LAET_TEST_HANG_SAVE=N, hanging in save N after its first file is written.
+WRAPPER = r"""
+import os, sys, time
+import laet_fast.train.data as data
+import laet_fast.train.checkpoints as checkpoints
+
+delay = float(os.environ.get("LAET_TEST_DELAY", "0"))
+real_at = data.Batches.at
+data.Batches.at = lambda self, position: (time.sleep(delay), real_at(self, position))[1]
+hang, saves, written = int(os.environ.get("LAET_TEST_HANG_SAVE", "0")), [], []
+real_save, real_write = checkpoints.save, checkpoints._write_file
+
+def save(*args, **kwargs):
+    saves.append(1)
+    return real_save(*args, **kwargs)
+
+def write_file(path, write):
+    real_write(path, write)
+    if len(saves) == hang:
+        open(os.environ["LAET_TEST_MARK"], "w").close()
+        time.sleep(600)
+
+checkpoints.save, checkpoints._write_file = save, write_file
+from laet_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    texts, labels = labelled_texts(72, 11)
+    return {"model": save_model(root / "model", layers=4), "data": write_csv(root / "data.csv", texts, labels),
+            "root": root}
+
+
+def args_of(files, out, extra=VARIANTS["plain"], resume=False):
+    return ["train", "--model", files["model"], "--data", files["data"], *BASE, *extra, "--out", str(out)] + \
+        (["--resume"] if resume else [])
+
+
+def train_in_process(argv):
+    """`laet-fast train` in this process, on one thread like the subprocesses; returns the exit code."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def assert_same_run(log, straight):
+    """One entry per step, each step's loss (and lr, gradient norm, selection, eval) the straight run's."""
+    assert [e["step"] for e in log] == [e["step"] for e in straight] == list(range(1, len(straight) + 1))
+    for got, want in zip(log, straight):
+        assert set(got) == set(want), got["step"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=0), got["step"]
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-9, abs=0)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5, abs=1e-9)
+        assert got.get("selection") == want.get("selection") and got["tokens"] == want["tokens"]
+        if "eval" in want:
+            assert got["eval"] == pytest.approx(want["eval"], rel=1e-5, abs=1e-7)
+
+
+def folder_digest(path):
+    """sha256 of every file under ``path`` (relative name + bytes)."""
+    digest = hashlib.sha256()
+    for base, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            full = os.path.join(base, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def straight_run(files, variant, cache={}):
+    """The log of the variant's uninterrupted run (once per variant and session)."""
+    if variant not in cache:
+        out = files["root"] / f"straight-{variant}"
+        assert train_in_process(args_of(files, out, VARIANTS[variant])) == 0
+        cache[variant] = read_log(out)
+    return cache[variant]
+
+
+def start(files, out, extra, env_extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LAET_FAST_BACKEND": "torch",
+           "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"), **env_extra}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-c", WRAPPER, *args_of(files, out, extra)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, ready, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (code {proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def kill(proc):
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def logged_steps(out):
+    try:
+        with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as handle:
+            return sum(1 for line in handle if line.endswith("\n"))
+    except FileNotFoundError:
+        return 0
+
+
+def sigkill_between_steps(files, variant):
+    """Kill the run with SIGKILL two steps after its first checkpoint (step 4); then resume it."""
+    out = files["root"] / f"killed-{variant}"
+    proc = start(files, out, VARIANTS[variant], {"LAET_TEST_DELAY": "0.15"})
+    wait_for(proc, lambda: checkpoints.latest(str(out)) is not None and logged_steps(out) >= 6,
+             "a checkpoint and two more steps")
+    kill(proc)
+    saved = checkpoints.latest(str(out))
+    assert saved.endswith("step-00000004")
+    assert 6 <= logged_steps(out) < 10  # the log ran past the checkpoint: resume must drop those lines
+    assert train_in_process(args_of(files, out, VARIANTS[variant], resume=True)) == 0
+    return out
+
+
+def test_sigkilled_run_resumes_to_the_straight_runs_losses(files):
+    out = sigkill_between_steps(files, "plain")
+    assert_same_run(read_log(out), straight_run(files, "plain"))
+    assert json.load(open(out / "report.json"))["steps"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["reselect", "nf4"])
+def test_sigkilled_run_resumes_exactly_with_reselection_and_nf4(files, variant):
+    if variant == "nf4":
+        pytest.importorskip("bitsandbytes")
+    out = sigkill_between_steps(files, variant)
+    straight = straight_run(files, variant)
+    if variant == "reselect":
+        assert [(e["step"], e["selection"]) for e in straight if "selection" in e][:2] == [(10, [1]), (12, [0])]
+    assert_same_run(read_log(out), straight)
+
+
+@pytest.mark.parametrize("variant", ["plain", "reselect", "nf4"])
+def test_resume_after_a_crash_in_process(files, variant, monkeypatch):
+    """A run that dies at step 7 (14 for re-selection: an exception in the batch stream) resumes from the last
+    checkpoint, step 4 (12), to the straight run."""
+    if variant == "nf4":
+        pytest.importorskip("bitsandbytes")
+    import laet_fast.train.data as data
+
+    out = files["root"] / f"crashed-{variant}"
+    real_at, calls = data.Batches.at, []
+    crash, saved = (14, 12) if variant == "reselect" else (7, 4)
+
+    def crashing(self, position):
+        calls.append(position)
+        if len(calls) == 2 + crash:  # 2 scoring batches, then the crashing step's batch
+            raise RuntimeError("crash")
+        return real_at(self, position)
+
+    monkeypatch.setattr(data.Batches, "at", crashing)
+    with pytest.raises(RuntimeError, match="crash"):
+        train_in_process(args_of(files, out, VARIANTS[variant]))
+    monkeypatch.setattr(data.Batches, "at", real_at)
+    assert logged_steps(out) == crash - 1 and checkpoints.latest(str(out)).endswith(f"step-{saved:08d}")
+    if variant == "reselect":
+        meta = checkpoints.load(checkpoints.latest(str(out)))[1]
+        assert meta["selection"]["layers"] == [0] and meta["ever_trained"] == [0, 1]
+    assert train_in_process(args_of(files, out, VARIANTS[variant], resume=True)) == 0
+    assert_same_run(read_log(out), straight_run(files, variant))
+
+
+def test_a_save_cut_half_way_leaves_the_last_checkpoint_intact(files, monkeypatch):
+    out = files["root"] / "cut-save"
+    real_write, written = checkpoints._write_file, []
+
+    def failing(path, write):
+        if "step-00000008.tmp" in path and written:
+            raise OSError("disk gone")
+        real_write(path, write)
+        if "step-00000008.tmp" in path:
+            written.append(path)
+
+    monkeypatch.setattr(checkpoints, "_write_file", failing)
+    good = {}
+    real_save = checkpoints.save
+
+    def save(run_dir, step, *args, **kwargs):
+        if step == 8:  # what the last good checkpoint holds, byte for byte, before the cut save
+            good["digest"] = folder_digest(checkpoints.latest(run_dir))
+        return real_save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save", save)
+    with pytest.raises(OSError, match="disk gone"):
+        train_in_process(args_of(files, out))
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    monkeypatch.setattr(checkpoints, "_write_file", real_write)
+    root = out / "checkpoints"
+    assert sorted(os.listdir(root)) == ["step-00000004", "step-00000008.tmp"] and len(written) == 1
+    assert checkpoints.latest(str(out)) == str(root / "step-00000004")
+    assert folder_digest(root / "step-00000004") == good["digest"]
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    assert_same_run(read_log(out), straight_run(files, "plain"))
+    assert not (root / "step-00000008.tmp").exists()  # the resumed run wrote step 8 again, cleanly
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_save(files):
+    """SIGKILL while save 2 (step 8) hangs after its first file: step 4 is intact and resume starts there."""
+    out = files["root"] / "killed-in-save"
+    mark = files["root"] / "in-save"
+    proc = start(files, out, VARIANTS["plain"], {"LAET_TEST_HANG_SAVE": "2", "LAET_TEST_MARK": str(mark)})
+    wait_for(proc, mark.exists, "the second save")
+    before = folder_digest(out / "checkpoints" / "step-00000004")
+    kill(proc)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000004", "step-00000008.tmp"]
+    assert folder_digest(out / "checkpoints" / "step-00000004") == before
+    assert checkpoints.latest(str(out)).endswith("step-00000004")
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    assert_same_run(read_log(out), straight_run(files, "plain"))
+
+
+# ---------------------------------------------------------------- refusals
+@pytest.fixture(scope="module")
+def saved_run(files):
+    """A finished run with checkpoints at steps 4 and 8 (its folder is copied by each refusal test)."""
+    out = files["root"] / "saved"
+    assert train_in_process(args_of(files, out)) == 0
+    return out
+
+
+def copy_run(saved_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    return out
+
+
+def other_model(files):
+    folder = files["root"] / "other-model"
+    if not folder.exists():
+        save_model(folder, layers=4, seed=1)
+    return str(folder)
+
+
+@pytest.mark.parametrize("change, key", [
+    (["--lr", "2e-3"], "lr"),
+    (["--batch-size", "6"], "batch_size"),
+    (["--k", "1"], "k"),
+    (["--method", "0,1"], "method"),
+    (["--seed", "1"], "seed"),
+    (["--quantize-frozen", "int8"], "quantize_frozen"),
+    (["--max-length", "12"], "max_length"),
+])
+def test_a_checkpoint_of_another_config_is_refused_naming_the_key(files, saved_run, tmp_path, capsys, change, key):
+    out = copy_run(saved_run, tmp_path)
+    before = folder_digest(out)
+    assert train_in_process(args_of(files, out, VARIANTS["plain"] + change, resume=True)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume from" in err[0] and f"{key}: checkpoint " in err[0], err
+    assert folder_digest(out) == before
+
+
+def test_a_checkpoint_of_another_model_task_or_data_is_refused(files, saved_run, tmp_path, capsys):
+    out = copy_run(saved_run, tmp_path)
+    before = folder_digest(out)
+    # Another model at another path.
+    argv = args_of(files, out, resume=True)
+    argv[argv.index("--model") + 1] = other_model(files)
+    assert train_in_process(argv) == 2
+    assert "model: checkpoint" in capsys.readouterr().err
+    # Another task.
+    argv = args_of(files, out, VARIANTS["plain"] + ["--task", "lm"], resume=True)
+    assert train_in_process(argv) == 2
+    err = capsys.readouterr().err
+    assert "task: checkpoint \"classify\", this run \"lm\"" in err and "classes: checkpoint" in err
+    # Other data.
+    texts, labels = labelled_texts(72, 12)
+    argv = args_of(files, out, resume=True)
+    argv[argv.index("--data") + 1] = write_csv(tmp_path / "other.csv", texts, labels)
+    assert train_in_process(argv) == 2
+    assert "train_data: checkpoint" in capsys.readouterr().err
+    assert folder_digest(out) == before
+
+
+def test_another_model_with_the_same_path_and_shape_is_refused(files, saved_run, tmp_path, capsys):
+    """Other weights in the same folder (a model re-saved, or replaced): the weights' digest differs."""
+    import shutil
+
+    out = copy_run(saved_run, tmp_path)
+    model_dir = tmp_path / "model"
+    shutil.copytree(files["model"], model_dir)
+    argv = args_of({**files, "model": str(model_dir)}, out, resume=True)
+    # The copied model under a new path would differ by name; give the checkpoint this path's name.
+    for path in checkpoints.complete(str(out)):
+        meta_path = os.path.join(path, checkpoints.META)
+        meta = json.load(open(meta_path))
+        meta["fingerprint"]["model"] = os.path.abspath(model_dir)
+        json.dump(meta, open(meta_path, "w"))
+    shutil.rmtree(model_dir)
+    save_model(model_dir, layers=4, seed=5)
+    assert train_in_process(argv) == 2
+    err = capsys.readouterr().err
+    assert "model_weights: checkpoint" in err and "model: checkpoint" not in err
+
+
+def test_resumable_changes_are_accepted(files, saved_run, tmp_path):
+    """Where to write, how often to evaluate and how many checkpoints to keep may change on resume."""
+    out = copy_run(saved_run, tmp_path)
+    assert train_in_process(args_of(files, out, VARIANTS["plain"] + ["--eval-every", "3", "--keep", "3"],
+                                    resume=True)) == 0
+    log = read_log(out)
+    assert [e["step"] for e in log] == list(range(1, 13))
+    assert "eval" in log[8] and "eval" not in log[2]  # steps after the checkpoint evaluate every 3
