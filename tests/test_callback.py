@@ -156,3 +156,51 @@ def test_bad_arguments_are_refused():
         LaetCallback(method="lisa")
     with pytest.raises(ValueError, match="quantization"):
         LaetCallback(quantize_frozen="nf3")
+
+
+def test_laet_chooses_by_probes_and_trains_the_model_head(tmp_path):
+    import copy
+
+    from laet_fast import select_layers
+    from laet_fast.embed import layer_embeddings, probe_layers
+    from trainer_cases import ClassRows
+
+    model = tiny_model("llama", head="seqcls", seed=6, num_hidden_layers=4).train()
+    reference = copy.deepcopy(model).eval()
+    path = find_layers(model).path
+    before = snapshot(model)
+    data = ClassRows(rows=24, seed=3)
+    callback = LaetCallback(method="laet", score_batches=4)
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=4,
+                                                                   eval_strategy="steps", eval_steps=2),
+                                   train_dataset=data, eval_dataset=ClassRows(rows=4, seed=4), callbacks=[callback])
+    trainer.train()
+    # Independent reference: the first 16 rows (sequential sampler) pooled in one pass, probed with the same seed.
+    rows = [data[i] for i in range(16)]
+    emb = layer_embeddings(reference, [{"input_ids": torch.stack([r["input_ids"] for r in rows]),
+                                        "attention_mask": torch.stack([r["attention_mask"] for r in rows])}],
+                           progress=False)
+    want = probe_layers(emb, torch.stack([r["labels"] for r in rows]), seed=0)
+    assert callback.scores["probe_loss"] == pytest.approx(want["probe_loss"], rel=1e-3)
+    assert callback.scores["probe_acc"] == want["probe_acc"]
+    chosen = set(callback.selection.layers)
+    assert callback.selection.layers == select_layers(want, strategy="laet").layers and chosen
+    after = dict(model.named_parameters())
+    for name, old in before.items():
+        block = block_of(name, path)
+        changed = not torch.equal(after[name], old)
+        if block is None:  # the score head trains, embeddings and final norm stay
+            assert changed == name.startswith("score."), name
+        else:
+            assert changed == (block in chosen), name
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 2
+    logged = next(h for h in trainer.state.log_history if "laet/num_selected" in h)
+    assert logged["laet/probe_acc/layer_0"] == pytest.approx(want["probe_acc"][0])
+
+
+def test_laet_refuses_token_labels(tmp_path):
+    model = tiny_model("llama", seed=0).train()
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenRows(),
+                                   callbacks=[LaetCallback(method="laet")])
+    with pytest.raises(ValueError, match="one class label per row.*classification dataset"):
+        trainer.train()

@@ -25,6 +25,14 @@ class TokenRows(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+class ClassRows(TokenRows):
+    """The same token rows, each with one class label (0, 1 or 2, from its first token): a classification dataset."""
+
+    def __getitem__(self, i):
+        ids, mask = self.ids[i], self.mask[i]
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids[0] % 3}
+
+
 def training_args(out_dir, **overrides):
     from transformers import TrainingArguments
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from ..apply import apply_selection
+from ..distributed import broadcast_object, gather_rows
 from ..layers import find_layers
 from ..quantize import mode_name
 from ..reselect import Reselector
@@ -62,7 +63,9 @@ class LaetCallback(TrainerCallback):
         history: ``(global_step, Selection)`` for the first selection and every re-selection.
 
     The Trainer's batches must hold ``input_ids`` and ``attention_mask``; ``"laet"`` also needs a
-    classification dataset (its ``labels``, one class per row).
+    classification dataset (integer ``labels``, one class per row): its probes choose the blocks, and the
+    model's own task head (``score`` / ``classifier``) trains with them. The probes are not kept as heads,
+    as ``laet_fast.Trainer`` keeps them: the Trainer computes the model's own loss.
     """
 
     def __init__(self, method="grad_norm", k: int | None = None, reselect_every: int | None = None,
@@ -96,15 +99,15 @@ class LaetCallback(TrainerCallback):
         self._refuse_sharding()
         num_layers = len(find_layers(model))
         batches = self._first_batches(train_dataloader, model)
-        labels = None
         if self.method == "laet":
-            if any("labels" not in b for b in batches):
-                raise ValueError("LaetCallback(method='laet') trains a probe per block on the class labels; the "
-                                 "Trainer's batches have no 'labels'. Use a classification dataset.")
-            labels = torch.cat([b["labels"].reshape(-1).cpu() for b in batches])
-        texts = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
-        self.scores = score_layers(model, texts, self.method, labels=labels)
+            self.scores = self._score_laet(model, batches)
+        else:
+            texts = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
+            self.scores = score_layers(model, texts, self.method)
         selection = choose_layers(self.scores, self.method, k=self.k, num_layers=num_layers, **self.select_kwargs)
+        # Every rank scored the same global statistics; rank 0's choice is handed to all, so that no rounding
+        # difference between ranks can make them train different blocks.
+        self.scores, selection = broadcast_object((self.scores, selection))
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         apply_selection(model, selection, quantize_frozen=self.quantize_frozen, dtype=dtype)
         model.zero_grad(set_to_none=True)
@@ -176,6 +179,41 @@ class LaetCallback(TrainerCallback):
                 getattr(self._trainer, "is_deepspeed_enabled", False) or getattr(self._trainer, "is_fsdp_enabled", False):
             raise NotImplementedError("LaetCallback works on one device and under DDP; FSDP and DeepSpeed shard "
                                       "the blocks it freezes and quantizes (see the README's Integrations).")
+
+    def _score_laet(self, model, batches):
+        """LAET's probe sweep on the scoring batches of every rank: pooled block outputs, one probe per block.
+
+        Each rank pools its own rows; the rows of each batch are then gathered in rank order, which under
+        the Trainer's sharding (rank r holds the r-th slice of each global batch) is the global batch's own
+        order, so the probes see the rows one process would, in the same order.
+        """
+        from ..embed import layer_embeddings, probe_layers
+
+        for batch in batches:
+            labels = batch.get("labels")
+            if labels is None or labels.dim() != 1 or labels.is_floating_point():
+                shape = "none" if labels is None else f"{labels.dtype} {list(labels.shape)}"
+                raise ValueError("LaetCallback(method='laet') trains a probe per block on one class label per row; "
+                                 f"the Trainer's batches have labels {shape} (a causal-LM dataset has one label per "
+                                 "token). Use a classification dataset (e.g. AutoModelForSequenceClassification "
+                                 "with an integer 'labels' column), or another method.")
+        count = int(gather_rows(torch.tensor([len(batches)])).min())  # ranks must gather the same number of times
+        batches = batches[:count]
+        was_training = model.training
+        model.eval()  # no dropout in the features the probes are trained on
+        try:
+            emb = layer_embeddings(model, [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+                                           for b in batches], progress=False)
+        finally:
+            model.train(was_training)
+        features = emb.as_subclass(torch.Tensor)
+        rows, labels, start = [], [], 0
+        for batch in batches:
+            n = batch["input_ids"].shape[0]
+            rows.append(gather_rows(features[start:start + n]))
+            labels.append(gather_rows(batch["labels"].cpu()))
+            start += n
+        return probe_layers(torch.cat(rows), torch.cat(labels), seed=self.select_kwargs.get("seed", 0))
 
     def _first_batches(self, dataloader, model) -> list[dict]:
         if dataloader is None:
