@@ -1,9 +1,11 @@
 """SPEAR-MM real check: domain-tune SmolLM2-135M on movie reviews, then restore blocks toward the base.
 
 1. Domain-tune the demo model (SmolLM2-135M-Instruct) on Rotten Tomatoes review sentences with
-   a short explicit AdamW loop, twice: full fine-tuning, and only the blocks that IR-Tuning's
-   grad_norm variance split selects (``apply_selection``, no quantization, so frozen blocks stay
-   exactly the base's).
+   ``laet_fast.Trainer(TrainConfig(task="lm", ...))`` (next-token loss, AdamW, linear decay, gradient
+   clipping at 1), twice: method ``all`` (every block trained: full fine-tuning of the blocks; the
+   trainer keeps embeddings, final norm and LM head frozen), and method ``grad_norm`` (the blocks
+   IR-Tuning's variance split picks; frozen blocks are not quantized, so they stay the base's). The
+   trainer's export (``OUT/model``) is what ``layer_impact`` and ``restore`` read.
 2. General English: perplexity on the Lee background corpus (300 news articles from the
    Australian Broadcasting Corporation) that gensim ships as test data; never used for training.
    Install it with ``pip install --no-deps gensim`` (only the data file is read).
@@ -14,12 +16,14 @@
 5. Retention = general perplexity of the base / of the model (1 = nothing forgotten); domain gain
    kept = (base - model) / (base - tuned) domain perplexity, and the same for the probe accuracy.
 
-Writes ``benchmarks/results/spear_check.{json,md,png}``. The committed results come from this
-smoke-sized run (about 10 minutes on two lightly shared cores; the defaults are larger, closer to
-an hour on a busy CPU):
+Writes ``benchmarks/results/spear_check.{json,md,png}`` (after each variant, so a cut run keeps the
+first). The committed results come from this run (1 thread on two cores shared with other jobs):
 
-    python benchmarks/spear_check.py --work /tmp/spear_work --steps 15 --lr 3e-4 --general-eval 16 \
-        --general-length 48 --domain-eval 32 --probe 48 --impact-texts 4 --variants full,grad_norm --threads 2
+    python benchmarks/spear_check.py --work /tmp/spear13_work --steps 40 --lr 3e-4 --general-eval 32 \
+        --general-length 64 --domain-eval 64 --probe 64 --impact-texts 8 --score-batches 4 \
+        --variants all,grad_norm --threads 1
+
+A rerun with the same ``--work`` reuses finished training runs (``run_<variant>/spear_info.json``).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import RESULTS_DIR, write_result  # noqa: E402
 
-from laet_fast import LayerProbe, apply_selection, build_optimizer, export_model, select_layers  # noqa: E402
+from laet_fast import export_model  # noqa: E402
 from laet_fast.loading import _package_folder, iter_batches, load_model_and_tokenizer, load_texts  # noqa: E402
 from laet_fast.merge import POLICIES, layer_impact, restore  # noqa: E402
 from laet_fast.merge.impact import mean_token_nll  # noqa: E402
@@ -97,37 +101,38 @@ def evaluate(folder: str, data: dict, args) -> dict:
     return {"general_ppl": math.exp(general_nll), "domain_ppl": math.exp(domain_nll), "probe_accuracy": accuracy}
 
 
-def train(base_folder: str, out: str, variant: str, data: dict, args) -> dict:
-    torch.manual_seed(args.seed)
+def train(base_folder: str, run_folder: str, variant: str, data: dict, args) -> tuple[str, dict]:
+    """Domain-tune the base with ``laet_fast.Trainer`` (task ``lm``); returns (export folder, run facts).
+
+    ``variant`` is the trainer's method: ``all`` trains every block (full fine-tuning of the blocks;
+    the trainer keeps embeddings, final norm and LM head frozen), ``grad_norm`` the blocks IR-Tuning's
+    variance split picks on the first ``score_batches`` batches. Frozen blocks are not quantized, so
+    they stay exactly the base's. The trainer's export (``OUT/model``) is what ``layer_impact`` and
+    ``restore`` read.
+    """
+    from laet_fast import Trainer, TrainConfig
+
+    saved = os.path.join(run_folder, "spear_info.json")
+    if os.path.isfile(saved):  # a rerun of this script with the same --work reuses the finished run
+        with open(saved, encoding="utf-8") as handle:
+            info = json.load(handle)
+        return info.pop("export_dir"), info
     model, tokenizer = load_model_and_tokenizer(base_folder, device="cpu")
-    info = {"variant": variant}
-    if variant == "grad_norm":
-        model.requires_grad_(False)
-        with LayerProbe(model, grad_norms=True) as probe:
-            for batch in iter_batches(tokenizer, data["train"][:2 * args.batch_size], args.batch_size, args.max_length):
-                labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-                model(**batch, labels=labels).loss.backward()
-        selection = select_layers(probe.scores(), metric="grad_norm", strategy="variance_split")
-        apply_selection(model, selection)
-        info["trained_blocks"] = list(selection.layers)
-    model.train()
-    optimizer = build_optimizer(model, "adamw", lr=args.lr)
-    losses = []
-    texts = data["train"][:args.steps * args.batch_size]
-    for step, batch in enumerate(iter_batches(tokenizer, texts, args.batch_size, args.max_length)):
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
-        if step % 20 == 0:
-            log(f"{variant} step {step}: loss {losses[-1]:.3f}")
-    model.eval()
-    (export_model(model) if variant == "grad_norm" else model).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    info.update(steps=len(losses), first_loss=losses[0], last_loss=sum(losses[-10:]) / len(losses[-10:]))
-    return info
+    config = TrainConfig(task="lm", method=variant, lr=args.lr, max_steps=args.steps, batch_size=args.batch_size,
+                         max_length=args.max_length, score_batches=args.score_batches, seed=args.seed,
+                         out=run_folder, progress=False)
+    # The trainer's own evaluation (end of run) uses the reviews that steer the policies, not the held-out ones.
+    report = Trainer(model, tokenizer, config, data["train"], eval_data=data["domain_impact"],
+                     model_name="SmolLM2-135M-Instruct").fit()
+    with open(os.path.join(run_folder, "log.jsonl"), encoding="utf-8") as handle:
+        losses = [entry["loss"] for entry in map(json.loads, handle) if entry.get("loss") is not None]
+    info = {"method": variant, "trained_blocks": report.selection, "trainable_params": report.trainable_params,
+            "steps": report.steps, "skipped_steps": report.skipped_steps, "time_per_step": report.time_per_step,
+            "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "trainer_eval": report.metrics}
+    with open(saved, "w", encoding="utf-8") as handle:
+        json.dump({**info, "export_dir": report.export_dir}, handle)
+    return report.export_dir, info
 
 
 def summarize(rows: list[dict]) -> None:
@@ -187,13 +192,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32, help="tokens per review sentence")
     parser.add_argument("--general-length", type=int, default=64, help="tokens per news article")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=2e-4, help="the trainer's peak learning rate (linear decay)")
     parser.add_argument("--general-eval", type=int, default=48, help="news articles scored")
     parser.add_argument("--domain-eval", type=int, default=96, help="held-out reviews scored")
     parser.add_argument("--probe", type=int, default=96, help="reviews in each of the probe's train and test splits")
     parser.add_argument("--impact-texts", type=int, default=8, help="texts of each kind for layer_impact")
-    parser.add_argument("--variants", default="full,grad_norm")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default="all,grad_norm", help="trainer methods, comma-separated")
+    parser.add_argument("--score-batches", type=int, default=4, help="batches grad_norm scores the blocks on")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,9 +238,8 @@ def main() -> None:
     log(f"base: {rows[0]}")
     setup = {k: v for k, v in vars(args).items() if k != "work"}
     for variant in args.variants.split(","):
-        tuned_folder = os.path.join(args.work, f"tuned_{variant}")
         started = time.time()
-        info = train(base_folder, tuned_folder, variant, data, args)
+        tuned_folder, info = train(base_folder, os.path.join(args.work, f"run_{variant}"), variant, data, args)
         info["train_seconds"] = time.time() - started
         log(f"trained {variant}: {info}")
         rows.append({"variant": variant, "model": "tuned", **info, **evaluate(tuned_folder, data, args)})

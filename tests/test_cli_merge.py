@@ -94,3 +94,23 @@ def test_merge_needs_policy_or_t(pair, tmp_path, capsys):
 def test_impact_bad_folder_is_one_line(pair, tmp_path, capsys):
     assert cli.main(["impact", "--base", pair[0], "--tuned", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_merge_of_mismatched_or_non_finite_checkpoints_is_one_line_naming_the_tensor(pair, tmp_path, capsys):
+    from tiny_models import tiny_model
+
+    wide = tiny_model("llama", seed=0, num_hidden_layers=4, intermediate_size=140)
+    wide.save_pretrained(str(tmp_path / "wide"))
+    broken = tiny_model("llama", seed=0, num_hidden_layers=4)
+    with torch.no_grad():
+        broken.model.layers[3].self_attn.o_proj.weight[0, 0] = float("nan")
+    broken.save_pretrained(str(tmp_path / "broken"))
+    capsys.readouterr()  # save_pretrained's progress bar
+    for tuned, message in ((tmp_path / "wide", "'model.layers.0.mlp.down_proj.weight' has shape"),
+                           (tmp_path / "broken", "'model.layers.3.self_attn.o_proj.weight' in .* non-finite")):
+        out = str(tmp_path / "merged")
+        assert cli.main(["merge", "--base", pair[0], "--tuned", str(tuned), "--t", "0=0.5", "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("laet-fast merge: error:") and len(err.splitlines()) == 1
+        assert __import__("re").search(message, err), err
+        assert not os.path.exists(out)

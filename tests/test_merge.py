@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -308,3 +309,43 @@ def test_missing_shard_is_named(tmp_path):
     os.remove(os.path.join(tuned_dir, shard))
     with pytest.raises(ValueError, match=f"{shard} is missing"):
         layer_impact(base_dir, tuned_dir)
+
+
+def test_non_finite_base_weights_are_named(pair, tmp_path):
+    broken = tiny_model("llama", seed=0, num_hidden_layers=4)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.up_proj.weight[0, 2] = float("nan")
+    broken.save_pretrained(str(tmp_path / "broken_base"))
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' in .*broken_base has 1 non-finite"):
+        layer_impact(str(tmp_path / "broken_base"), pair[1])
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' in .*broken_base has 1 non-finite"):
+        restore(str(tmp_path / "broken_base"), pair[1], out=str(tmp_path / "m"), t={1: 0.5})
+    assert sorted(os.listdir(tmp_path)) == ["broken_base"]
+
+
+def test_non_finite_weights_outside_the_blocks_are_named_before_scoring_data(pair, tmp_path):
+    # Restoring blocks one by one runs the whole tuned model: a NaN in its embeddings would make every
+    # delta NaN, so it is refused by name first.
+    broken = tiny_model("llama", seed=0, num_hidden_layers=4)
+    with torch.no_grad():
+        broken.model.norm.weight[5] = float("inf")
+    broken.save_pretrained(str(tmp_path / "broken"))
+    for name in os.listdir(pair[1]):
+        if not name.endswith(".safetensors") and name != "config.json":
+            shutil.copy(os.path.join(pair[1], name), tmp_path / "broken" / name)
+    general = tmp_path / "general.txt"
+    general.write_text("\n".join(random_texts(6, seed=4)) + "\n")
+    assert layer_impact(pair[0], str(tmp_path / "broken")).num_layers == 4  # weights only: the blocks are finite
+    with pytest.raises(ValueError, match=r"'model.norm.weight' in .*broken has 1 non-finite"):
+        layer_impact(pair[0], str(tmp_path / "broken"), general_data=str(general))
+
+
+def test_out_that_is_a_link_to_an_input_or_a_file_is_refused(pair, tmp_path):
+    os.symlink(pair[1], tmp_path / "link")
+    with pytest.raises(ValueError, match="is one of the input folders"):
+        restore(pair[0], pair[1], out=str(tmp_path / "link"), t={0: 0.5})
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
+        restore(pair[0], pair[1], out=str(tmp_path / "file"), t={0: 0.5})
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["file", "link"]

@@ -185,6 +185,12 @@ def layer_impact(base: str, tuned: str, *, general_data: str | None = None, doma
     tokens = 0
     data = {key: path for key, path in (("general_data", general_data), ("domain_data", domain_data)) if path}
     if data:
+        # Scoring runs the whole tuned model: its tensors outside the blocks (embeddings, final norm, LM
+        # head) are checked too, one at a time, so that a NaN is named instead of turning every delta NaN.
+        in_blocks = {name for names in blocks.values() for name in names}
+        for name in tuned_ckpt.tensors:
+            if name not in in_blocks:
+                check_finite(tuned_ckpt.read(name), name, tuned_ckpt.folder)
         deltas, tokens = _restore_deltas(base_ckpt, tuned, stack, blocks, data, device=device, max_texts=max_texts,
                                          batch_size=batch_size, max_length=max_length, text_column=text_column)
         metrics.update(deltas)
