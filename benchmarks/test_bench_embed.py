@@ -21,7 +21,7 @@ Writes ``benchmarks/results/embed_bench.json`` (each section with device, versio
 benchmarks run enabled, or when run as a script. Under ``--benchmark-disable`` (the test suite's
 command) both cases run at a smoke size (a tiny random Llama; L=4 probes) and write nothing.
 
-    nice python benchmarks/test_bench_embed.py [probes] [extraction]   # full size, on 1 CPU thread
+    nice python benchmarks/test_bench_embed.py [probes] [extraction]   # full size, 1 CPU thread: ~11 + ~13 min
     python -m pytest benchmarks/test_bench_embed.py -q    # the same through pytest-benchmark
 """
 from __future__ import annotations
