@@ -511,8 +511,8 @@ def markdown(summary: dict) -> str:
         lines += [f"### {ds}: {len(s['classes'])} classes ({', '.join(s['classes'])}); {s['n_train']} train / "
                   f"{s['n_val']} val / {s['n_test']} test, {s['steps']} steps of {s['batch_size']} x "
                   f"{s['max_length']} tokens, k={s['k']}, LR grid {s['lr_grid']} searched on seed 0", "",
-                  "| row | test accuracy | test macro-F1 | LR | trainable params | peak memory (GiB) | s/step | "
-                  "total s | lowest trained block | seeds |",
+                  "| row | test accuracy | test macro-F1 | LR | trainable params | peak memory (GiB) | CPU s/step | "
+                  "total CPU s | lowest trained block | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in block["rows"]:
             low = r["lowest_block_range"]
@@ -535,7 +535,7 @@ def plot(summary: dict, path: str, cost: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scale, label = {"time_per_step": (1.0, "seconds per step (wall, 1 thread)"),
+    scale, label = {"time_per_step": (1.0, "CPU seconds per optimizer step (1 thread)"),
                     "peak_memory": (1 / 2**30, "peak memory of the run (GiB, RSS)")}[cost]
     fig, axes = plt.subplots(1, len(summary), figsize=(6.4 * len(summary), 4.6), squeeze=False)
     for ax, (ds, block) in zip(axes[0], summary.items()):
@@ -567,7 +567,11 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
                "notes": ["learning rate searched on seed 0 only (validation accuracy), then used for every seed",
                          "peak memory: RSS from the end of apply_selection to the end of the run, minus the RSS "
                          "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included)",
-                         "s/step is wall time on a shared 2-core machine (load average recorded per run in the parts)"]}
+                         "s/step and total: process CPU seconds at 1 thread (what an idle core's wall clock shows); "
+                         "the shared 2-core machine ran at a load average of about 9-15, so wall times "
+                         "(wall_per_step in the parts) were several times longer",
+                         "total: scoring + any selection made before the Trainer + setup + steps; the final "
+                         "evaluation is left out"]}
     with open(os.path.join(results_dir, f"{name}.json"), "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")
