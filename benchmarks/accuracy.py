@@ -375,7 +375,8 @@ def run_part(args) -> list[str]:
 
     Seed 0 of every row (with its learning-rate search) runs first on every dataset, then seed 1 of every row,
     and so on, so that a run cut short leaves every row with as many seeds as possible. A part already
-    written with the same settings is kept and skipped.
+    written with the same settings is kept and skipped. A later seed needs its row's seed-0 part (the chosen
+    rate); with ``args.wait`` the process waits for another process to write it, else the run is skipped.
     """
     import tempfile
 
@@ -397,43 +398,48 @@ def run_part(args) -> list[str]:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32", device="cpu")
     os.makedirs(PARTS_DIR, exist_ok=True)
     paths = []
-    for seed in seeds:
-        for dataset in datasets:
-            train, val, test = splits[dataset]
-            for row in rows:
-                if _done(dataset, row, seed, settings[dataset]) is not None:
-                    continue
+    pending = [(seed, dataset, row) for seed in seeds for dataset in datasets for row in rows]
+    while pending:
+        ready = [job for job in pending if job[0] == 0 or job[2] == "probe_vote"
+                 or _done(job[1], job[2], 0, settings[job[1]]) is not None]
+        if not ready:
+            if not args.wait:
+                print(f"skipping {len(pending)} runs: seed 0 (the learning-rate search) of their rows has not run",
+                      file=sys.stderr)
+                break
+            time.sleep(30)  # another process is running the seed-0 searches these runs need
+            continue
+        seed, dataset, row = ready[0]
+        pending.remove(ready[0])
+        if _done(dataset, row, seed, settings[dataset]) is not None:
+            continue
+        train, val, test = splits[dataset]
 
-                def one(lr, with_val):
-                    with tempfile.TemporaryDirectory() as out:
-                        result = run_one(model, tokenizer, row, train, val if with_val else None, test, lr=lr,
-                                         seed=seed, steps=args.steps, k=args.k, batch_size=args.batch_size,
-                                         max_length=args.max_length, score_batches=args.score_batches,
-                                         reselect_every=args.reselect_every, out=os.path.join(out, "run"))
-                    result["load_avg"] = os.getloadavg()[0]
-                    print(json.dumps({"dataset": dataset, **{k: result[k] for k in (
-                        "row", "lr", "seed", "val_accuracy", "test_accuracy", "time_per_step", "wall_per_step",
-                        "total_time", "wall_total", "peak_memory", "lowest_block", "load_avg")}}), flush=True)
-                    return result
+        def one(lr, with_val):
+            with tempfile.TemporaryDirectory() as out:
+                result = run_one(model, tokenizer, row, train, val if with_val else None, test, lr=lr,
+                                 seed=seed, steps=args.steps, k=args.k, batch_size=args.batch_size,
+                                 max_length=args.max_length, score_batches=args.score_batches,
+                                 reselect_every=args.reselect_every, out=os.path.join(out, "run"))
+            result["load_avg"] = os.getloadavg()[0]
+            print(json.dumps({"dataset": dataset, **{k: result[k] for k in (
+                "row", "lr", "seed", "val_accuracy", "test_accuracy", "time_per_step", "wall_per_step",
+                "total_time", "wall_total", "peak_memory", "lowest_block", "load_avg")}}), flush=True)
+            return result
 
-                search = []
-                if row == "probe_vote":  # nothing trains, so there is no learning rate to search
-                    chosen, run = None, one(None, False)
-                elif seed == 0:
-                    search = [one(lr, True) for lr in grid]
-                    run = max(search, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
-                    chosen = run["lr"]
-                else:  # later seeds: the rate seed 0's search chose
-                    first = _done(dataset, row, 0, settings[dataset])
-                    if first is None:
-                        print(f"skipping {dataset}/{row} seed {seed}: seed 0 (the learning-rate search) has not run",
-                              file=sys.stderr)
-                        continue
-                    chosen = first["chosen_lr"]
-                    run = one(chosen, False)
-                part = {"settings": settings[dataset], "row": row, "lr_search": search, "chosen_lr": chosen,
-                        "runs": [run], "seeds": [seed]}
-                paths.append(write_result(f"accuracy_parts/{dataset}__{row}__s{seed}", part))
+        search = []
+        if row == "probe_vote":  # nothing trains, so there is no learning rate to search
+            chosen, run = None, one(None, False)
+        elif seed == 0:
+            search = [one(lr, True) for lr in grid]
+            run = max(search, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
+            chosen = run["lr"]
+        else:  # later seeds: the rate seed 0's search chose
+            chosen = _done(dataset, row, 0, settings[dataset])["chosen_lr"]
+            run = one(chosen, False)
+        part = {"settings": settings[dataset], "row": row, "lr_search": search, "chosen_lr": chosen,
+                "runs": [run], "seeds": [seed]}
+        paths.append(write_result(f"accuracy_parts/{dataset}__{row}__s{seed}", part))
     return paths
 
 
@@ -505,8 +511,8 @@ def markdown(summary: dict) -> str:
         lines += [f"### {ds}: {len(s['classes'])} classes ({', '.join(s['classes'])}); {s['n_train']} train / "
                   f"{s['n_val']} val / {s['n_test']} test, {s['steps']} steps of {s['batch_size']} x "
                   f"{s['max_length']} tokens, k={s['k']}, LR grid {s['lr_grid']} searched on seed 0", "",
-                  "| row | test accuracy | test macro-F1 | LR | trainable params | peak memory (GiB) | s/step | "
-                  "total s | lowest trained block | seeds |",
+                  "| row | test accuracy | test macro-F1 | LR | trainable params | peak memory (GiB) | CPU s/step | "
+                  "total CPU s | lowest trained block | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in block["rows"]:
             low = r["lowest_block_range"]
@@ -529,7 +535,7 @@ def plot(summary: dict, path: str, cost: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scale, label = {"time_per_step": (1.0, "seconds per step (wall, 1 thread)"),
+    scale, label = {"time_per_step": (1.0, "CPU seconds per optimizer step (1 thread)"),
                     "peak_memory": (1 / 2**30, "peak memory of the run (GiB, RSS)")}[cost]
     fig, axes = plt.subplots(1, len(summary), figsize=(6.4 * len(summary), 4.6), squeeze=False)
     for ax, (ds, block) in zip(axes[0], summary.items()):
@@ -561,7 +567,11 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
                "notes": ["learning rate searched on seed 0 only (validation accuracy), then used for every seed",
                          "peak memory: RSS from the end of apply_selection to the end of the run, minus the RSS "
                          "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included)",
-                         "s/step is wall time on a shared 2-core machine (load average recorded per run in the parts)"]}
+                         "s/step and total: process CPU seconds at 1 thread (what an idle core's wall clock shows); "
+                         "the shared 2-core machine ran at a load average of about 9-15, so wall times "
+                         "(wall_per_step in the parts) were several times longer",
+                         "total: scoring + any selection made before the Trainer + setup + steps; the final "
+                         "evaluation is left out"]}
     with open(os.path.join(results_dir, f"{name}.json"), "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -590,6 +600,8 @@ def main(argv=None) -> None:
     parser.add_argument("--score-batches", type=int, default=8)
     parser.add_argument("--reselect-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for seed-0 parts that another process is running, instead of skipping their rows")
     args = parser.parse_args(argv)
     if args.merge:
         summary = merge()

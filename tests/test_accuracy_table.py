@@ -117,7 +117,9 @@ def _tiny_setup(tmp_path):
     return model, tokenizer, data(32, 1), data(8, 2), data(12, 3)
 
 
-def test_one_row_trains_a_copy_and_reports_its_costs(tmp_path):
+@pytest.mark.slow  # a few seconds alone; minutes on a loaded machine (transformers, peft, accelerate)
+def test_one_row_trains_a_copy_and_reports_its_costs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")  # the pooling kernel has its own tests
     model, tokenizer, train, val, test = _tiny_setup(tmp_path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(0)
@@ -134,8 +136,10 @@ def test_one_row_trains_a_copy_and_reports_its_costs(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "model")  # the export is skipped
 
 
-def test_probe_vote_trains_nothing_and_lora_trains_only_adapters(tmp_path):
+@pytest.mark.slow
+def test_probe_vote_trains_nothing_and_lora_trains_only_adapters(tmp_path, monkeypatch):
     pytest.importorskip("peft")
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
     model, tokenizer, train, val, test = _tiny_setup(tmp_path)
     common = dict(seed=0, steps=1, k=2, batch_size=4, max_length=16, score_batches=2, reselect_every=1)
     vote = accuracy.run_one(model, tokenizer, "probe_vote", train, None, test, lr=None, out=str(tmp_path / "v"),
