@@ -55,3 +55,33 @@ def test_refusals_name_the_fix():
         fully_shard_selection(model, Selection(layers=(2,), num_layers=3))
     with pytest.raises(NotImplementedError, match="ignored_params"):
         fully_shard_selection(model, ignored_params=set())
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_trains_a_selection_with_nf4_frozen_blocks(tmp_path):
+    """ZeRO-1 and ZeRO-3 (2 CPU processes): both train; ZeRO-3 partitions the NF4 weights too and still runs them,
+    as it gathers a partition back into the same Params4bit, which keeps its quant_state."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    from test_distributed import HERE
+
+    runs = {}
+    for stage in (1, 3):
+        env = {**os.environ, "LAET_FAST_BACKEND": "torch", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               os.path.join(HERE, "ddp_deepspeed_worker.py"), str(tmp_path), str(stage)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        runs[stage] = [json.load(open(tmp_path / f"rank{r}_stage{stage}.json")) for r in range(2)]
+    for rank in range(2):
+        zero1, zero3 = runs[1][rank], runs[3][rank]
+        assert close(zero1["losses"], zero3["losses"], rel=1e-6), (zero1["losses"], zero3["losses"])
+        assert zero1["losses"][-1] < zero1["losses"][0]
+        assert zero3["frozen"]["type"] == "Params4bit" and zero3["frozen"]["zero"]
+        assert zero3["frozen"]["local_numel"] == 0 < zero3["frozen"]["numel"]  # partitioned, released after use
+        assert zero3["trained"]["local_numel"] == 0 < zero3["trained"]["numel"]
+        assert zero1["frozen"]["local_numel"] == zero1["frozen"]["numel"]  # ZeRO-1 partitions optimizer state only
