@@ -33,6 +33,21 @@ def run(args) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if not os.path.isdir(args.model_dir):
         raise UsageError(f"--model-dir {args.model_dir} is not a folder; pass the model/ folder of a train run.")
+    if not os.path.isfile(args.data):
+        raise UsageError(f"data file {args.data} does not exist.")
+    # stderr holds the accuracy and errors, not transformers' loading bars.
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _predict(args)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _predict(args) -> int:
     from laet_fast.loading import load_texts
     from laet_fast.train.data import read_data
     from laet_fast.train.export import load_trained

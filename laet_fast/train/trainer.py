@@ -282,7 +282,10 @@ class Trainer:
                     nan_run, skipped = nan_run + 1, skipped + 1
                     entry.update(loss=None, skipped="non-finite loss or gradient")
                 else:
-                    accel_optimizer.step()
+                    try:
+                        accel_optimizer.step()
+                    except torch.OutOfMemoryError:
+                        raise TrainError(self._oom_message(step, selection)) from None
                     accel_scheduler.step()
                     accel_optimizer.zero_grad(set_to_none=True)
                     nan_run = 0
@@ -465,18 +468,18 @@ class Trainer:
         os.replace(tmp, self.log_path)
 
     def _oom_message(self, step: int, selection) -> str:
-        from ..memory import plan_memory
+        from .report import GIB, _planned
 
         cfg = self.config
-        try:
-            plan = plan_memory(self.model.config, selection, seq_len=cfg.max_length, batch_size=cfg.batch_size,
-                               quantize_frozen=cfg.quantize_frozen, optimizer=cfg.optimizer)
-            estimate = f"the planner predicts {plan.total / 2**30:.2f} GiB for this run"
-        except ValueError:
-            estimate = "the planner cannot model this architecture"
+        planned = _planned(self, selection)
+        estimate = ("the planner cannot model this architecture" if planned is None else
+                    f"the planner predicts {planned / GIB:.3f} GiB peak allocated for it")
+        if torch.cuda.is_available():
+            estimate += f" (the GPU has {torch.cuda.get_device_properties(0).total_memory / GIB:.1f} GiB)"
         return (f"CUDA out of memory at step {step + 1} (batch {cfg.batch_size} x {cfg.max_length} tokens, "
-                f"{len(selection)} trained blocks); {estimate}. Lower --batch-size or --max-length, train fewer "
-                f"blocks (--k), or use --quantize-frozen nf4 and --optimizer adamw8bit.")
+                f"{len(selection)} trained blocks, frozen blocks {cfg.quantize_frozen or 'not quantized'}); {estimate}. "
+                f"Lower --batch-size or --max-length, train fewer blocks (--k), or use --quantize-frozen nf4 and "
+                f"--optimizer adamw8bit; the last checkpoint is kept.")
 
 
 def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:

@@ -1,0 +1,271 @@
+"""`laet-fast train` and `laet-fast predict` on bad input: one clear line on stderr, exit code 2, nothing saved lost.
+
+In process (``laet_fast.cli.main``) on a tiny random llama saved as a folder (train_fixtures).
+"""
+import hashlib
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from train_fixtures import CLASSES, labelled_texts, save_model, write_csv
+from laet_fast.cli import main
+from laet_fast.train import checkpoints
+
+RUN = ["--method", "last", "--k", "2", "--max-steps", "6", "--batch-size", "4", "--max-length", "16",
+       "--lr", "1e-3", "--score-batches", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model(tmp_path_factory.mktemp("tiny"), layers=4)
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    texts, labels = labelled_texts(60, 21)
+    return write_csv(tmp_path_factory.mktemp("data") / "data.csv", texts, labels)
+
+
+def train(model_dir, data, out, *extra):
+    return main(["train", "--model", model_dir, "--data", str(data), *RUN, *extra, "--out", str(out)])
+
+
+def error_line(capsys, command="train"):
+    """The one line on stderr, which must be laet-fast's error."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"laet-fast {command}: error: "), lines
+    return lines[0]
+
+
+def folder_digest(path):
+    digest = hashlib.sha256()
+    for base, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            full = os.path.join(base, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0" + open(full, "rb").read())
+    return digest.hexdigest()
+
+
+def write_rows(path, header, rows):
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(",".join(header) + "\n")
+        for row in rows:
+            handle.write(",".join(row) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------- bad data
+def test_no_label_column(model_dir, tmp_path, capsys):
+    texts, _ = labelled_texts(20, 1)
+    data = write_rows(tmp_path / "d.csv", ["text", "stars"], [(t, "1") for t in texts])
+    assert train(model_dir, data, tmp_path / "run") == 2
+    line = error_line(capsys)
+    assert "no label column 'label'" in line and "'stars'" in line and "--label-column" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_text_without_its_label(model_dir, tmp_path, capsys):
+    texts, labels = labelled_texts(20, 2)
+    labels[4] = ""
+    assert train(model_dir, write_csv(tmp_path / "d.csv", texts, labels), tmp_path / "run") == 2
+    assert "1 texts have no label (first: row 5)" in error_line(capsys)
+
+
+def test_one_class_only(model_dir, tmp_path, capsys):
+    texts, _ = labelled_texts(20, 3)
+    assert train(model_dir, write_csv(tmp_path / "d.csv", texts, ["high"] * 20), tmp_path / "run") == 2
+    assert "every label is 'high': classification needs at least two classes" in error_line(capsys)
+
+
+@pytest.mark.parametrize("task", ["classify", "lm"])
+def test_empty_dataset(model_dir, tmp_path, capsys, task):
+    data = write_rows(tmp_path / "d.csv", ["text", "label"], [])
+    assert train(model_dir, data, tmp_path / "run", "--task", task) == 2
+    assert "no texts" in error_line(capsys)
+
+
+def test_missing_data_file_and_model(model_dir, tmp_path, capsys):
+    assert train(model_dir, tmp_path / "absent.csv", tmp_path / "run") == 2
+    assert "absent.csv does not exist" in error_line(capsys)
+    assert train(str(tmp_path / "no-model"), write_csv(tmp_path / "d.csv", *labelled_texts(20, 4)),
+                 tmp_path / "run") == 2
+    assert "no-model" in error_line(capsys)
+
+
+def test_long_texts_are_truncated_and_counted(model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    texts, labels = labelled_texts(40, 5)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [len(ids) for ids in tok(texts)["input_ids"]]
+    long = sum(n > 7 for n in lengths)
+    assert 0 < long < len(texts)
+    out = tmp_path / "run"
+    argv = ["train", "--model", model_dir, "--data", write_csv(tmp_path / "d.csv", texts, labels), *RUN,
+            "--max-length", "7", "--out", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"note: {long} of {len(texts)} texts are longer than max_length=7 tokens and were truncated." in err
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(1, 7))
+
+
+def test_text_labels_are_mapped_not_refused(model_dir, tmp_path, capsys):
+    """Labels like "low"/"high" (or "3"/"10") become ids; the mapping is saved with the export."""
+    from laet_fast.train import load_trained
+
+    texts, labels = labelled_texts(40, 6)
+    names = {"low": "not spam", "high": "spam"}
+    out = tmp_path / "run"
+    assert train(model_dir, write_csv(tmp_path / "d.csv", texts, [names[y] for y in labels]), out) == 0
+    report = json.load(open(out / "report.json"))
+    assert report["classes"] == ["not spam", "spam"]
+    predictor = load_trained(str(out / "model"), device="cpu")
+    assert predictor.classes == ["not spam", "spam"] and set(predictor.predict(texts[:5])) <= set(names.values())
+    # Numbers written as text keep their numeric order.
+    out = tmp_path / "numeric"
+    assert train(model_dir, write_csv(tmp_path / "n.csv", texts, ["10" if y == "high" else "3" for y in labels]),
+                 out) == 0
+    assert json.load(open(out / "report.json"))["classes"] == ["3", "10"]
+
+
+# ---------------------------------------------------------------- runs already saved
+def test_out_holding_another_run_is_refused_and_untouched(model_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(model_dir, data_csv, out, "--save-every", "2") == 0
+    capsys.readouterr()
+    before = folder_digest(out)
+    for extra in ([], ["--lr", "5e-4"]):
+        assert train(model_dir, data_csv, out, *extra) == 2
+        line = error_line(capsys)
+        assert f"--out {out} holds another run" in line and "--resume" in line
+    assert folder_digest(out) == before
+    # A folder with only checkpoints (its log lost) is a run too.
+    os.remove(out / "log.jsonl")
+    before = folder_digest(out)
+    assert train(model_dir, data_csv, out) == 2
+    error_line(capsys)
+    assert folder_digest(out) == before
+
+
+def test_cuda_out_of_memory_names_the_plan_and_what_to_lower(model_dir, data_csv, tmp_path, capsys, monkeypatch):
+    """An OutOfMemoryError in step 6 (forward, backward or optimizer step) stops the run with one line holding the
+    planner's estimate and the knobs; the checkpoint of step 4 stays."""
+    from laet_fast.memory import plan_memory
+    from laet_fast.selection import Selection
+    from laet_fast.train.heads import TaskModel
+
+    real_forward, calls = TaskModel.forward, []
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():  # a training step (scoring and eval run without grad)
+            calls.append(1)
+            if len(calls) == 6:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskModel, "forward", forward)
+    out = tmp_path / "run"
+    assert train(model_dir, data_csv, out, "--save-every", "4", "--max-steps", "8") == 2
+    line = error_line(capsys)
+    from transformers import AutoConfig
+
+    plan = plan_memory(AutoConfig.from_pretrained(model_dir), Selection((2, 3), 4), seq_len=16, batch_size=4,
+                       optimizer="adamw", dtype="fp32", keep_logits=False)
+    assert "out of memory at step 6" in line and f"{plan.peak_allocated / 2**30:.3f} GiB" in line
+    for knob in ("--batch-size", "--max-length", "--k", "--quantize-frozen nf4"):
+        assert knob in line
+    assert checkpoints.latest(str(out)).endswith("step-00000004")
+    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_out_of_memory_in_the_optimizer_step_is_caught_too(model_dir, data_csv, tmp_path, capsys, monkeypatch):
+    calls = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert train(model_dir, data_csv, tmp_path / "run") == 2
+    assert "out of memory at step 3" in error_line(capsys)
+
+
+def test_nan_weights_never_reach_a_checkpoint(model_dir, data_csv, tmp_path, capsys, monkeypatch):
+    """A trained weight turned NaN after step 5: its steps are skipped, the save at step 8 is refused, and the
+    checkpoint of step 4 holds finite weights."""
+    from laet_fast.train.heads import TaskModel
+
+    real_forward, calls = TaskModel.forward, []
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():  # a training step (scoring and eval run without grad)
+            calls.append(1)
+            if len(calls) == 6:
+                with torch.no_grad():
+                    self.stack[3].mlp.down_proj.weight.view(-1)[0] = float("nan")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskModel, "forward", forward)
+    out = tmp_path / "run"
+    assert train(model_dir, data_csv, out, "--save-every", "4", "--max-steps", "12") == 2
+    line = error_line(capsys)
+    assert "not saving step 8" in line and "non-finite" in line and "the last checkpoint is kept" in line
+    assert [os.path.basename(p) for p in checkpoints.complete(str(out))] == ["step-00000004"]
+    tensors, meta = checkpoints.load(checkpoints.latest(str(out)))
+    assert all(torch.isfinite(t).all() for t in tensors["trained"].values() if t.is_floating_point())
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert [e["loss"] is None for e in log] == [False] * 5 + [True] * 3
+    assert all(math.isfinite(e["loss"]) for e in log[:5])
+
+
+# ---------------------------------------------------------------- predict
+@pytest.fixture(scope="module")
+def trained(model_dir, data_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert train(model_dir, data_csv, out) == 0
+    return str(out / "model")
+
+
+def test_predict_prints_labels_and_accuracy(trained, tmp_path, capsys):
+    texts, labels = labelled_texts(12, 30)
+    assert main(["predict", "--model-dir", trained, "--data", write_csv(tmp_path / "p.csv", texts, labels)]) == 0
+    captured = capsys.readouterr()
+    rows = [line.split("\t", 1) for line in captured.out.strip().splitlines()]
+    assert [t for _, t in rows] == texts and {p for p, _ in rows} <= set(CLASSES)
+    correct = sum(p == y for (p, _), y in zip(rows, labels))
+    assert f"accuracy {correct / 12:.4f} ({correct} of 12)" in captured.err
+
+
+@pytest.mark.parametrize("case", ["no model dir", "not an export", "no data", "empty data", "unknown label",
+                                  "batch size"])
+def test_predict_bad_input(trained, model_dir, tmp_path, capsys, case):
+    texts, labels = labelled_texts(6, 31)
+    data = write_csv(tmp_path / "p.csv", texts, labels)
+    argv = {
+        "no model dir": ["--model-dir", str(tmp_path / "none"), "--data", data],
+        "not an export": ["--model-dir", model_dir, "--data", data],
+        "no data": ["--model-dir", trained, "--data", str(tmp_path / "none.csv")],
+        "empty data": ["--model-dir", trained, "--data", write_rows(tmp_path / "e.csv", ["text", "label"], [])],
+        "unknown label": ["--model-dir", trained, "--data", write_csv(tmp_path / "u.csv", texts, ["medium"] * 6)],
+        "batch size": ["--model-dir", trained, "--data", data, "--batch-size", "0"],
+    }[case]
+    expected = {
+        "no model dir": "is not a folder", "not an export": "is not a laet_fast training export",
+        "no data": "does not exist", "empty data": "no texts", "unknown label": "not among the trained classes",
+        "batch size": "--batch-size must be at least 1",
+    }[case]
+    before = folder_digest(trained)
+    assert main(["predict", *argv]) == 2
+    assert expected in error_line(capsys, "predict")
+    assert folder_digest(trained) == before
