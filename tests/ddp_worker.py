@@ -18,6 +18,7 @@ def main(out_dir: str) -> None:
         "scores": ddp_cases.run_scores(rank, world).to_dict(),
         "training": ddp_cases.run_training(rank, world),
         "trainer": trainer_cases.run_trainer_ddp(rank, world, os.path.join(out_dir, "trainer")),
+        "laet": trainer_cases.run_trainer_laet_ddp(rank, world, os.path.join(out_dir, "laet")),
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

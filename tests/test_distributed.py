@@ -93,3 +93,15 @@ def test_collectives_are_no_ops_alone():
     assert not distributed.is_distributed()
     assert distributed.all_reduce_sum(x) is x and distributed.all_reduce_hidden_stats(x) is x
     assert distributed.gather_rows(x) is x and distributed.broadcast_object({"a": 1}) == {"a": 1}
+
+
+def test_laet_callback_in_a_ddp_trainer_probes_the_global_batch(ranks, tmp_path):
+    import trainer_cases
+
+    runs = [r["laet"] for r in ranks]
+    single = trainer_cases.run_trainer_laet_ddp(0, 1, tmp_path)
+    # Each rank pooled its half of every batch; gathered per batch in rank order, the probes saw the global rows.
+    assert runs[0]["selection"] == runs[1]["selection"] == single["selection"]
+    for run in runs:
+        assert run["scores"]["probe_acc"] == single["scores"]["probe_acc"]
+        assert close(run["scores"]["probe_loss"], single["scores"]["probe_loss"], rel=1e-3)

@@ -67,3 +67,19 @@ def run_trainer_ddp(rank, world, out_dir):
         trainer_bytes = sum(p.nbytes for p in model.parameters() if p.requires_grad)
     return dict(losses=losses, selection=list(callback.selection.layers), bucket_bytes=bucket,
                 trainable_bytes=trainer_bytes, scores=dict(callback.scores))
+
+
+def run_trainer_laet_ddp(rank, world, out_dir):
+    """LaetCallback(method='laet') on a classification model: ``world`` ranks with 4 // world rows per batch,
+    or one process with 4; returns the selection and the probe scores."""
+    from transformers import Trainer
+
+    from laet_fast.integrations import LaetCallback
+
+    model = tiny_model("llama", head="seqcls", seed=6, num_hidden_layers=4).train()
+    callback = LaetCallback(method="laet", score_batches=4)
+    trainer = Trainer(model=model, args=training_args(out_dir, max_steps=1, per_device_train_batch_size=4 // world,
+                                                      ddp_find_unused_parameters=False),
+                      train_dataset=ClassRows(rows=32, seed=3, pad=False), callbacks=[callback])
+    trainer.train()
+    return dict(selection=list(callback.selection.layers), scores=dict(callback.scores))

@@ -17,7 +17,10 @@ What the peers' users ran into, and what happens here instead:
 * Under DDP the Trainer wrapped the model before any callback runs, with every parameter in DDP's
   buckets; the callback rebuilds the buckets over the trainable parameters after every change
   (``laet_fast.distributed.rebuild_ddp``), so ``find_unused_parameters`` is not needed and frozen
-  blocks hold no bucket memory. Scores are all-reduced, so every rank picks the same blocks.
+  blocks hold no bucket memory. Scores are all-reduced (LAET's pooled features gathered), and rank
+  0's choice is broadcast, so every rank picks the same blocks.
+* FSDP and DeepSpeed are refused: the Trainer shards the model before any callback runs
+  (``laet_fast.integrations.fully_shard_selection`` shards a selection in a loop of your own).
 * transformers gives callbacks the model and the optimizer but not the Trainer, whose ``log`` and
   wrapped model the callback needs; it finds the Trainer that holds it from the objects that refer
   to it (its callback list), once per training.
