@@ -41,6 +41,15 @@ def shard(batch, rank, world):
     return {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
 
 
+
+def mean_over_ranks(loss, world):
+    """The step's loss averaged over the ``world`` ranks (each rank's loss is its shard's mean), as a float."""
+    loss = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    return loss.item()
+
 def scored_model():
     from laet_fast.apply import apply_selection
 
@@ -105,11 +114,7 @@ def run_training(rank=0, world=1):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = loss.detach().clone()
-            if world > 1:
-                dist.all_reduce(loss)
-                loss /= world
-            losses.append(loss.item())
+            losses.append(mean_over_ranks(loss, world))
             before = reselector.selection.layers
             new = reselector.step()
             if new is not None and new.layers != before:

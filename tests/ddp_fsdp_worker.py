@@ -40,11 +40,7 @@ def run_fsdp(rank, world):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        losses.append(loss.item())
+        losses.append(ddp_cases.mean_over_ranks(loss, world))
     stack = find_layers(model)
     sharded, local, full = {}, 0, 0
     for index, block in enumerate(stack):
