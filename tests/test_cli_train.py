@@ -10,22 +10,12 @@ import os
 import pytest
 import torch
 
-from train_fixtures import CLASSES, labelled_texts, save_model, write_csv
+from train_fixtures import CLASSES, labelled_texts, model_dir, save_model, torch_kernels, write_csv  # noqa: F401 (fixtures)
 from laet_fast.cli import main
 from laet_fast.train import checkpoints
 
 RUN = ["--method", "last", "--k", "2", "--max-steps", "6", "--batch-size", "4", "--max-length", "16",
        "--lr", "1e-3", "--score-batches", "2", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model(tmp_path_factory.mktemp("tiny"), layers=4)
 
 
 @pytest.fixture(scope="module")

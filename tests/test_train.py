@@ -7,24 +7,13 @@ import pytest
 import torch
 
 from tiny_models import random_batch, tiny_model
-from train_fixtures import CLASSES, labelled_texts, save_model
+from train_fixtures import CLASSES, labelled_texts, model_dir, save_model, torch_kernels  # noqa: F401 (fixtures)
 from laet_fast.layers import find_layers
 from laet_fast.loading import load_model_and_tokenizer
 from laet_fast.train import TrainConfig, Trainer, load_trained
 from laet_fast.train.data import Batches, TextData, encode_labels, split
 from laet_fast.train.heads import ProbeHead, TaskModel, vote
 from laet_fast.train.trainer import TrainError
-
-
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    # The kernels have their own tests; the PyTorch path keeps these loops quick.
-    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model(tmp_path_factory.mktemp("tiny"), layers=4)
 
 
 def load(model_dir):

@@ -2,6 +2,7 @@
 import csv
 import random
 
+import pytest
 from merge_models import WORDS, random_texts, save_tokenizer
 from tiny_models import tiny_model
 
@@ -20,6 +21,18 @@ def save_model(folder, layers=4, seed=0):
     tiny_model("llama", seed=seed, num_hidden_layers=layers).save_pretrained(str(folder))
     save_tokenizer(folder)
     return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    """The kernels have their own tests; the PyTorch path keeps the training loops quick."""
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny 4-block llama saved once per test module."""
+    return save_model(tmp_path_factory.mktemp("tiny"), layers=4)
 
 
 def write_csv(path, texts, labels, text_column="text", label_column="label"):
