@@ -61,8 +61,9 @@ def test_classify_run_logs_reports_and_exports(model_dir, tmp_path):
     assert accuracy == pytest.approx(report.metrics["accuracy"], abs=1e-9)
 
 
-def test_forward_stops_at_the_highest_head_and_never_runs_the_lm_head():
-    model = tiny_model("llama", seed=0, num_hidden_layers=5)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: learnt absolute positions, which left padding shifts
+def test_forward_stops_at_the_highest_head_and_never_runs_the_lm_head(arch):
+    model = tiny_model(arch, seed=0, **({"num_hidden_layers": 5} if arch == "llama" else {"n_layer": 5}))
     heads = {1: ProbeHead(72, 3), 2: ProbeHead(72, 3, (16,))}
     task_model = TaskModel(model, "classify", heads)
     ran = []
@@ -73,11 +74,13 @@ def test_forward_stops_at_the_highest_head_and_never_runs_the_lm_head():
     labels = torch.tensor([0, 2, 1])
     loss, logits = task_model(ids, mask, labels)
     assert ran == [0, 1, 2] and logits.shape == (2, 3, 3)
-    # The loss is the sum of the heads' cross-entropies on the mean of each block's real tokens.
-    hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    # The loss is the sum of the heads' cross-entropies on the mean of each block's real tokens, each
+    # left-padded row giving what it gives alone and unpadded (positions counted over real tokens).
+    alone = [model(input_ids=ids[r, mask[r] == 1][None], output_hidden_states=True).hidden_states
+             for r in range(ids.shape[0])]
     expected = 0
     for index, head in heads.items():
-        pooled = (hidden[index + 1] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        pooled = torch.cat([hidden[index + 1].mean(1) for hidden in alone])
         expected = expected + torch.nn.functional.cross_entropy(head(pooled), labels)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 

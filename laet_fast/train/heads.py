@@ -3,6 +3,10 @@
 LAET puts a head on each selected block; other methods put one on the last block. No loss depends
 on a block above the highest head, so :class:`TaskModel` stops the forward pass there (a forward
 hook raises once that block has run): the blocks above it and the LM head never run.
+
+Positions are counted over real tokens (``position_ids`` from the mask, as ``layer_embeddings``
+does for the probes), so a left-padded row gets the outputs an unpadded copy of it would, whatever
+else shares its batch: the heads train on the features their probes were fitted on.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..embed.extract import _accepts
 from ..embed.probes import ProbeHead
 from ..layers import find_layers
 from ..probe import _first_tensor
@@ -72,6 +77,7 @@ class TaskModel(nn.Module):
         self.stack = find_layers(model, layers)
         self.layers_path = "model." + self.stack.path
         self.classifier = nn.ModuleDict({str(i): head for i, head in sorted((heads or {}).items())})
+        self._with_positions = _accepts(model, "position_ids")
 
     @property
     def head_layers(self) -> list[int]:
@@ -85,9 +91,11 @@ class TaskModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         """Returns (loss or None, logits): ``classify``: logits float32 [heads, B, C], loss the sum of the heads'
         cross-entropies; ``lm``: the model's next-token loss over real tokens and its logits."""
+        kwargs = {"use_cache": False}
+        if self._with_positions:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if self.task == "lm":
-            target = None if labels is None else labels
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=target, use_cache=False)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             return out.loss, out.logits
         outputs: dict[int, torch.Tensor] = {}
         top = self.top_block
@@ -102,7 +110,7 @@ class TaskModel(nn.Module):
 
         handles = [self.stack[i].register_forward_hook(capture(i)) for i in self.head_layers]
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         except _StopForward:
             pass
         finally:
