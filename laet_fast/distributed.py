@@ -34,6 +34,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of ranks): (0, 1) without a process group of several ranks."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _collective_device() -> torch.device:
     """Where the default backend takes its tensors: the current GPU for NCCL, the CPU for gloo."""
     if "nccl" in str(dist.get_backend()).lower():

@@ -43,7 +43,7 @@ import laet_fast.train.checkpoints as checkpoints
 
 delay = float(os.environ.get("LAET_TEST_DELAY", "0"))
 real_at = data.Batches.at
-data.Batches.at = lambda self, position: (time.sleep(delay), real_at(self, position))[1]
+data.Batches.at = lambda self, *where: (time.sleep(delay), real_at(self, *where))[1]
 hang, saves, written = int(os.environ.get("LAET_TEST_HANG_SAVE", "0")), [], []
 real_save, real_write = checkpoints.save, checkpoints._write_file
 
@@ -207,11 +207,11 @@ def test_resume_after_a_crash_in_process(files, variant, monkeypatch):
     real_at, calls = data.Batches.at, []
     crash, saved = (14, 12) if variant == "reselect" else (7, 4)
 
-    def crashing(self, position):
+    def crashing(self, position, *shard):
         calls.append(position)
         if len(calls) == 2 + crash:  # 2 scoring batches, then the crashing step's batch
             raise RuntimeError("crash")
-        return real_at(self, position)
+        return real_at(self, position, *shard)
 
     monkeypatch.setattr(data.Batches, "at", crashing)
     with pytest.raises(RuntimeError, match="crash"):

@@ -150,6 +150,10 @@ def _run(args) -> int:
         report = trainer.fit()
     except (ValueError, TrainError) as err:
         raise UsageError(_one_line(err)) from None
+    from laet_fast.distributed import rank_and_world
+
+    if rank_and_world()[0] != 0:
+        return 0  # under torchrun / accelerate launch, rank 0 wrote the run folder and prints its report
     print(report.text())
     print(f"wrote {args.out}/report.txt, report.json" + (", report.png" if os.path.isfile(
         os.path.join(args.out, "report.png")) else "") + f", log.jsonl and the model in {report.export_dir}",

@@ -35,7 +35,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from ..apply import apply_selection
-from ..distributed import broadcast_object, gather_rows
+from ..distributed import broadcast_object
 from ..layers import find_layers
 from ..quantize import mode_name
 from ..reselect import Reselector
@@ -190,8 +190,6 @@ class LaetCallback(TrainerCallback):
         the Trainer's sharding (rank r holds the r-th slice of each global batch) is the global batch's own
         order, so the probes see the rows one process would, in the same order.
         """
-        from ..embed import layer_embeddings, probe_layers
-
         for batch in batches:
             labels = batch.get("labels")
             if labels is None or labels.dim() != 1 or labels.is_floating_point():
@@ -200,23 +198,14 @@ class LaetCallback(TrainerCallback):
                                  f"the Trainer's batches have labels {shape} (a causal-LM dataset has one label per "
                                  "token). Use a classification dataset (e.g. AutoModelForSequenceClassification "
                                  "with an integer 'labels' column), or another method.")
-        count = int(gather_rows(torch.tensor([len(batches)])).min())  # ranks must gather the same number of times
-        batches = batches[:count]
+        texts = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
+        labels = torch.cat([b["labels"].cpu() for b in batches])
         was_training = model.training
         model.eval()  # no dropout in the features the probes are trained on
-        try:
-            emb = layer_embeddings(model, [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-                                           for b in batches], progress=False)
+        try:  # under DDP, score_layers gathers each batch's rows in rank order (methods.gather_batch_rows)
+            return score_layers(model, texts, "laet", labels=labels, seed=self.select_kwargs.get("seed", 0))
         finally:
             model.train(was_training)
-        features = emb.as_subclass(torch.Tensor)
-        rows, labels, start = [], [], 0
-        for batch in batches:
-            n = batch["input_ids"].shape[0]
-            rows.append(gather_rows(features[start:start + n]))
-            labels.append(gather_rows(batch["labels"].cpu()))
-            start += n
-        return probe_layers(torch.cat(rows), torch.cat(labels), seed=self.select_kwargs.get("seed", 0))
 
     def _first_batches(self, dataloader, model) -> list[dict]:
         if dataloader is None:

@@ -4,6 +4,10 @@ The batch order is a function of the seed and a position only: the training exam
 endless stream, epoch ``e`` being the permutation ``randperm(n, seed + e)``, and batch ``b`` is
 stream items ``[b * batch_size, (b + 1) * batch_size)``. Resuming at a saved position gives the
 same batches as a run that never stopped, with no data-loader state to save.
+
+With several processes, ``batch_size`` is each rank's: a global batch is ``world * batch_size``
+stream items, and rank ``r`` takes its ``r``-th slice, so the ranks together read exactly the
+batch one process reads with ``batch_size * world``.
 """
 from __future__ import annotations
 
@@ -171,10 +175,12 @@ class Batches:
             self._orders = {epoch: torch.randperm(len(self.data), generator=gen).tolist()}
         return self._orders[epoch]
 
-    def indices_at(self, position: int) -> list[int]:
-        """The stream items ``position .. position + batch_size - 1`` (crossing epochs as needed)."""
+    def indices_at(self, position: int, rank: int = 0, world: int = 1) -> list[int]:
+        """Rank ``rank``'s slice of the global batch at ``position`` (``world * batch_size`` stream items,
+        crossing epochs as needed): items ``position + rank * batch_size ..`` (``batch_size`` of them)."""
         n = len(self.data)
-        return [self._order(p // n)[p % n] for p in range(position, position + self.batch_size)]
+        start = position + rank * self.batch_size
+        return [self._order(p // n)[p % n] for p in range(start, start + self.batch_size)]
 
     def encode(self, indices: Sequence[int]) -> dict:
         """{input_ids, attention_mask: int64 [B, T]; labels: int64 [B] for classification}."""
@@ -185,10 +191,11 @@ class Batches:
             batch["labels"] = torch.tensor([self.data.labels[i] for i in indices], dtype=torch.long)
         return batch
 
-    def at(self, position: int) -> dict:
-        return self.encode(self.indices_at(position))
+    def at(self, position: int, rank: int = 0, world: int = 1) -> dict:
+        """The encoded batch of ``indices_at(position, rank, world)``."""
+        return self.encode(self.indices_at(position, rank, world))
 
-    def in_order(self):
-        """Every text once, in file order (evaluation)."""
-        for start in range(0, len(self.data), self.batch_size):
+    def in_order(self, rank: int = 0, world: int = 1):
+        """Every text once, in file order (evaluation); rank ``rank`` of ``world`` takes every ``world``-th batch."""
+        for start in range(rank * self.batch_size, len(self.data), world * self.batch_size):
             yield self.encode(range(start, min(start + self.batch_size, len(self.data))))

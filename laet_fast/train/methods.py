@@ -129,7 +129,39 @@ def _score_laet(model, batches, labels, layers, return_probes, seed, probe_kwarg
     if labels.numel() != rows:
         raise ValueError(f"score_layers: {labels.numel()} labels for {rows} texts; give one label per text.")
     emb = layer_embeddings(model, batches, layers=layers, progress=False)
+    from ..distributed import is_distributed
+
+    if is_distributed():
+        emb, labels = gather_batch_rows(emb.as_subclass(torch.Tensor), labels, batches)
     return probe_layers(emb, labels, seed=seed, return_probes=return_probes, **probe_kwargs)
+
+
+def gather_batch_rows(features: "torch.Tensor", labels: "torch.Tensor", batches: list[dict]):
+    """Every rank's rows of each scoring batch, gathered batch by batch in rank order, on every rank.
+
+    Args:
+        features: float ``[N, ...]``, this rank's rows of ``batches`` in order (N = their total rows).
+        labels: int64 ``[N]``, one per row.
+        batches: this rank's batches (only their row counts are read).
+
+    Returns:
+        ``(features, labels)`` of the global batches. When rank ``r`` holds the ``r``-th slice of each
+        global batch (the thin trainer's and the Trainer's sharding), rank order within a batch is the
+        global batch's own order, so the rows are those one process reads, in the same order. Ranks with
+        fewer batches than others set the count: all gather the same number of times.
+    """
+    import torch
+
+    from ..distributed import gather_rows
+
+    count = int(gather_rows(torch.tensor([len(batches)])).min())
+    rows, gathered_labels, start = [], [], 0
+    for batch in batches[:count]:
+        n = int(batch["input_ids"].shape[0])
+        rows.append(gather_rows(features[start:start + n]))
+        gathered_labels.append(gather_rows(labels[start:start + n].cpu()))
+        start += n
+    return torch.cat(rows), torch.cat(gathered_labels)
 
 
 def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None, num_layers: int, seed: int = 0,

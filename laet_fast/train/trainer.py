@@ -4,6 +4,13 @@
 backward pass; ``transformers.get_scheduler`` gives warmup then decay. Everything else is here, in
 the order a step runs: batches by position (``data.Batches``), the task loss (``heads.TaskModel``),
 a NaN check, the optimizer step, re-selection, evaluation, one ``log.jsonl`` line, a checkpoint.
+
+Under ``torchrun`` or ``accelerate launch`` the same loop runs on every rank, with DDP from accelerate:
+``batch_size`` is per rank and rank ``r`` reads the ``r``-th slice of each global batch; the choice of
+blocks is made on the global scoring batches (hidden statistics all-reduced, LAET's features
+gathered) and handed out by rank 0; each step's loss is weighted so that the averaged gradient is
+that of the global batch; evaluation is sharded and reduced. Rank 0 alone writes the log,
+checkpoints, export and report, so a run folder looks the same at any world size.
 """
 from __future__ import annotations
 
@@ -16,10 +23,13 @@ import resource
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 
 from . import checkpoints
+from ..distributed import all_reduce_sum, broadcast_object, is_distributed, rank_and_world
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import Batches, TextData, encode_labels, split
 from .heads import ProbeHead, TaskModel, pool, vote
@@ -123,6 +133,8 @@ class Trainer:
         mc = self.model.config
         if self._weights is None:
             self._weights = _weights_digest(self.model)
+        # A global batch is batch_size rows per rank: another world size is another run.
+        world = {"world_size": torch.distributed.get_world_size()} if is_distributed() else {}
         return {
             "model": self.model_name,
             "model_weights": self._weights,
@@ -131,6 +143,7 @@ class Trainer:
             "classes": self.classes,
             "train_data": _digest(self.train_data),
             "eval_data": _digest(self.eval_data),
+            **world,
             **cfg,
         }
 
@@ -138,13 +151,19 @@ class Trainer:
         cfg = self.config
         if cfg.max_steps is not None:
             return cfg.max_steps
-        return max(1, math.ceil(cfg.epochs * len(self.train_data) / (cfg.batch_size * cfg.grad_accum)))
+        global_batch = cfg.batch_size * cfg.grad_accum * rank_and_world()[1]
+        return max(1, math.ceil(cfg.epochs * len(self.train_data) / global_batch))
 
     def _choose(self, batches: Batches, device):
-        """Score on the first ``score_batches`` training batches, choose, and build the heads."""
+        """Score on the first ``score_batches`` (global) training batches, choose, and build the heads.
+
+        Under several processes each rank scores its slices and the scores are formed from every rank's
+        (see ``laet_fast.distributed``); rank 0's scores, selection and heads are handed to every rank.
+        """
         cfg = self.config
+        rank, world = rank_and_world()
         num_layers = len(TaskModel(self.model, "lm", layers=self.layers).stack)
-        score_data = [{k: v.to(device) for k, v in batches.at(i * cfg.batch_size).items()}
+        score_data = [{k: v.to(device) for k, v in batches.at(i * cfg.batch_size * world, rank, world).items()}
                       for i in range(cfg.score_batches)]
         labels = torch.cat([b["labels"] for b in score_data]) if cfg.task == "classify" else None
         extra = {"hidden": cfg.head_hidden} if cfg.method == "laet" else {}
@@ -162,6 +181,7 @@ class Trainer:
                 heads = {i: head_from_probe(probes, i) for i in selection.layers}
             else:
                 heads = {num_layers - 1: self._last_block_head(score_data, num_layers - 1)}
+        self.scores, selection, heads = broadcast_object((self.scores, selection, heads))
         return selection, heads
 
     def _last_block_head(self, score_data, index: int) -> ProbeHead:
@@ -169,6 +189,10 @@ class Trainer:
         probe_model = TaskModel(self.model, "classify", {index: torch.nn.Identity()}, layers=self.layers)
         with torch.no_grad():
             feats = torch.cat([probe_model(b["input_ids"], b["attention_mask"])[1][0] for b in score_data])
+        if is_distributed():  # standardize by the global scoring batches, as one process would
+            from .methods import gather_batch_rows
+
+            feats, _ = gather_batch_rows(feats, torch.cat([b["labels"] for b in score_data]), score_data)
         torch.manual_seed(self.config.seed)
         return ProbeHead(feats.shape[-1], len(self.classes), (), feats.mean(0), feats.std(0).clamp_min(1e-6))
 
@@ -188,17 +212,24 @@ class Trainer:
         from .report import TrainReport
 
         cfg = self.config
+        cuda = torch.cuda.is_available()
+        # Under torchrun / accelerate launch this joins the process group (DDP, one rank per process). Told
+        # that there is no accelerator, accelerate takes gloo for several CPU processes (else it ignores them).
+        on_cpu = not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else cuda)
+        accelerator = Accelerator(mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
+                                  cpu=on_cpu)
+        device, main = accelerator.device, accelerator.is_main_process
+        rank, world = accelerator.process_index, accelerator.num_processes
         resume_from = checkpoints.latest(cfg.out) if cfg.resume else None
         if not cfg.resume and run_exists(cfg.out):
             raise ValueError(f"--out {cfg.out} holds another run (log.jsonl or checkpoints); resume it with --resume, "
                              f"or choose another --out folder.")
-        os.makedirs(cfg.out, exist_ok=True)
+        accelerator.wait_for_everyone()  # every rank has looked at --out before rank 0 writes there
+        if main:
+            os.makedirs(cfg.out, exist_ok=True)
         self.fingerprint()  # the weights' digest, taken before training changes them
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        cuda = torch.cuda.is_available()
-        accelerator = Accelerator(mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
-        device = accelerator.device
         self.model.to(device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -206,7 +237,7 @@ class Trainer:
         train_batches = Batches(self.train_data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
         eval_batches = Batches(self.eval_data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
         truncated = train_batches.truncated() + eval_batches.truncated()
-        if truncated:
+        if truncated and main:
             print(f"note: {truncated} of {len(self.train_data) + len(self.eval_data)} texts are longer than "
                   f"max_length={cfg.max_length} tokens and were truncated.", file=sys.stderr)
 
@@ -244,36 +275,43 @@ class Trainer:
         if saved is not None:
             self._restore(task_model, optimizer, scheduler, saved_tensors, saved)
             step, position, nan_run, skipped = saved["step"], saved["position"], saved["nan_run"], saved["skipped"]
-        self._truncate_log(step)
+        if main:
+            self._truncate_log(step)
 
         reselector, probe = self._reselector(task_model, optimizer, selection)
         if reselector is not None:
             reselector.steps = step
-        module, accel_optimizer, accel_scheduler = accelerator.prepare(task_model, optimizer, scheduler)
+        # The scheduler stays ours: accelerate's would step world-size times per optimizer step (it assumes each
+        # rank's loader is the 1/world shard of one epoch), while total_steps already counts global steps.
+        module, accel_optimizer = accelerator.prepare(task_model, optimizer)
         module.train()
         trainable = [p for p in task_model.parameters() if p.requires_grad]
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr,
-                   disable=not cfg.progress)
+                   disable=not (cfg.progress and main))
         step_times, metrics, ever_trained = [], {}, set(selection.layers) | set(saved["ever_trained"] if saved else ())
-        with open(self.log_path, "a", encoding="utf-8") as log:
+        with open(self.log_path, "a", encoding="utf-8") if main else nullcontext() as log:
             while step < total_steps:
                 t0 = time.perf_counter()
                 losses, tokens = [], 0
-                for _ in range(cfg.grad_accum):
-                    batch = {k: v.to(device) for k, v in train_batches.at(position).items()}
-                    position += cfg.batch_size
-                    tokens += int(batch["attention_mask"].sum())
+                for micro in range(cfg.grad_accum):
+                    batch = {k: v.to(device) for k, v in train_batches.at(position, rank, world).items()}
+                    position += cfg.batch_size * world
+                    # DDP all-reduces the gradients once per optimizer step, at the last micro-batch.
+                    last = micro == cfg.grad_accum - 1
                     try:
-                        with accelerator.autocast():
-                            loss, _ = module(**self._loss_inputs(batch))
-                        if _finite(loss.detach()):
-                            accelerator.backward(loss / cfg.grad_accum)
+                        with nullcontext() if last else accelerator.no_sync(module):
+                            with accelerator.autocast():
+                                loss, _ = module(**self._loss_inputs(batch))
+                            global_loss, scale, batch_tokens = self._across_ranks(loss.detach(), batch, world)
+                            if _finite(global_loss):  # the same on every rank: all skip, or none does
+                                accelerator.backward(loss * (scale / cfg.grad_accum))
                     except torch.OutOfMemoryError:
                         raise TrainError(self._oom_message(step, selection)) from None
-                    losses.append(float(loss.detach()))
+                    losses.append(global_loss)
+                    tokens += batch_tokens
                 loss_value = sum(losses) / len(losses)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM) if math.isfinite(loss_value) else None
                 entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0]}
@@ -286,7 +324,7 @@ class Trainer:
                         accel_optimizer.step()
                     except torch.OutOfMemoryError:
                         raise TrainError(self._oom_message(step, selection)) from None
-                    accel_scheduler.step()
+                    scheduler.step()
                     accel_optimizer.zero_grad(set_to_none=True)
                     nan_run = 0
                     entry.update(loss=loss_value, grad_norm=float(grad_norm))
@@ -300,13 +338,19 @@ class Trainer:
                             entry["selection"] = list(made.layers)
                             ever_trained |= set(made.layers)
                             trainable = [p for p in task_model.parameters() if p.requires_grad]
+                            if isinstance(module, nn.parallel.DistributedDataParallel):
+                                from ..distributed import rebuild_ddp
+
+                                rebuild_ddp(module)  # DDP's buckets hold the blocks trained now, only
                         selection = made
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-                    metrics = self.evaluate(module, eval_batches, device, accelerator, probe)
+                    # The unwrapped model: DDP's forward would sync buffers, a collective, in every pass.
+                    metrics = self.evaluate(task_model, eval_batches, device, accelerator, probe)
                     entry["eval"] = metrics
                 step_times.append(time.perf_counter() - t0)
-                log.write(json.dumps(entry, allow_nan=False) + "\n")
-                log.flush()
+                if main:
+                    log.write(json.dumps(entry, allow_nan=False) + "\n")
+                    log.flush()
                 bar.update(1)
                 bar.set_postfix(loss="nan" if entry["loss"] is None else f"{loss_value:.4f}",
                                 tok_s=f"{tokens / step_times[-1]:.0f}", mem=_memory_text(cuda))
@@ -328,11 +372,30 @@ class Trainer:
         from .export import export_trained
 
         export_model(task_model)  # laet_fast's hooks off, frozen blocks dequantized
-        export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
         result = TrainReport.build(self, task_model, selection, report, metrics, step_times, total_steps, skipped,
                                    peak, cuda, t_scored - t_start, t_trained - t_scored, export_dir)
-        result.write(cfg.out, self.scores)
+        if main:
+            export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
+            result.write(cfg.out, self.scores)
+        accelerator.wait_for_everyone()  # the run folder is complete when fit() returns, on every rank
         return result
+
+    def _across_ranks(self, loss: torch.Tensor, batch: dict, world: int) -> tuple[float, float, int]:
+        """(the global batch's loss, this rank's loss scale, the global batch's real tokens) for one micro-batch.
+
+        Each rank's ``loss`` is a mean over its own loss units (rows for ``classify``, predicted tokens for
+        ``lm``). Scaled by ``world * units / global units`` before DDP averages the gradients, the result
+        is the gradient of the mean over the global batch, as one process computes it, even when ranks
+        hold different numbers of tokens. One all-reduce of three numbers; alone, nothing is reduced.
+        """
+        mask = batch["attention_mask"]
+        units = int(mask[:, 1:].sum()) if self.config.task == "lm" else int(mask.shape[0])
+        tokens = int(mask.sum())
+        if world == 1:
+            return float(loss), 1.0, tokens
+        totals = all_reduce_sum(torch.tensor([float(loss) * units, units, tokens], dtype=torch.float64))
+        global_units = float(totals[1])
+        return float(totals[0]) / global_units, world * units / global_units, int(totals[2])
 
     def _loss_inputs(self, batch: dict) -> dict:
         if self.config.task == "lm":
@@ -361,14 +424,19 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, module, batches: Batches, device, accelerator=None, probe=None) -> dict:
         """``classify``: accuracy and macro-F1 of the heads' vote, loss (sum of the heads' mean cross-entropies);
-        ``lm``: loss per real token and perplexity."""
+        ``lm``: loss per real token and perplexity.
+
+        Under several processes each rank evaluates every ``world``-th batch of ``module`` (the unwrapped
+        model) and the sums and predictions are combined, so every rank returns the metrics of the whole set.
+        """
+        rank, world = rank_and_world()
         was_training = module.training
         module.eval()
         if probe is not None:
             probe.detach()  # evaluation passes are no part of the re-selection window
         total_loss, count, preds, golds = 0.0, 0, [], []
         try:
-            for batch in batches.in_order():
+            for batch in batches.in_order(rank, world):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
                     loss, logits = module(**self._loss_inputs(batch))
@@ -384,6 +452,13 @@ class Trainer:
             module.train(was_training)
             if probe is not None:
                 probe.attach()
+        if world > 1:
+            from ..distributed import gather_rows
+
+            total_loss, count = all_reduce_sum(torch.tensor([total_loss, count], dtype=torch.float64)).tolist()
+            if self.config.task == "classify":
+                empty = torch.zeros(0, dtype=torch.long)  # a rank with no evaluation batch still takes part
+                preds, golds = [gather_rows(torch.cat(preds or [empty]))], [gather_rows(torch.cat(golds or [empty]))]
         mean_loss = total_loss / max(count, 1)
         if self.config.task == "lm":
             return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0))}
@@ -399,6 +474,8 @@ class Trainer:
         bad = [name for name, t in trained.items() if t.is_floating_point() and not _finite(t)]
         if bad:
             raise TrainError(f"not saving step {step}: {bad[0]} holds non-finite values; the last checkpoint is kept.")
+        if rank_and_world()[0] != 0:
+            return  # the ranks hold the same weights and optimizer state; rank 0 writes them
         names = {id(p): n for n, p in task_model.named_parameters()}
         opt_tensors, opt_extra = {}, {}
         for param, values in optimizer.state.items():
