@@ -5,6 +5,7 @@ choices are spelled out here and nothing heavy is imported at module level.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -72,6 +73,21 @@ def one_line(err: BaseException) -> str:
     """The first line of an error's message (a library error's fix is on its first line)."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def transformers_bars_off():
+    """Silence transformers' progress bars (loading, writing shards) inside the block, so that stderr holds
+    the command's own lines; the previous setting is restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(path: str | None, args, task: str = "causal"):

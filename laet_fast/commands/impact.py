@@ -5,7 +5,7 @@ import importlib.util
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands.score import _check_output, _one_line
+from laet_fast.commands._options import check_output, one_line
 
 
 def register(subparsers) -> None:
@@ -36,8 +36,8 @@ def run(args) -> int:
     for option, value in (("--max-texts", args.max_texts), ("--max-length", args.max_length)):
         if value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}.")
-    _check_output(args.json, "--json")
-    _check_output(args.plot, "--plot")
+    check_output(args.json, "--json")
+    check_output(args.plot, "--plot")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install matplotlib")
 
@@ -48,7 +48,7 @@ def run(args) -> int:
                               device=args.device, max_texts=args.max_texts, max_length=args.max_length,
                               text_column=args.text_column)
     except ValueError as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
     print(scores.table())
     if args.json is not None:
         scores.to_json(args.json)

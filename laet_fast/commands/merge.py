@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands.score import _one_line
+from laet_fast.commands._options import one_line
 
 POLICY_CHOICES = ("conservative", "balanced", "aggressive")
 
@@ -62,7 +62,7 @@ def run(args) -> int:
         scores = LayerScores.from_json(args.scores) if args.scores is not None else None
         applied = restore(args.base, args.tuned, out=args.out, policy=args.policy, t=t, scores=scores)
     except ValueError as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
     summary = ", ".join(f"{block}={weight:g}" for block, weight in applied.items()) or "none (a copy of tuned)"
     print(f"blocks restored (t): {summary}")
     print(f"wrote {args.out}", file=sys.stderr)

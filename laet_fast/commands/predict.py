@@ -5,6 +5,7 @@ import os
 import sys
 
 from laet_fast.cli import UsageError
+from laet_fast.commands._options import check_at_least_one, one_line, transformers_bars_off
 
 
 def register(subparsers) -> None:
@@ -23,28 +24,15 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def run(args) -> int:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    check_at_least_one(batch_size=args.batch_size)
     if not os.path.isdir(args.model_dir):
         raise UsageError(f"--model-dir {args.model_dir} is not a folder; pass the model/ folder of a train run.")
     if not os.path.isfile(args.data):
         raise UsageError(f"data file {args.data} does not exist.")
     # stderr holds the accuracy and errors, not transformers' loading bars.
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with transformers_bars_off():
         return _predict(args)
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _predict(args) -> int:
@@ -64,7 +52,7 @@ def _predict(args) -> int:
             texts = load_texts(args.data, column=args.text_column)
         predictions = predictor.predict(texts, batch_size=args.batch_size)
     except ValueError as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
     for text, label in zip(texts, predictions):
         print(f"{label}\t{text}")
     if labels is not None:

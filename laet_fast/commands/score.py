@@ -10,9 +10,6 @@ from laet_fast.cli import UsageError
 from laet_fast.commands._options import (add_device_arguments, add_model_and_data_arguments, check_at_least_one,
                                          check_output, check_plot, load_model, one_line)
 
-# impact.py and merge.py import these two from here.
-_check_output, _one_line = check_output, one_line
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(

@@ -9,6 +9,7 @@ import os
 import sys
 
 from laet_fast.cli import UsageError
+from laet_fast.commands._options import one_line, transformers_bars_off
 
 # The demo run: a seeded subset of the corpus, short texts, one pass over the training part.
 DEMO_SUBSET = 400
@@ -76,24 +77,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def run(args) -> int:
     if not args.no_progress:
         return _run(args)
     # --no-progress silences transformers' bars too (loading, writing shards): stderr keeps our lines only.
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with transformers_bars_off():
         return _run(args)
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _run(args) -> int:
@@ -114,7 +103,7 @@ def _run(args) -> int:
             out=args.out, progress=not args.no_progress, resume=args.resume,
         )
     except ValueError as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
     if args.subset is not None and args.subset < 2:
         raise UsageError(f"--subset must be at least 2, got {args.subset}.")
     from laet_fast.train.trainer import run_exists
@@ -136,9 +125,9 @@ def _run(args) -> int:
                                    classes=train.classes)
         model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
     except ValueError as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
     except OSError as err:
-        raise UsageError(f"cannot load the model from {args.model}: {_one_line(err)}") from None
+        raise UsageError(f"cannot load the model from {args.model}: {one_line(err)}") from None
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and config.max_length > positions:
         print(f"note: --max-length {config.max_length} is more than the model's {positions} positions; using "
@@ -149,7 +138,7 @@ def _run(args) -> int:
         trainer = Trainer(model, tokenizer, config, train, evaluation, model_name=name, layers=args.layers)
         report = trainer.fit()
     except (ValueError, TrainError) as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
     from laet_fast.distributed import rank_and_world
 
     if rank_and_world()[0] != 0:
