@@ -96,6 +96,19 @@ def test_impact_bad_folder_is_one_line(pair, tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--max-texts", "0"], "--max-texts must be at least 1, got 0"),
+    (["--plot", "impact.xyz"], r"suffix \.xyz is not an image format"),
+])
+def test_impact_bad_option_is_one_line_before_any_work(pair, tmp_path, capsys, argv, message):
+    argv = [a if a != "impact.xyz" else str(tmp_path / a) for a in argv]
+    assert cli.main(["impact", "--base", pair[0], "--tuned", pair[1], *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the impact table was computed
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+
+
 def test_merge_of_mismatched_or_non_finite_checkpoints_is_one_line_naming_the_tensor(pair, tmp_path, capsys):
     from tiny_models import tiny_model
 

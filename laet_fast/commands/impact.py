@@ -1,11 +1,10 @@
 """``laet-fast impact``: how much fine-tuning changed each block, and what restoring it alone would do."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands._options import check_output, one_line
+from laet_fast.commands._options import check_at_least_one, check_output, check_plot, one_line
 
 
 def register(subparsers) -> None:
@@ -33,13 +32,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    for option, value in (("--max-texts", args.max_texts), ("--max-length", args.max_length)):
-        if value < 1:
-            raise UsageError(f"{option} must be at least 1, got {value}.")
+    check_at_least_one(max_texts=args.max_texts, max_length=args.max_length)
     check_output(args.json, "--json")
-    check_output(args.plot, "--plot")
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    check_plot(args.plot)
 
     from laet_fast.merge import layer_impact
 
