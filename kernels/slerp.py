@@ -26,10 +26,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 
-from laet_fast.backend import launch_device, use_triton
+from laet_fast.backend import launch_device, use_triton, tl, triton
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8

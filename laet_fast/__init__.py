@@ -5,6 +5,7 @@ Public names are imported lazily so that ``import laet_fast`` stays cheap (no tr
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -14,23 +15,24 @@ __version__ = "0.1.0"
 
 
 def _mount_source_kernels() -> None:
-    """Make ``laet_fast.kernels`` importable from a source checkout.
+    """Make ``laet_fast.kernels`` importable from a source checkout or an editable install.
 
-    setup.py installs the top-level ``kernels/`` folder as ``laet_fast.kernels``. When Python picks
-    this package up from the checkout itself (running from the repo root), that mapping is absent,
-    so the same folder is registered under the same name here.
+    The top-level ``kernels/`` folder (the Triton kernels, each beside its PyTorch reference) has no
+    ``__init__.py`` on purpose: from the repository root it is then only a namespace portion, and
+    Python's import system lets a regular package anywhere on ``sys.path`` win over it, so
+    ``import kernels`` still gives Hugging Face's hub-kernel package that transformers needs. A wheel
+    installs the folder as ``laet_fast/kernels/``; elsewhere it is registered here under that name.
     """
     name = f"{__name__}.kernels"
-    if name in sys.modules or importlib.util.find_spec(name) is not None:
+    if name in sys.modules:
         return
     folder = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "kernels"))
-    init = os.path.join(folder, "__init__.py")
-    if not os.path.isfile(init):
+    if importlib.util.find_spec(name) is not None or not os.path.isdir(folder):
         return
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [folder]
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
     globals()["kernels"] = module
 
 

@@ -6,6 +6,7 @@ The decision is per call, from the tensors' device:
 * CPU tensors with ``TRITON_INTERPRET=1`` set before the kernels were imported -> the Triton
   kernel through the interpreter (this is how the test suite runs kernels without a GPU).
 * Anything else -> the PyTorch reference in ``laet_fast.kernels``, announced once in the log.
+  That includes every call where Triton is not installed (it has wheels for Linux only).
 
 ``LAET_FAST_BACKEND=torch`` forces the reference path everywhere (debugging, A/B benchmarks).
 """
@@ -14,8 +15,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import types
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    # The kernel modules import `triton` and `tl` from here. Without Triton their @triton.jit
+    # functions stay plain functions that are never launched, and the launch-size helpers still
+    # answer, so every kernel module imports and every call takes its PyTorch reference.
+    HAS_TRITON = False
+    triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b),
+                                   next_power_of_2=lambda n: 1 << max(n - 1, 0).bit_length())
+    tl = None
 
 logger = logging.getLogger("laet_fast")
 
@@ -49,6 +65,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """
     if force_reference():
         _announce_once("forced", f"laet_fast: {FORCE_ENV}=torch, using the PyTorch reference kernels.")
+        return False
+    if not HAS_TRITON:
+        _announce_once("no-triton", "laet_fast: triton is not installed; running the PyTorch reference kernels.")
         return False
     devices = {t.device.type for t in tensors}
     if len(devices) > 1:

@@ -149,10 +149,14 @@ def _readable_gguf(folder: str, gguf_file: str | None):
     if gguf_file is None:
         yield
         return
+    path = os.path.join(folder, gguf_file)
+    if importlib.util.find_spec("gguf") is None:
+        # Checked first: transformers reports the missing reader as a failure to parse the file.
+        raise ValueError(f"reading the GGUF file {path} needs the `gguf` package, which is not installed; "
+                         f"pip install 'gguf>=0.10' (or pip install 'laet_fast[demo]').")
     try:
         yield
     except Exception as err:  # the file is the only input here: any failure to parse it is about the file
-        path = os.path.join(folder, gguf_file)
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"GGUF file {path} cannot be read, it is probably truncated or corrupt "
                          f"({os.path.getsize(path):,} bytes; {type(err).__name__}: {detail}); download or copy "

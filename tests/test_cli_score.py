@@ -171,10 +171,9 @@ def test_usage_errors_exit_2_with_one_line(model_dir, data_files, tmp_path, caps
 def test_as_a_real_process_no_traceback(tmp_path):
     """The error path through the interpreter's top level: exit status 2, one line, no traceback."""
     script = "import sys, laet_fast.cli as c; sys.exit(c.main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-c", script, "score", "--data", str(tmp_path / "missing.txt"), "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -47,6 +48,18 @@ def test_truncated_gguf_is_one_line_naming_the_file(tmp_path, size):
         message = str(info.value)
         assert str(cut) in message and "\n" not in message
         assert ("empty" if size == 0 else "truncated or corrupt") in message
+
+
+def test_gguf_without_the_gguf_package_says_so(tmp_path, monkeypatch):
+    """A missing `gguf` package is named as such, with the install line, never as a corrupt file."""
+    source = _demo_gguf()
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails as if it were not installed
+    for load in (load_config, load_tokenizer, load_model_and_tokenizer):
+        with pytest.raises(ValueError) as info:
+            load(source)
+        message = str(info.value)
+        assert "needs the `gguf` package, which is not installed" in message and "pip install" in message
+        assert "corrupt" not in message and "\n" not in message
 
 
 def test_folder_without_tokenizer_lists_the_files_looked_for(tmp_path):

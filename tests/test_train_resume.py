@@ -133,7 +133,6 @@ def straight_run(files, variant, cache={}):
 def start(files, out, extra, env_extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LAET_FAST_BACKEND": "torch",
            "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"), **env_extra}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, "-c", WRAPPER, *args_of(files, out, extra)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
