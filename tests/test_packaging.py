@@ -222,3 +222,29 @@ def test_triton_required_only_where_it_has_wheels():
     assert triton.marker is not None
     assert triton.marker.evaluate({"sys_platform": "linux"})
     assert not triton.marker.evaluate({"sys_platform": "darwin"}) and not triton.marker.evaluate({"sys_platform": "win32"})
+
+
+def test_constraints_pin_every_declared_dependency_and_the_readme_uses_them():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in open(os.path.join(REPO, "constraints.txt"), encoding="utf-8"):
+        line = line.split("#")[0].strip()
+        if line:
+            requirement = Requirement(line)
+            assert [s.operator for s in requirement.specifier] == ["=="], line
+            pins[canonicalize_name(requirement.name)] = requirement
+    declared = _declared_requirements()
+    for extra in ("", "test", "bench", "demo"):
+        for requirement in declared[extra]:
+            name = canonicalize_name(requirement.name)
+            assert name in pins, f"constraints.txt does not pin {name} (setup.py {extra or 'install_requires'})"
+            (version,) = [s.version for s in pins[name].specifier]
+            assert requirement.specifier.contains(version), f"constraints.txt pins {name}=={version} outside {requirement}"
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    commands = [line for line in readme.splitlines() if line.startswith("pip install torch==") and "&&" in line]
+    assert len(commands) == 2, commands  # the main job and the tests
+    for command in commands:
+        installs = [part for part in command.split("&&") if "pip install" in part and "torch==" not in part]
+        assert installs and all("-c constraints.txt" in part for part in installs), command
