@@ -7,6 +7,7 @@ never interrupted (to 1e-6 relative).
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,19 +277,40 @@ def test_sigkill_inside_a_save(files):
 
 # ---------------------------------------------------------------- refusals
 @pytest.fixture(scope="module")
-def saved_run(files):
-    """A finished run with checkpoints at steps 4 and 8 (its folder is copied by each refusal test)."""
-    out = files["root"] / "saved"
+def finished_run(files):
+    """A finished run with checkpoints at steps 4 and 8 (its folder is copied by each test that resumes it)."""
+    out = files["root"] / "finished"
     assert train_in_process(args_of(files, out)) == 0
     return out
 
 
-def copy_run(saved_run, tmp_path):
-    import shutil
+@pytest.fixture(scope="module")
+def saved_run(finished_run, files):
+    """The finished run as if killed before it wrote its finished mark: a resume goes back to step 8."""
+    out = files["root"] / "saved"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "checkpoints" / checkpoints.FINISHED)
+    return out
 
+
+def copy_run(saved_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
     return out
+
+
+def forge(checkpoint, edit):
+    """``edit(meta)`` in a checkpoint's meta.json, and its manifest recomputed (sha256 by hashlib), as one who
+    knows the format could."""
+    meta_path = os.path.join(checkpoint, checkpoints.META)
+    meta = json.load(open(meta_path))
+    edit(meta)
+    json.dump(meta, open(meta_path, "w"))
+    manifest_path = os.path.join(checkpoint, checkpoints.MANIFEST)
+    manifest = json.load(open(manifest_path))
+    data = open(meta_path, "rb").read()
+    manifest["files"][checkpoints.META] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    json.dump(manifest, open(manifest_path, "w"))
 
 
 def other_model(files):
@@ -340,18 +362,13 @@ def test_a_checkpoint_of_another_model_task_or_data_is_refused(files, saved_run,
 
 def test_another_model_with_the_same_path_and_shape_is_refused(files, saved_run, tmp_path, capsys):
     """Other weights in the same folder (a model re-saved, or replaced): the weights' digest differs."""
-    import shutil
-
     out = copy_run(saved_run, tmp_path)
     model_dir = tmp_path / "model"
     shutil.copytree(files["model"], model_dir)
     argv = args_of({**files, "model": str(model_dir)}, out, resume=True)
     # The copied model under a new path would differ by name; give the checkpoint this path's name.
     for path in checkpoints.complete(str(out)):
-        meta_path = os.path.join(path, checkpoints.META)
-        meta = json.load(open(meta_path))
-        meta["fingerprint"]["model"] = os.path.abspath(model_dir)
-        json.dump(meta, open(meta_path, "w"))
+        forge(path, lambda meta: meta["fingerprint"].update(model=os.path.abspath(model_dir)))
     shutil.rmtree(model_dir)
     save_model(model_dir, layers=4, seed=5)
     assert train_in_process(argv) == 2
@@ -367,3 +384,142 @@ def test_resumable_changes_are_accepted(files, saved_run, tmp_path):
     log = read_log(out)
     assert [e["step"] for e in log] == list(range(1, 13))
     assert "eval" in log[8] and "eval" not in log[2]  # steps after the checkpoint evaluate every 3
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+def flip_bytes(path, count=200):
+    """Change ``count`` bytes in the middle of a file (its size stays)."""
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(255 - b for b in data[middle:middle + count])
+    open(path, "wb").write(bytes(data))
+
+
+def cut_in_half(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+def edit_position(path):
+    """meta.json's data position edited as text (32 -> 28: the file's size stays), the manifest left as saved."""
+    text = open(path).read()
+    position = json.loads(text)["position"]
+    assert text.count(f'"position": {position},') == 1 and len(str(position)) == len(str(position - 4))
+    open(path, "w").write(text.replace(f'"position": {position},', f'"position": {position - 4},'))
+
+
+DAMAGE = {
+    "flipped bytes": ("trained.safetensors", flip_bytes, "does not match its sha256"),
+    "cut weights": ("trained.safetensors", cut_in_half, "bytes, "),
+    "cut meta.json": ("meta.json", cut_in_half, "bytes, "),
+    "edited position": ("meta.json", edit_position, "does not match its sha256"),
+    "missing rng": ("rng.safetensors", os.remove, "is missing"),
+    "missing manifest": ("manifest.json", os.remove, "is missing, so the checkpoint cannot be verified"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_one_before(files, saved_run, tmp_path, capsys,
+                                                                               damage):
+    name, harm, what = DAMAGE[damage]
+    out = copy_run(saved_run, tmp_path)
+    damaged = out / "checkpoints" / "step-00000008"
+    harm(str(damaged / name))
+    kept = folder_digest(damaged)
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    target = str(damaged / (checkpoints.MANIFEST if name == "manifest.json" else name))
+    assert err[0].startswith("checkpoint step-00000008 is damaged: " + target) and what in err[0], err
+    assert err[1] == f"resuming from {out / 'checkpoints' / 'step-00000004'}, the newest checkpoint that verifies " \
+                     f"(nothing was deleted).", err
+    assert_same_run(read_log(out), straight_run(files, "plain"))
+    # Nothing deleted: the damaged folder was set aside, byte for byte, when step 8 was saved again.
+    assert folder_digest(out / "checkpoints" / "step-00000008.damaged") == kept
+    assert checkpoints.verify(str(damaged))["step"] == 8
+
+
+def test_a_step_that_is_not_the_folders_is_damage(files, saved_run, tmp_path, capsys):
+    """meta.json of step-00000008 says step 13, with a manifest made to match: damaged, the run goes back to 4
+    and ends at its 12 steps (it neither trains nothing nor writes a shorter export)."""
+    out = copy_run(saved_run, tmp_path)
+    forge(out / "checkpoints" / "step-00000008", lambda meta: meta.update(step=13))
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoints' / 'step-00000008' / 'meta.json'} records step 13, but its folder is " \
+           f"step-00000008" in err
+    assert_same_run(read_log(out), straight_run(files, "plain"))
+    assert json.load(open(out / "report.json"))["steps"] == 12
+
+
+def test_no_checkpoint_that_verifies_is_one_line_and_exit_2(files, saved_run, tmp_path, capsys):
+    out = copy_run(saved_run, tmp_path)
+    flip_bytes(str(out / "checkpoints" / "step-00000008" / "optimizer.safetensors"))
+    edit_position(str(out / "checkpoints" / "step-00000004" / "meta.json"))
+    before = folder_digest(out)
+    assert train_in_process(args_of(files, out, resume=True)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 3, err
+    assert err[0].startswith("checkpoint step-00000008 is damaged: ") and "optimizer.safetensors" in err[0]
+    assert err[1].startswith("checkpoint step-00000004 is damaged: ") and "meta.json" in err[1]
+    assert err[2] == (f"laet-fast train: error: none of the 2 checkpoints in {out / 'checkpoints'} verifies (each is "
+                      f"named above; nothing was deleted); start the run again in another --out folder.")
+    assert folder_digest(out) == before
+
+
+# ---------------------------------------------------------------- finished runs
+def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(files, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    before = folder_digest(out)
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"laet-fast train: the run in {out} is complete (12 steps; its report is {out / 'report.txt'}); "
+                   f"nothing to resume."]
+    assert folder_digest(out) == before
+
+
+def test_a_finished_run_is_never_replaced_by_a_shorter_one(files, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    before = folder_digest(out)
+    argv = args_of(files, out, resume=True)
+    argv[argv.index("--max-steps") + 1] = "8"
+    assert train_in_process(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"laet-fast train: error: --out {out} holds a finished run of 12 steps, and this run of 8 steps "
+                   f"would replace its model and report; choose another --out folder."]
+    assert folder_digest(out) == before
+
+
+# ---------------------------------------------------------------- a full disk
+def test_a_full_disk_during_a_save_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """The second file of the step-8 save hits ENOSPC: one line naming the folder and the bytes it needs (the
+    tensors being written, and their meta data), step 4 intact, the .tmp folder removed."""
+    import errno
+
+    out = tmp_path / "run"
+    real_write, real_save, sizes, good = checkpoints._write_file, checkpoints.save, {}, {}
+
+    def full(path, write):
+        if "step-00000008.tmp" in path and not path.endswith("trained.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, write)
+
+    def save(run_dir, step, tensors, meta, keep):
+        if step == 8:
+            good["digest"] = folder_digest(checkpoints.latest(run_dir))
+            sizes["tensors"] = sum(t.numel() * t.element_size() for g in tensors.values() for t in g.values())
+        return real_save(run_dir, step, tensors, meta, keep)
+
+    monkeypatch.setattr(checkpoints, "_write_file", full)
+    monkeypatch.setattr(checkpoints, "save", save)
+    assert train_in_process(args_of(files, out)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    final = out / "checkpoints" / "step-00000008"
+    assert len(err) == 1 and err[0].startswith(f"laet-fast train: error: no space left to write the checkpoint "
+                                               f"{final}: it needs about "), err
+    number, unit = err[0].split("it needs about ")[1].split(",")[0].split()
+    scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    # The tensors and the meta data (tens of KiB here), within the one decimal printed.
+    assert sizes["tensors"] - scale / 20 <= float(number) * scale <= sizes["tensors"] + 2**16 + scale / 20, err[0]
+    assert "(the earlier checkpoints are intact)" in err[0]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000004"]
+    assert folder_digest(out / "checkpoints" / "step-00000004") == good["digest"]

@@ -16,9 +16,10 @@ def labelled_texts(count, seed):
     return texts, labels
 
 
-def save_model(folder, layers=4, seed=0):
-    """A tiny llama (random weights) and its tokenizer in ``folder``; returns the folder as a string."""
-    tiny_model("llama", seed=seed, num_hidden_layers=layers).save_pretrained(str(folder))
+def save_model(folder, layers=4, seed=0, **overrides):
+    """A tiny llama (random weights; ``overrides`` change its config) and its tokenizer in ``folder``; returns the
+    folder as a string."""
+    tiny_model("llama", seed=seed, num_hidden_layers=layers, **overrides).save_pretrained(str(folder))
     save_tokenizer(folder)
     return str(folder)
 

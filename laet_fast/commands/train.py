@@ -114,7 +114,7 @@ def _run(args) -> int:
 
     from laet_fast.loading import load_model_and_tokenizer
     from laet_fast.train.data import read_data
-    from laet_fast.train.trainer import TrainError, Trainer
+    from laet_fast.train.trainer import RunComplete, TrainError, Trainer
 
     subset = args.subset if args.subset is not None else (DEMO_SUBSET if demo_data else None)
     try:
@@ -137,6 +137,9 @@ def _run(args) -> int:
     try:
         trainer = Trainer(model, tokenizer, config, train, evaluation, model_name=name, layers=args.layers)
         report = trainer.fit()
+    except RunComplete as done:
+        print(f"laet-fast train: {done}", file=sys.stderr)
+        return 0
     except (ValueError, TrainError) as err:
         raise UsageError(one_line(err)) from None
     from laet_fast.distributed import rank_and_world

@@ -43,6 +43,10 @@ class TrainError(RuntimeError):
     """Training cannot go on (repeated NaN losses, out of memory); the message says what to change."""
 
 
+class RunComplete(Exception):
+    """``fit()`` resuming a run that has finished: there is nothing to train; the message says where its outputs are."""
+
+
 def as_text_data(data, task: str, classes=None) -> TextData:
     """A ``TextData`` from a TextData, ``(texts, labels)``, ``{"text": ..., "label": ...}`` or a list of texts."""
     if isinstance(data, TextData):
@@ -201,8 +205,10 @@ class Trainer:
         """Train; returns a ``TrainReport`` (also written as OUT/report.txt, .json and .png).
 
         Raises:
-            ValueError: bad input (another run in ``out`` without resume, a checkpoint of another run).
-            TrainError: training had to stop (NaN losses in a row, out of memory); checkpoints are kept.
+            ValueError: bad input (another run in ``out`` without resume, a checkpoint of another run, checkpoints
+                none of which verifies, a finished run in ``out`` that this shorter run would replace).
+            TrainError: training had to stop (NaN losses in a row, out of memory, a full disk); checkpoints are kept.
+            RunComplete: ``resume`` on a run that has finished; nothing was trained or written.
         """
         from accelerate import Accelerator
         from transformers import get_scheduler
@@ -220,7 +226,6 @@ class Trainer:
                                   cpu=on_cpu)
         device, main = accelerator.device, accelerator.is_main_process
         rank, world = accelerator.process_index, accelerator.num_processes
-        resume_from = checkpoints.latest(cfg.out) if cfg.resume else None
         if not cfg.resume and run_exists(cfg.out):
             raise ValueError(f"--out {cfg.out} holds another run (log.jsonl or checkpoints); resume it with --resume, "
                              f"or choose another --out folder.")
@@ -228,6 +233,7 @@ class Trainer:
         if main:
             os.makedirs(cfg.out, exist_ok=True)
         self.fingerprint()  # the weights' digest, taken before training changes them
+        self._check_finished(main)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model.to(device)
@@ -243,8 +249,9 @@ class Trainer:
 
         t_start = time.perf_counter()
         saved = None
-        if resume_from is not None:
-            saved_tensors, saved = checkpoints.load(resume_from)
+        resumed = checkpoints.newest(cfg.out, _say if main else lambda line: None) if cfg.resume else None
+        if resumed is not None:
+            resume_from, saved_tensors, saved = resumed
             checkpoints.check_same_run(saved["fingerprint"], self.fingerprint(), resume_from)
             selection = Selection.from_dict(saved["selection"])
             heads = {int(i): ProbeHead.from_spec(spec) for i, spec in saved["heads"].items()}
@@ -377,6 +384,7 @@ class Trainer:
         if main:
             export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
             result.write(cfg.out, self.scores)
+            checkpoints.mark_finished(cfg.out, step, self.fingerprint())  # last: the run's outputs are complete
         accelerator.wait_for_everyone()  # the run folder is complete when fit() returns, on every rank
         return result
 
@@ -467,6 +475,28 @@ class Trainer:
                 "loss": mean_loss}
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_finished(self, main: bool) -> None:
+        """Refuse to replace a finished run's export and report by a shorter run's; under ``resume``, stop
+        (``RunComplete``) when the run has finished. A damaged finished mark is said, and the run goes on."""
+        cfg = self.config
+        try:
+            found = checkpoints.finished(cfg.out)
+        except checkpoints.Damaged as err:
+            if main:
+                _say(f"the mark that the run finished is damaged: {err}; going on as if it had not finished.")
+            return
+        if found is None:
+            return
+        path, meta = found
+        total = self._total_steps()
+        if meta["step"] > total:
+            raise ValueError(f"--out {cfg.out} holds a finished run of {meta['step']} steps, and this run of {total} "
+                             f"steps would replace its model and report; choose another --out folder.")
+        if cfg.resume:
+            checkpoints.check_same_run(meta["fingerprint"], self.fingerprint(), path)
+            raise RunComplete(f"the run in {cfg.out} is complete ({meta['step']} steps; its report is "
+                              f"{os.path.join(cfg.out, 'report.txt')}); nothing to resume.")
+
     def _save(self, task_model, optimizer, scheduler, step, position, nan_run, skipped, selection, ever_trained):
         prefixes = tuple(f"{task_model.layers_path}.{i}." for i in sorted(ever_trained)) + ("classifier.",)
         state = task_model.state_dict()
@@ -497,8 +527,11 @@ class Trainer:
             "python_rng": _json_rng(random.getstate()),
             "scores": None if self.scores is None else _strict(self.scores.to_dict()),
         }
-        checkpoints.save(self.config.out, step, {"trained": trained, "optimizer": opt_tensors, "rng": rng}, meta,
-                         self.config.keep)
+        try:
+            checkpoints.save(self.config.out, step, {"trained": trained, "optimizer": opt_tensors, "rng": rng}, meta,
+                             self.config.keep)
+        except checkpoints.NoSpace as err:
+            raise TrainError(str(err)) from None
 
     def _restore(self, task_model, optimizer, scheduler, tensors, meta):
         missing, unexpected = task_model.load_state_dict(tensors["trained"], strict=False)
@@ -557,6 +590,10 @@ class Trainer:
                 f"{len(selection)} trained blocks, frozen blocks {cfg.quantize_frozen or 'not quantized'}); {estimate}. "
                 f"Lower --batch-size or --max-length, train fewer blocks (--k), or use --quantize-frozen nf4 and "
                 f"--optimizer adamw8bit; the last checkpoint is kept.")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
