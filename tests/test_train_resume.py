@@ -195,34 +195,56 @@ def test_sigkilled_run_resumes_exactly_with_reselection_and_nf4(files, variant):
     assert_same_run(read_log(out), straight)
 
 
+def crash_at(step, argv, monkeypatch, scoring_batches=2):
+    """Run ``laet-fast train argv`` in this process until an exception in the batch stream at ``step``."""
+    import laet_fast.train.data as data
+
+    real_at, calls = data.Batches.at, []
+
+    def crashing(self, position, *shard):
+        calls.append(position)
+        if len(calls) == scoring_batches + step:  # the scoring batches, then the crashing step's batch
+            raise RuntimeError("crash")
+        return real_at(self, position, *shard)
+
+    monkeypatch.setattr(data.Batches, "at", crashing)
+    with pytest.raises(RuntimeError, match="crash"):
+        train_in_process(argv)
+    monkeypatch.setattr(data.Batches, "at", real_at)
+
+
 @pytest.mark.parametrize("variant", ["plain", "reselect", "nf4"])
 def test_resume_after_a_crash_in_process(files, variant, monkeypatch):
     """A run that dies at step 7 (14 for re-selection: an exception in the batch stream) resumes from the last
     checkpoint, step 4 (12), to the straight run."""
     if variant == "nf4":
         pytest.importorskip("bitsandbytes")
-    import laet_fast.train.data as data
-
     out = files["root"] / f"crashed-{variant}"
-    real_at, calls = data.Batches.at, []
     crash, saved = (14, 12) if variant == "reselect" else (7, 4)
-
-    def crashing(self, position, *shard):
-        calls.append(position)
-        if len(calls) == 2 + crash:  # 2 scoring batches, then the crashing step's batch
-            raise RuntimeError("crash")
-        return real_at(self, position, *shard)
-
-    monkeypatch.setattr(data.Batches, "at", crashing)
-    with pytest.raises(RuntimeError, match="crash"):
-        train_in_process(args_of(files, out, VARIANTS[variant]))
-    monkeypatch.setattr(data.Batches, "at", real_at)
+    crash_at(crash, args_of(files, out, VARIANTS[variant]), monkeypatch)
     assert logged_steps(out) == crash - 1 and checkpoints.latest(str(out)).endswith(f"step-{saved:08d}")
     if variant == "reselect":
         meta = checkpoints.load(checkpoints.latest(str(out)))[1]
         assert meta["selection"]["layers"] == [0] and meta["ever_trained"] == [0, 1]
     assert train_in_process(args_of(files, out, VARIANTS[variant], resume=True)) == 0
     assert_same_run(read_log(out), straight_run(files, variant))
+
+
+def test_resume_restores_the_random_state(files, monkeypatch):
+    """With dropout in attention every training step draws random numbers: a resume that did not restore the
+    checkpoint's RNG state would draw others after step 4, and its losses would not be the straight run's."""
+    model = save_model(files["root"] / "dropout-model", layers=4, attention_dropout=0.3)
+
+    def argv(out):
+        return args_of({**files, "model": model}, out)
+
+    straight_out, out = files["root"] / "straight-dropout", files["root"] / "crashed-dropout"
+    assert train_in_process(argv(straight_out)) == 0
+    straight = read_log(straight_out)
+    crash_at(7, argv(out), monkeypatch)
+    assert checkpoints.latest(str(out)).endswith("step-00000004")
+    assert train_in_process(argv(out) + ["--resume"]) == 0
+    assert_same_run(read_log(out), straight)
 
 
 def test_a_save_cut_half_way_leaves_the_last_checkpoint_intact(files, monkeypatch):
