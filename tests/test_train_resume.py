@@ -499,6 +499,21 @@ def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(files, f
     assert folder_digest(out) == before
 
 
+def test_a_damaged_finished_mark_is_said_and_the_run_resumes_from_its_checkpoints(files, finished_run, tmp_path,
+                                                                                  capsys):
+    out = copy_run(finished_run, tmp_path)
+    mark = out / "checkpoints" / checkpoints.FINISHED
+    flip_bytes(str(mark / "meta.json"), count=1)
+    kept = folder_digest(mark)
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[0] == (f"the mark that the run finished is damaged: {mark / 'meta.json'} does not match its sha256 in "
+                      f"the manifest (changed since it was saved); going on as if it had not finished."), err
+    assert_same_run(read_log(out), straight_run(files, "plain"))  # steps 9 to 12 again, from step 8
+    assert checkpoints.finished(str(out))[1]["step"] == 12
+    assert folder_digest(out / "checkpoints" / "finished.damaged") == kept
+
+
 def test_a_finished_run_is_never_replaced_by_a_shorter_one(files, finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     before = folder_digest(out)

@@ -57,6 +57,11 @@ def _write_file(path: str, write) -> None:
     _fsync_path(path)
 
 
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def _file_digest(path: str) -> tuple[int, str]:
     """(bytes, sha256 hex) of a file, read in chunks."""
     with open(path, "rb") as handle:
@@ -78,7 +83,7 @@ def _size_text(size: int) -> str:
 
 def _write_folder(final: str, tensors: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
     """Write ``tensors`` and ``meta`` into ``final`` atomically, the manifest last; an existing ``final`` is set
-    aside (it is only there when a resume found it damaged, or it is the mark of a shorter finished run)."""
+    aside, not deleted (it is there when a resume went past it as damaged)."""
     from safetensors.torch import save_file
 
     tmp = final + ".tmp"
@@ -88,19 +93,13 @@ def _write_folder(final: str, tensors: dict[str, dict[str, torch.Tensor]], meta:
         os.makedirs(tmp)
         for stem, group in tensors.items():
             _write_file(os.path.join(tmp, f"{stem}.safetensors"), lambda path, g=group: save_file(_plain(g), path))
-
-        def write_text(text):
-            def write(path):
-                with open(path, "w", encoding="utf-8") as handle:
-                    handle.write(text)
-            return write
-
-        _write_file(os.path.join(tmp, META), write_text(meta_text))
+        _write_file(os.path.join(tmp, META), lambda path: _write_text(path, meta_text))
         files = {}
         for name in sorted(os.listdir(tmp)):
             size, digest = _file_digest(os.path.join(tmp, name))
             files[name] = {"bytes": size, "sha256": digest}
-        _write_file(os.path.join(tmp, MANIFEST), write_text(json.dumps({"format": FORMAT, "files": files}, indent=1)))
+        manifest_text = json.dumps({"format": FORMAT, "files": files}, indent=1)
+        _write_file(os.path.join(tmp, MANIFEST), lambda path: _write_text(path, manifest_text))
         _fsync_path(tmp)
     except OSError as err:
         if err.errno != errno.ENOSPC:

@@ -384,7 +384,10 @@ class Trainer:
         if main:
             export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
             result.write(cfg.out, self.scores)
-            checkpoints.mark_finished(cfg.out, step, self.fingerprint())  # last: the run's outputs are complete
+            try:
+                checkpoints.mark_finished(cfg.out, step, self.fingerprint())  # last: the run's outputs are complete
+            except checkpoints.NoSpace as err:
+                raise TrainError(str(err)) from None
         accelerator.wait_for_everyone()  # the run folder is complete when fit() returns, on every rank
         return result
 
