@@ -138,7 +138,10 @@ def _run(args) -> int:
         trainer = Trainer(model, tokenizer, config, train, evaluation, model_name=name, layers=args.layers)
         report = trainer.fit()
     except RunComplete as done:
-        print(f"laet-fast train: {done}", file=sys.stderr)
+        from laet_fast.distributed import rank_and_world
+
+        if rank_and_world()[0] == 0:
+            print(f"laet-fast train: {done}", file=sys.stderr)
         return 0
     except (ValueError, TrainError) as err:
         raise UsageError(one_line(err)) from None

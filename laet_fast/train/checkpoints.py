@@ -1,4 +1,4 @@
-"""Checkpoints of what training changes, written atomically, verified when read; refused when they belong to another run.
+"""Checkpoints of what training changes: written atomically, verified when read, refused when of another run.
 
 A checkpoint is a folder ``RUN/checkpoints/step-00000040/`` holding safetensors files (trained
 blocks and heads, optimizer state, RNG states), ``meta.json`` (step, data position, optimizer
@@ -180,7 +180,8 @@ def verify(path: str) -> dict:
         raise Damaged(f"{manifest_path} cannot be read ({type(err).__name__}: {err})") from None
     unlisted = sorted(set(os.listdir(path)) - set(listed) - {MANIFEST})
     if unlisted:
-        raise Damaged(f"{os.path.join(path, unlisted[0])} is not in the checkpoint's manifest (added since it was saved)")
+        raise Damaged(f"{os.path.join(path, unlisted[0])} is not in the checkpoint's manifest (added since it was "
+                      f"saved)")
     for name, (size, digest) in listed.items():
         file = os.path.join(path, name)
         if os.path.basename(name) != name or not os.path.isfile(file):

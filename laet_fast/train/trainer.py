@@ -44,7 +44,7 @@ class TrainError(RuntimeError):
 
 
 class RunComplete(Exception):
-    """``fit()`` resuming a run that has finished: there is nothing to train; the message says where its outputs are."""
+    """``fit()`` resuming a run that has finished: nothing to train; the message says where its report is."""
 
 
 def as_text_data(data, task: str, classes=None) -> TextData:
