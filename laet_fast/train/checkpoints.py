@@ -110,8 +110,8 @@ def _write_folder(final: str, tensors: dict[str, dict[str, torch.Tensor]], meta:
         needed += len(meta_text.encode("utf-8")) + 4096
         free = shutil.disk_usage(os.path.dirname(final)).free
         raise NoSpace(f"no space left to write the checkpoint {final}: it needs about {_size_text(needed)}, "
-                      f"{_size_text(free)} are free; free some space (or lower --keep) and resume with --resume "
-                      f"(the earlier checkpoints are intact).") from None
+                      f"{_size_text(free)} are free; free some space there and resume with --resume (the earlier "
+                      f"checkpoints are intact).") from None
     if os.path.isdir(final):
         _set_aside(final)
     os.rename(tmp, final)
