@@ -346,6 +346,19 @@ def test_laet_chooses_by_probes_and_trains_the_model_head(tmp_path):
     assert logged["laet/probe_acc/layer_0"] == pytest.approx(want["probe_acc"][0])
 
 
+def test_grad_norm_without_labels_says_so(tmp_path):
+    class Unlabelled(TokenRows):
+        def __getitem__(self, i):
+            return {key: value for key, value in super().__getitem__(i).items() if key != "labels"}
+
+    model = tiny_model("llama", seed=0).train()
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=Unlabelled(),
+                                   callbacks=[LaetCallback(method="grad_norm", k=1)])
+    with pytest.raises(ValueError, match="computed none on a batch of attention_mask, input_ids; give the batches "
+                                         "the labels it trains on"):
+        trainer.train()
+
+
 def test_laet_refuses_token_labels(tmp_path):
     model = tiny_model("llama", seed=0).train()
     trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenRows(),

@@ -111,7 +111,12 @@ def score_layers(
             for batch in batches:
                 ids, mask = batch["input_ids"], batch["attention_mask"]
                 if grad_norms and own_loss:
-                    model(**batch, use_cache=False).loss.backward()
+                    loss = model(**batch).loss  # called as a transformers.Trainer calls it
+                    if loss is None:
+                        raise ValueError(f"grad_norm scores the gradient of the model's own loss, but the model "
+                                         f"computed none on a batch of {', '.join(sorted(batch))}; give the "
+                                         f"batches the labels it trains on ('labels').")
+                    loss.backward()
                 elif grad_norms:
                     target = ids.masked_fill(mask == 0, -100)
                     model(input_ids=ids, attention_mask=mask, labels=target, use_cache=False).loss.backward()
