@@ -1,5 +1,7 @@
 """LaetCallback in real transformers Trainers: only the chosen blocks train, the optimizer holds only
-them, evaluation runs in between, NF4 frozen blocks, re-selection, TRL's SFTTrainer."""
+them, evaluation runs in between, NF4 frozen blocks, re-selection (none after the last step, no log line
+lost, the methods laet_fast.Trainer re-selects), gradient norms of the loss the Trainer trains on, TRL's
+SFTTrainer."""
 import copy
 import math
 
@@ -173,8 +175,8 @@ def test_grad_norm_scores_the_loss_the_trainer_trains_on(tmp_path, head, rows):
     reference = copy.deepcopy(model)
     data = rows(rows=8, seed=5)
     callback = LaetCallback(method="grad_norm", k=1, score_batches=2)
-    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=1, per_device_train_batch_size=4),
-                                   train_dataset=data, callbacks=[callback])
+    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=4)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
     batches = [collate(data, range(0, 4)), collate(data, range(4, 8))]  # the sequential sampler's first two
     want = reference_grad_norms(reference, batches)
