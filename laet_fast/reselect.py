@@ -47,7 +47,8 @@ class Reselector:
         optimizer: a ``torch.optim.Optimizer`` to keep in step with the selection (optional).
         apply_kwargs: keyword arguments for ``apply_selection`` (``quantize_frozen``, ``dtype``, ...).
         layers: dotted path of the block list when ``find_layers`` cannot find it.
-        **select_kwargs: further ``select_layers`` arguments (``metric``, ``k``, ``low``, ``high``, ``seed``).
+        **select_kwargs: further ``select_layers`` arguments (``metric``, ``k``, ``low``, ``high``, ``seed``;
+            with ``strategy="random"`` the n-th re-selection draws with ``seed + n``).
 
     Attributes:
         selection: the selection in force (at the start: the blocks whose parameters are all trainable).
@@ -106,9 +107,11 @@ class Reselector:
         If too few layers have finite scores, the current selection is kept with a warning.
         """
         scores = self.probe.scores()
+        kwargs = dict(self.select_kwargs)
+        if self.strategy == "random":  # a new draw each time (LISA): the n-th re-selection draws with seed + n
+            kwargs["seed"] = kwargs.get("seed", 0) + self.steps // self.every
         try:
-            selection = select_layers(scores, strategy=self.strategy, num_layers=len(self.stack),
-                                      **self.select_kwargs)
+            selection = select_layers(scores, strategy=self.strategy, num_layers=len(self.stack), **kwargs)
         except ValueError as err:
             if "finite" not in str(err):
                 raise

@@ -1,12 +1,18 @@
 """LaetCallback in real transformers Trainers: only the chosen blocks train, the optimizer holds only
-them, evaluation runs in between, NF4 frozen blocks, re-selection, TRL's SFTTrainer."""
+them, evaluation runs in between, NF4 frozen blocks, re-selection (none after the last step, no log line
+lost, the methods laet_fast.Trainer re-selects), gradient norms of the loss the Trainer trains on, TRL's
+SFTTrainer."""
+import copy
+import math
+
 import pytest
 import torch
 
 from laet_fast.integrations import LaetCallback
 from laet_fast.layers import find_layers
 from tiny_models import tiny_model
-from trainer_cases import TokenRows, snapshot, training_args
+from train_fixtures import labelled_texts, model_dir  # noqa: F401 (fixture)
+from trainer_cases import SEQ, ClassRows, TokenRows, snapshot, training_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,6 +30,45 @@ class Snapshots(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.steps[state.global_step] = snapshot(model)
+
+
+class Reported(transformers.TrainerCallback):
+    """What a ``report_to`` backend receives: the logs of every ``on_log``."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+PROMPT = 4
+
+
+class PromptRows(TokenRows):
+    """Token rows whose first PROMPT tokens are a prompt: labels -100 there, as under a completion-only loss."""
+
+    def __getitem__(self, i):
+        row = super().__getitem__(i)
+        row["labels"][:PROMPT] = -100
+        return row
+
+
+def reference_grad_norms(model, batches):
+    """Per block, the mean over ``batches`` of the L2 norm of the gradient of the model's own loss on the batch
+    as given, by plain autograd on a copy with every parameter trainable (sums in float64)."""
+    model = copy.deepcopy(model).requires_grad_(True)
+    per_batch = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        per_batch.append([math.sqrt(sum(p.grad.double().square().sum().item() for p in block.parameters()))
+                          for block in find_layers(model)])
+    return [sum(norms) / len(norms) for norms in zip(*per_batch)]
+
+
+def collate(data, rows):
+    return transformers.default_data_collator([data[i] for i in rows])
 
 
 def block_of(name, path):
@@ -90,8 +135,8 @@ def test_reselection_joins_and_leaves(tmp_path):
     trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=6),
                                    train_dataset=TokenRows(), callbacks=[callback, snaps])
     trainer.train()
-    # seed 0 draws block 1, the re-draws at steps 2, 4, 6 (seeds 1, 2, 3) block 0.
-    assert [(step, sel.layers) for step, sel in callback.history] == [(0, (1,)), (2, (0,)), (4, (0,)), (6, (0,))]
+    # seed 0 draws block 1, the re-draws at steps 2 and 4 (seeds 1, 2) block 0; none after the last step, 6.
+    assert [(step, sel.layers) for step, sel in callback.history] == [(0, (1,)), (2, (0,)), (4, (0,))]
 
     def block(step, index):
         return {n: v for n, v in snaps.steps[step].items() if block_of(n, path) == index}
@@ -106,7 +151,7 @@ def test_reselection_joins_and_leaves(tmp_path):
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in inner.state} == trainable
     assert all(inner.state[p]["step"].item() == 4 for p in model.parameters() if p.requires_grad)
-    assert sum("laet/num_selected" in h for h in trainer.state.log_history) == 4
+    assert sum("laet/num_selected" in h for h in trainer.state.log_history) == 3
 
 
 def test_scored_reselection_by_gradient_norms(tmp_path):
@@ -115,34 +160,139 @@ def test_scored_reselection_by_gradient_norms(tmp_path):
     trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=4),
                                    train_dataset=TokenRows(), callbacks=[callback])
     trainer.train()
-    assert [step for step, _ in callback.history] == [0, 2, 4]
+    assert [step for step, _ in callback.history] == [0, 2]  # none after the last step, 4
     for _, selection in callback.history[1:]:  # every block scored fresh, frozen ones included
         assert selection.metric == "grad_norm" and all(v > 0 for v in selection.scores)
     trained = tuple(i for i, b in enumerate(find_layers(model)) if all(p.requires_grad for p in b.parameters()))
     assert trained == callback.selection.layers
 
 
-def test_sft_trainer(tmp_path):
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+@pytest.mark.parametrize("head, rows", [("seqcls", ClassRows), ("causal", PromptRows)])
+def test_grad_norm_scores_the_loss_the_trainer_trains_on(tmp_path, head, rows):
+    # A classification model's own loss on its one label per row; a completion-only loss's labels (-100 on the
+    # prompt), never every token.
+    model = tiny_model("llama", head=head, seed=7).train()
+    reference = copy.deepcopy(model)
+    data = rows(rows=8, seed=5)
+    callback = LaetCallback(method="grad_norm", k=1, score_batches=2)
+    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=4)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    batches = [collate(data, range(0, 4)), collate(data, range(4, 8))]  # the sequential sampler's first two
+    want = reference_grad_norms(reference, batches)
+    assert callback.scores["grad_norm"] == pytest.approx(want, rel=1e-4)
+    if head == "causal":  # the prompt's tokens would change the scores
+        every_token = reference_grad_norms(reference, [collate(TokenRows(rows=8, seed=5), b) for b in
+                                                       (range(0, 4), range(4, 8))])
+        assert every_token != pytest.approx(want, rel=1e-2)
+
+
+def test_reselection_loses_no_log_line_and_skips_the_last_step(tmp_path):
+    model = tiny_model("llama", seed=2).train()
+    callback = LaetCallback(method="grad_norm", k=1, reselect_every=2, score_batches=1)
+    reported = Reported()
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=6, logging_steps=1),
+                                   train_dataset=TokenRows(), callbacks=[reported, callback])
+    trainer.train()
+    history = trainer.state.log_history
+    # Every step's own loss line, in the history and in what a report_to backend receives.
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert sum("loss" in logs for logs in reported.logs) == 6
+    # The callback's lines too: the first selection and the re-selections at steps 2 and 4, none after step 6,
+    # which no step follows.
+    assert [step for step, _ in callback.history] == [0, 2, 4]
+    assert [h["step"] for h in history if "laet/num_selected" in h] == [0, 2, 4]
+    assert sum("laet/num_selected" in logs for logs in reported.logs) == 3
+
+
+def test_trainer_and_callback_reselect_by_one_definition(model_dir, tmp_path):
+    import json
+
+    from laet_fast import select_layers
+    from laet_fast.loading import load_model_and_tokenizer
+    from laet_fast.train import METHODS, RESELECTABLE, TrainConfig, Trainer
+
+    def run(method):
+        model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu")
+        cfg = TrainConfig(method=method, k=1, max_steps=4, batch_size=4, reselect_every=2, out=str(tmp_path / method),
+                          progress=False, seed=3)
+        return Trainer(model, tokenizer, cfg, labelled_texts(24, 0)).fit(), cfg
+
+    assert set(RESELECTABLE) < set(METHODS)
+    for method in METHODS:
+        if method in RESELECTABLE:
+            LaetCallback(method=method, k=1, reselect_every=2)
+        else:
+            with pytest.raises(ValueError, match="reselect_every needs a method that can choose again"):
+                LaetCallback(method=method, k=1, reselect_every=2)
+    with pytest.raises(ValueError, match="reselect_every needs a method that can choose again"):
+        run("last")
+    # random re-selects in laet_fast.Trainer as in the callback: the n-th re-selection draws with seed + n.
+    report, cfg = run("random")
+    draws = [select_layers(None, strategy="random", k=1, num_layers=4, seed=3 + n).layers for n in range(3)]
+    assert len(set(draws)) > 1
+    with open(tmp_path / "random" / "log.jsonl", encoding="utf-8") as handle:
+        log = [json.loads(line) for line in handle]
+    in_force = [draws[0]]
+    for entry in log:
+        in_force.append(tuple(entry.get("selection", in_force[-1])))
+    assert in_force[2] == draws[1] and in_force[4] == draws[2] and tuple(report.selection) == draws[2]
+
+
+def word_tokenizer():
+    """A tokenizer of the tiny models' 211 ids (the datasets below are pre-tokenized; TRL wants one)."""
     from tokenizers import Tokenizer, models
 
     vocab = {f"t{i}": i for i in range(211)}
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "t1")),
-                                                     pad_token="t0", eos_token="t2")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "t1")),
+                                                pad_token="t0", eos_token="t2")
+
+
+def sft_config(tmp_path, **overrides):
+    trl = pytest.importorskip("trl")
+    kwargs = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                  report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1)
+    return trl.SFTConfig(**{**kwargs, **overrides})
+
+
+def test_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
     rows = TokenRows(rows=8, pad=False)
     data = datasets.Dataset.from_dict({"input_ids": [r.tolist() for r in rows.ids]})
     model = tiny_model("llama", seed=4).train()
     before = snapshot(model)
     callback = LaetCallback(method="last", k=1)
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-                           report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1)
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[callback])
+    trainer = trl.SFTTrainer(model=model, args=sft_config(tmp_path), train_dataset=data,
+                             processing_class=word_tokenizer(), callbacks=[callback])
     trainer.train()
     assert callback.selection.layers == (2,)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("model.layers.2.") for n in changed)
+
+
+def test_sft_completion_only_loss_is_scored_on_the_completion(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    rows = TokenRows(rows=8, pad=False)
+    data = datasets.Dataset.from_dict({"input_ids": [r.tolist() for r in rows.ids],
+                                       "completion_mask": [[0] * PROMPT + [1] * (SEQ - PROMPT)] * 8})
+    model = tiny_model("llama", seed=5).train()
+    reference = copy.deepcopy(model)
+    callback = LaetCallback(method="grad_norm", k=1, score_batches=2, reselect_every=1)
+    reported = Reported()
+    # SFTConfig's default bf16 autocast would round the scoring forward, which the float32 reference does not.
+    trainer = trl.SFTTrainer(model=model, args=sft_config(tmp_path, completion_only_loss=True, bf16=False,
+                                                          train_sampling_strategy="sequential"),
+                             train_dataset=data, processing_class=word_tokenizer(), callbacks=[reported, callback])
+    trainer.train()
+    batches = [trainer.data_collator([trainer.train_dataset[i] for i in rows]) for rows in (range(0, 2), range(2, 4))]
+    for batch in batches:  # the labels TRL trains on: the completion only
+        assert (batch["labels"][:, :PROMPT] == -100).all() and (batch["labels"][:, PROMPT:] >= 0).all()
+    assert callback.scores["grad_norm"] == pytest.approx(reference_grad_norms(reference, batches), rel=1e-4)
+    # Both steps' lines keep TRL's own metrics (the re-selection at step 1 logs beside them, not through TRL's log).
+    lines = [logs for logs in reported.logs if "loss" in logs]
+    assert len(lines) == 2 and all("mean_token_accuracy" in logs for logs in lines)
 
 
 def test_bad_arguments_are_refused():
@@ -196,6 +346,19 @@ def test_laet_chooses_by_probes_and_trains_the_model_head(tmp_path):
     assert sum("eval_loss" in h for h in trainer.state.log_history) == 2
     logged = next(h for h in trainer.state.log_history if "laet/num_selected" in h)
     assert logged["laet/probe_acc/layer_0"] == pytest.approx(want["probe_acc"][0])
+
+
+def test_grad_norm_without_labels_says_so(tmp_path):
+    class Unlabelled(TokenRows):
+        def __getitem__(self, i):
+            return {key: value for key, value in super().__getitem__(i).items() if key != "labels"}
+
+    model = tiny_model("llama", seed=0).train()
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=Unlabelled(),
+                                   callbacks=[LaetCallback(method="grad_norm", k=1)])
+    with pytest.raises(ValueError, match="computed none on a batch of attention_mask, input_ids; give the batches "
+                                         "the labels it trains on"):
+        trainer.train()
 
 
 def test_laet_refuses_token_labels(tmp_path):

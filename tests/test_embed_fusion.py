@@ -50,6 +50,19 @@ def test_auto_picks_the_signal_layers_and_cross_model_fusion_beats_each_model():
                                                                      .argmax(1).tolist()]
 
 
+def test_auto_tries_every_k_up_to_k_max_and_takes_the_largest_when_it_is_best():
+    # The label is the sign of the sum of layers 0, 1 and 2 (feature 0 each): each layer alone sees a third of
+    # the signal, two see two thirds, only all three see it whole. Layer 3 is noise, so k_max = 3 < 4 layers.
+    gen = torch.Generator().manual_seed(5)
+    emb = torch.randn(400, 4, 6, generator=gen)
+    y = (emb[:, :3, 0].sum(1) > 0).long()
+    fused = FusionClassifier("auto", **{**SETTINGS, "k_max": 3}).fit(emb, y)
+    by_k = fused.search_["val_acc_by_k"]
+    assert list(by_k) == ["1", "2", "3"]
+    assert by_k["3"] > by_k["2"] + 0.05 and by_k["3"] > 0.9
+    assert fused.search_["k"] == 3 and sorted(fused.layers_) == [(0, 0), (0, 1), (0, 2)]
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_fusion_learns_the_cross_model_signal(fusion):
     a, b, y, _ = two_models(seed=1)

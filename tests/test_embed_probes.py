@@ -210,3 +210,17 @@ def test_probe_layers_bad_input():
         probe_layers(x, y, val_fraction=1.5)
     with pytest.raises(ValueError, match="folds"):
         probe_layers(x, y, folds=1)
+
+
+@pytest.mark.parametrize("on_boundary", ["probe_acc", "probe_f1"])
+def test_laet_margin_boundary_is_exact(on_boundary):
+    # Values whose gaps are exact in binary floating point: the boundary metric scores [0, 1, 0, 1], mean 0.5,
+    # population sd exactly 0.5, so margin 2 makes its gap exactly 1.0, layer 1's lead over layer 0. The other
+    # metric scores [0, 1, 0.5, 0.5] (sd 0.354, gap 0.707), clearly beaten by that same lead of 1.0 and not by
+    # the 0.5 leads of layers 2 and 3.
+    boundary, other = [0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.5, 0.5]
+    acc, f1 = (boundary, other) if on_boundary == "probe_acc" else (other, boundary)
+    # "Not beaten by more than margin x sd": a lead of exactly margin x sd beats, so layer 0 goes.
+    assert laet_keep(acc, f1, margin=2.0) == [1, 2, 3]
+    # The next float above margin 2 makes the gap 1.0 plus one ulp (x 0.5 is exact): layer 0 stays.
+    assert laet_keep(acc, f1, margin=math.nextafter(2.0, math.inf)) == [0, 1, 2, 3]

@@ -203,6 +203,26 @@ def test_restore_with_policy_uses_layer_impact(pair, tmp_path):
     assert applied == policy_t(layer_impact(pair[0], pair[1]), "conservative") == {2: 0.25, 3: 0.25}
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_mean_token_nll_matches_float64_row_by_row(side):
+    # Independent reference: each row's real tokens alone (no padding, no mask), log-softmax in float64, token t+1
+    # scored from the logits at t; token-weighted over the rows.
+    from tiny_models import random_batch
+
+    model = tiny_model("llama", seed=2)
+    ids, mask = random_batch(model.config.vocab_size, batch=3, seq=9, side=side,
+                             generator=torch.Generator().manual_seed(4))
+    total = count = 0
+    for row_ids, row_mask in zip(ids, mask):
+        real = row_ids[row_mask.bool()][None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=real).logits[0].double(), -1)
+        total -= float(logp[:-1].gather(1, real[0, 1:, None]).sum())
+        count += real.shape[1] - 1
+    nll, tokens = impact.mean_token_nll(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert tokens == count and nll == pytest.approx(total / count, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_restore_impact_on_data_matches_direct_evaluation(pair, tmp_path):
     base_dir, tuned_dir, base, tuned = pair

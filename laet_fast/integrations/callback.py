@@ -21,9 +21,9 @@ What the peers' users ran into, and what happens here instead:
   0's choice is broadcast, so every rank picks the same blocks.
 * FSDP and DeepSpeed are refused: the Trainer shards the model before any callback runs
   (``laet_fast.integrations.fully_shard_selection`` shards a selection in a loop of your own).
-* transformers gives callbacks the model and the optimizer but not the Trainer, whose ``log`` and
-  wrapped model the callback needs; it finds the Trainer that holds it from the objects that refer
-  to it (its callback list), once per training.
+* transformers gives callbacks the model and the optimizer but not the Trainer, whose callback handler
+  (the ``report_to`` backends) and wrapped model the callback needs; it finds the Trainer that holds it
+  from the objects that refer to it (its callback list), once per training.
 """
 from __future__ import annotations
 
@@ -38,11 +38,7 @@ from ..apply import apply_selection
 from ..distributed import broadcast_object
 from ..layers import find_layers
 from ..quantize import mode_name
-from ..reselect import Reselector
-from ..train.methods import METRIC_OF, choose_layers, parse_method, score_layers
-
-# Methods that can be re-scored during training (from hidden statistics or gradient norms), or re-drawn.
-RESELECTABLE = ("grad_norm", "block_influence", "relative_change", "random")
+from ..train.methods import check_reselectable, choose_layers, parse_method, reselector_for, score_layers
 
 
 class LaetCallback(TrainerCallback):
@@ -52,8 +48,9 @@ class LaetCallback(TrainerCallback):
         method: a name from ``laet_fast.train.METHODS`` (``"grad_norm"``, ``"block_influence"``,
             ``"relative_change"``, ``"last"``, ``"random"``, ``"all"``, ``"laet"``) or a list of block indices.
         k: how many blocks (see ``choose_layers``; ``grad_norm`` without k uses the variance split).
-        reselect_every: re-score and re-select every this many optimizer steps (None: never). Only for
-            ``grad_norm``, ``block_influence``, ``relative_change`` and ``random`` (a new draw each time).
+        reselect_every: re-score and re-select every this many optimizer steps (None: never), except after the
+            last step, which no step follows. Only for ``laet_fast.train.RESELECTABLE`` methods: ``grad_norm``,
+            ``block_influence``, ``relative_change`` and ``random`` (a new draw each time).
         quantize_frozen: ``"nf4"``, ``"fp4"``, ``"int8"`` or None: the frozen blocks' linear layers in
             bitsandbytes form (blocks that ever trained are never quantized).
         score_batches: how many of the Trainer's first train batches (this rank's) to score on.
@@ -78,9 +75,7 @@ class LaetCallback(TrainerCallback):
             if not isinstance(reselect_every, int) or isinstance(reselect_every, bool) or reselect_every < 1:
                 raise ValueError(f"reselect_every={reselect_every!r}: re-select every N optimizer steps with an "
                                  f"integer N >= 1, or None.")
-            if self.method not in RESELECTABLE:
-                raise ValueError(f"reselect_every needs a method that can be scored again while training "
-                                 f"({', '.join(RESELECTABLE)}), not {self.method!r}.")
+            check_reselectable(self.method)
         if not isinstance(score_batches, int) or isinstance(score_batches, bool) or score_batches < 1:
             raise ValueError(f"score_batches={score_batches!r}: score on an integer number >= 1 of batches.")
         self.k = k
@@ -94,7 +89,6 @@ class LaetCallback(TrainerCallback):
         self._trainer = None
         self._probe = None
         self._reselector = None
-        self._draws = 0
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -104,9 +98,8 @@ class LaetCallback(TrainerCallback):
         batches = self._first_batches(train_dataloader, model)
         if self.method == "laet":
             self.scores = self._score_laet(model, batches)
-        else:
-            texts = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
-            self.scores = score_layers(model, texts, self.method)
+        else:  # gradient norms of the loss the Trainer trains on: the model's own, on the batch's own labels
+            self.scores = score_layers(model, batches, self.method, own_loss=True)
         selection = choose_layers(self.scores, self.method, k=self.k, num_layers=num_layers, **self.select_kwargs)
         # Every rank scored the same global statistics; rank 0's choice is handed to all, so that no rounding
         # difference between ranks can make them train different blocks.
@@ -121,8 +114,10 @@ class LaetCallback(TrainerCallback):
         self.selection = selection
         self.history.append((state.global_step, selection))
         if self.reselect_every is not None:
-            self._start_reselection(model, inner)
-        self._log(state, self.scores, selection)
+            self._reselector, self._probe = reselector_for(
+                model, self.method, self.reselect_every, k=self.k, optimizer=inner,
+                apply_kwargs={"quantize_frozen": self.quantize_frozen}, **self.select_kwargs)
+        self._log(args, state, control, self.scores, selection)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._probe is not None:
@@ -132,10 +127,9 @@ class LaetCallback(TrainerCallback):
         if self._probe is None:
             return
         self._probe.detach()
+        if state.global_step >= state.max_steps:
+            return  # no step follows: a block chosen now would never train
         reselector = self._reselector
-        if self.method == "random" and (reselector.steps + 1) % reselector.every == 0:
-            self._draws += 1  # a new draw each time, as LISA
-            reselector.select_kwargs["seed"] = self.select_kwargs.get("seed", 0) + self._draws
         before = reselector.selection.layers
         new = reselector.step()
         if new is None:
@@ -144,7 +138,7 @@ class LaetCallback(TrainerCallback):
         self.history.append((state.global_step, new))
         if new.layers != before:
             self._rebuild_wrapper(reselector.model)
-        self._log(state, {new.metric: list(new.scores)} if new.metric else None, new)
+        self._log(args, state, control, {new.metric: list(new.scores)} if new.metric else None, new)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._probe is not None:
@@ -237,25 +231,14 @@ class LaetCallback(TrainerCallback):
                 warnings.warn("LaetCallback: no Trainer holds this callback, so a DDP wrapper could not be found "
                               "and rebuilt; frozen parameters stay in its buckets.", stacklevel=2)
 
-    def _start_reselection(self, model, optimizer) -> None:
-        from ..probe import LayerProbe
+    def _log(self, args, state, control, scores, selection) -> None:
+        """Per-layer metrics and the selection (1.0 = trained), as numbers every ``report_to`` accepts.
 
-        method = self.method
-        kwargs = dict(self.select_kwargs)
-        if method == "random":
-            self._probe, strategy = _NoScores(), "random"
-        else:
-            self._probe = LayerProbe(model, grad_norms=method == "grad_norm")
-            kwargs["metric"] = METRIC_OF[method]
-            strategy = "top" if self.k is not None else "variance_split"
-        if self.k is not None:
-            kwargs["k"] = self.k
-        self._reselector = Reselector(model, self._probe, every=self.reselect_every, strategy=strategy,
-                                      optimizer=optimizer, apply_kwargs={"quantize_frozen": self.quantize_frozen},
-                                      **kwargs)
-
-    def _log(self, state, scores, selection) -> None:
-        """Per-layer metrics and the selection (1.0 = trained), as numbers every ``report_to`` accepts."""
+        The line goes to ``state.log_history`` and to every callback's ``on_log`` (the ``report_to`` backends),
+        not through ``Trainer.log``: that ends in the handler's ``on_log``, which clears ``control.should_log``,
+        so the Trainer's own line of this step, decided before this event, was never written; and a subclass's
+        ``log`` (TRL's) hands the line the metrics it gathered for its own, and clears them.
+        """
         logs = {}
         for metric, values in (scores or {}).items():
             for index, value in enumerate(values):
@@ -263,28 +246,12 @@ class LaetCallback(TrainerCallback):
         for index in range(selection.num_layers):
             logs[f"laet/selected/layer_{index}"] = float(index in selection.layers)
         logs["laet/num_selected"] = float(len(selection))
-        if self._trainer is not None:
-            self._trainer.log(logs)
-        else:
-            state.log_history.append({**logs, "step": state.global_step})
-
-
-class _NoScores:
-    """The probe of a score-free re-selection (``random``): nothing to gather."""
-
-    grad_norms = None
-
-    def attach(self):
-        return self
-
-    def detach(self):
-        pass
-
-    def scores(self):
-        return None
-
-    def reset(self):
-        pass
+        state.log_history.append({**logs, "step": state.global_step})
+        handler = getattr(self._trainer, "callback_handler", None)
+        if handler is not None:
+            should_log = control.should_log
+            handler.on_log(args, state, control, logs)
+            control.should_log = should_log
 
 
 def _keep_trainable(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

@@ -106,7 +106,10 @@ def mean_token_nll(model, batches: list[dict]) -> tuple[float, int]:
     total, count = 0.0, 0
     for batch in batches:
         logits = model(**batch).logits[:, :-1].float()
-        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        # Token t+1 counts when t is real too: under left padding the first real token follows a pad,
+        # a prediction from no text that the same row right-padded (or alone) never makes.
+        real = batch["attention_mask"].bool()
+        targets = batch["input_ids"][:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
         total += float(F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"))
         count += int((targets != -100).sum())
     if count == 0:

@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "METHODS": "laet_fast.train.methods",
+    "RESELECTABLE": "laet_fast.train.methods",
     "score_layers": "laet_fast.train.methods",
     "choose_layers": "laet_fast.train.methods",
     "TrainConfig": "laet_fast.train.config",

@@ -34,6 +34,9 @@ METHODS = ("laet", "grad_norm", "block_influence", "relative_change", "last", "r
 METRIC_OF = {"laet": "probe_acc", "grad_norm": "grad_norm", "block_influence": "block_influence",
              "relative_change": "relative_change"}
 SCORE_FREE = ("last", "random", "all")
+# The methods that can choose again while training (``reselect_every``), in laet_fast.Trainer and LaetCallback
+# alike: the scored ones from the training steps' own hidden states or gradient norms, ``random`` by a new draw.
+RESELECTABLE = ("grad_norm", "block_influence", "relative_change", "random")
 
 
 def parse_method(method) -> str | tuple[int, ...]:
@@ -62,6 +65,7 @@ def score_layers(
     layers: str | None = None,
     return_probes: bool = False,
     seed: int = 0,
+    own_loss: bool = False,
     **probe_kwargs,
 ):
     """Score every block of ``model`` for ``method`` on ``batches``; None for score-free methods.
@@ -74,6 +78,10 @@ def score_layers(
         layers: dotted path of the block list when it is not found automatically.
         return_probes: ``laet`` only: return ``(scores, BatchedProbe)``, the probes being the heads.
         seed: ``laet`` only: seed of the probes' split and initialisation.
+        own_loss: ``grad_norm`` only: measure the gradient of the loss the model computes on each batch as it
+            is given (every key, its ``labels`` included: one class id per row for a classification model, -100
+            on the tokens a completion-only loss skips), as a ``transformers.Trainer`` trains on it. Default: the
+            next-token loss on every real token, from ``input_ids`` and ``attention_mask`` alone.
         **probe_kwargs: ``laet`` only: passed to ``laet_fast.embed.probe_layers`` (``hidden``, ``epochs``...).
 
     Returns:
@@ -102,7 +110,14 @@ def score_layers(
                 torch.set_grad_enabled(grad_norms):
             for batch in batches:
                 ids, mask = batch["input_ids"], batch["attention_mask"]
-                if grad_norms:
+                if grad_norms and own_loss:
+                    loss = model(**batch).loss  # called as a transformers.Trainer calls it
+                    if loss is None:
+                        raise ValueError(f"grad_norm scores the gradient of the model's own loss, but the model "
+                                         f"computed none on a batch of {', '.join(sorted(batch))}; give the "
+                                         f"batches the labels it trains on ('labels').")
+                    loss.backward()
+                elif grad_norms:
                     target = ids.masked_fill(mask == 0, -100)
                     model(input_ids=ids, attention_mask=mask, labels=target, use_cache=False).loss.backward()
                 else:
@@ -203,3 +218,65 @@ def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None,
     else:
         raise ValueError(f"method {method!r} needs k, the number of blocks to train.")
     return select_layers(scores, metric=metric, strategy=strategy, k=k, num_layers=num_layers, **select_kwargs)
+
+
+def check_reselectable(method):
+    """``method`` parsed (``parse_method``); a ValueError when it is not one of :data:`RESELECTABLE`."""
+    method = parse_method(method)
+    if method not in RESELECTABLE:
+        raise ValueError(f"reselect_every needs a method that can choose again while training "
+                         f"({', '.join(RESELECTABLE)}), not {method!r}.")
+    return method
+
+
+def reselector_for(model: "nn.Module", method, every: int, *, k: int | None = None, optimizer=None,
+                   apply_kwargs: dict | None = None, layers: str | None = None, **select_kwargs):
+    """The ``Reselector`` that chooses ``method``'s blocks again every ``every`` optimizer steps, and its probe.
+
+    Args:
+        model: the model being trained, its first selection applied.
+        method: one of :data:`RESELECTABLE`; any other is refused with a ValueError.
+        every: re-select every this many optimizer steps.
+        k: how many blocks (``top`` of the method's metric, or ``random``'s draw); None: ``grad_norm``'s
+            variance split.
+        optimizer, apply_kwargs, layers: as ``Reselector`` takes them.
+        **select_kwargs: further ``select_layers`` arguments (``splits``, ``low``, ``high``, ``seed``...).
+
+    Returns:
+        ``(reselector, probe)``. The probe is detached: attach it over the training steps only, so that
+        evaluation passes are not scored. ``random`` has a stand-in probe without scores, and its n-th
+        re-selection draws with ``seed + n``.
+    """
+    from ..probe import LayerProbe
+    from ..reselect import Reselector
+
+    method = check_reselectable(method)
+    if method == "random":
+        probe, strategy = _NoScores(), "random"
+    else:
+        probe = LayerProbe(model, layers=layers, grad_norms=method == "grad_norm")
+        select_kwargs["metric"] = METRIC_OF[method]
+        strategy = "top" if k is not None else "variance_split"
+    if k is not None:
+        select_kwargs["k"] = k
+    reselector = Reselector(model, probe, every, strategy=strategy, optimizer=optimizer, apply_kwargs=apply_kwargs,
+                            layers=layers, **select_kwargs)
+    return reselector, probe
+
+
+class _NoScores:
+    """The probe of a score-free re-selection (``random``): nothing to gather."""
+
+    grad_norms = None
+
+    def attach(self):
+        return self
+
+    def detach(self):
+        pass
+
+    def scores(self):
+        return None
+
+    def reset(self):
+        pass

@@ -33,7 +33,7 @@ from ..distributed import all_reduce_sum, broadcast_object, is_distributed, rank
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import Batches, TextData, encode_labels, split
 from .heads import ProbeHead, TaskModel, pool, vote
-from .methods import METRIC_OF, choose_layers, score_layers
+from .methods import choose_layers, reselector_for, score_layers
 
 LOG = "log.jsonl"
 MAX_GRAD_NORM = 1.0
@@ -285,7 +285,7 @@ class Trainer:
         if main:
             self._truncate_log(step)
 
-        reselector, probe = self._reselector(task_model, optimizer, selection)
+        reselector, probe = self._reselector(task_model, optimizer)
         if reselector is not None:
             reselector.steps = step
         # The scheduler stays ours: accelerate's would step world-size times per optimizer step (it assumes each
@@ -340,7 +340,8 @@ class Trainer:
                 if reselector is not None:
                     made = reselector.step()
                     if made is not None:
-                        entry["layer_scores"] = {made.metric: _strict(list(made.scores))}
+                        if made.metric is not None:  # random draws without scores
+                            entry["layer_scores"] = {made.metric: _strict(list(made.scores))}
                         if made.layers != selection.layers:
                             entry["selection"] = list(made.layers)
                             ever_trained |= set(made.layers)
@@ -414,23 +415,15 @@ class Trainer:
             return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
         return batch
 
-    def _reselector(self, task_model, optimizer, selection):
+    def _reselector(self, task_model, optimizer):
         cfg = self.config
         if not cfg.reselect_every:
             return None, None
-        if cfg.method not in ("grad_norm", "block_influence", "relative_change"):
-            raise ValueError(f"reselect_every re-scores with grad_norm, block_influence or relative_change; method "
-                             f"{cfg.method!r} has no such score to re-select by.")
-        from ..probe import LayerProbe
-        from ..reselect import Reselector
-
-        probe = LayerProbe(task_model, layers=task_model.layers_path, grad_norms=cfg.method == "grad_norm").attach()
-        strategy = "variance_split" if cfg.method == "grad_norm" and cfg.k is None else "top"
-        kwargs = {"k": len(selection)} if strategy == "top" else {"splits": cfg.splits}
-        reselector = Reselector(task_model, probe, cfg.reselect_every, strategy=strategy, optimizer=optimizer,
-                                apply_kwargs={"quantize_frozen": cfg.quantize_frozen}, layers=task_model.layers_path,
-                                metric=METRIC_OF[cfg.method], **kwargs)
-        return reselector, probe
+        select_kwargs = {"seed": cfg.seed} if cfg.k is not None else {"splits": cfg.splits}
+        reselector, probe = reselector_for(task_model, cfg.method, cfg.reselect_every, k=cfg.k, optimizer=optimizer,
+                                           apply_kwargs={"quantize_frozen": cfg.quantize_frozen},
+                                           layers=task_model.layers_path, **select_kwargs)
+        return reselector, probe.attach()
 
     @torch.no_grad()
     def evaluate(self, module, batches: Batches, device, accelerator=None, probe=None) -> dict:
