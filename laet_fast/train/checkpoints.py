@@ -63,9 +63,13 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _file_digest(path: str) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a file, read in chunks."""
+    """(bytes, sha256 hex) of a file, read in chunks (hashlib.file_digest is Python 3.11+; we claim 3.10)."""
+    digest, size = hashlib.sha256(), 0
     with open(path, "rb") as handle:
-        return os.fstat(handle.fileno()).st_size, hashlib.file_digest(handle, "sha256").hexdigest()
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
