@@ -337,7 +337,7 @@ class Trainer:
                     entry.update(loss=loss_value, grad_norm=float(grad_norm))
                 step += 1
                 entry["tokens"] = tokens
-                if reselector is not None:
+                if reselector is not None and step < total_steps:  # a choice after the last step would never train
                     made = reselector.step()
                     if made is not None:
                         if made.metric is not None:  # random draws without scores
