@@ -379,11 +379,14 @@ class Trainer:
         export_dir = os.path.join(cfg.out, "model")
         from .export import export_trained
 
-        export_model(task_model)  # laet_fast's hooks off, frozen blocks dequantized
+        # laet_fast's hooks off, frozen blocks read again from the source as loaded
+        if main:
+            export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
+        else:
+            export_model(task_model)
         result = TrainReport.build(self, task_model, selection, report, metrics, step_times, total_steps, skipped,
                                    peak, cuda, t_scored - t_start, t_trained - t_scored, export_dir)
         if main:
-            export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
             result.write(cfg.out, self.scores)
             try:
                 checkpoints.mark_finished(cfg.out, step, self.fingerprint())  # last: the run's outputs are complete
