@@ -402,10 +402,10 @@ def export_model(model: nn.Module, path: str | None = None, tokenizer=None, sour
     Args:
         model: the model given to ``apply_selection`` (a transformers model, or a module holding one such
             as a ``TaskModel``), changed in place.
-        path: if given, a folder to write a complete transformers model to: the weights and the config
-            (for a model loaded from GGUF, the config transformers derived from it, without the GGUF
-            quantizer) with ``save_pretrained``, the tokenizer, and ``laet_export.json`` (how the frozen
-            blocks were exported). It is written beside ``path`` and renamed into place when complete, so
+        path: if given, a new or empty folder, or an earlier export (which is replaced), to write a complete
+            transformers model to: the weights and the config (for a model loaded from GGUF, the config
+            transformers derived from it, without the GGUF quantizer) with ``save_pretrained``, the tokenizer,
+            and ``laet_export.json`` (how the frozen blocks were exported). It is written beside ``path`` and renamed into place when complete, so
             ``path`` is the complete export or, after a kill, absent or the one before.
         tokenizer: the model's tokenizer, saved in ``path``. Without one the folder cannot be tokenized
             from (``laet-fast score --model path`` fails), so a warning says so.
@@ -416,13 +416,17 @@ def export_model(model: nn.Module, path: str | None = None, tokenizer=None, sour
         ``model``.
 
     Raises:
-        ValueError: ``path`` is an existing file.
+        ValueError: ``path`` is an existing file, or a folder holding files that is not an earlier export.
     """
     from .frozen_source import pretrained_within, restore_frozen
 
     if path is not None and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"export_model: {path} is an existing file; give a folder path (a new folder, or one "
                          f"holding an earlier export, which is replaced).")
+    if path is not None and os.path.isdir(path) and os.listdir(path) and not os.path.isfile(
+            os.path.join(path, EXPORT_FILE)):
+        raise ValueError(f"export_model: {path} holds files but no {EXPORT_FILE}, so it is not an earlier export "
+                         f"to replace; give a new or empty folder.")
     state = _state(model)
     dtype = state.dtype if state is not None else None
     frozen = restore_frozen(model, dtype, source)

@@ -21,7 +21,7 @@ from merge_models import save_pair
 from train_fixtures import labelled_texts, model_dir, torch_kernels, write_csv  # noqa: F401 (fixtures)
 from laet_fast import atomic, export_model
 from laet_fast.scores import LayerScores
-from laet_fast.train.report import TrainReport
+from laet_fast.train.report import TrainReport, finite_or_null
 from laet_fast.train.trainer import Trainer
 
 RUN = ["--method", "last", "--k", "1", "--max-steps", "2", "--batch-size", "4", "--max-length", "16",
@@ -147,6 +147,14 @@ def test_a_report_json_cut_midway_leaves_no_file(tmp_path, monkeypatch):
         report.write(str(tmp_path))
     assert (tmp_path / "report.txt").is_file()  # written before
     assert not (tmp_path / "report.json").exists() and partials(tmp_path) == []
+
+
+def test_non_finite_numbers_become_null_and_are_named():
+    entry = {"step": 3, "loss": 1.5, "eval": {"loss": math.nan}, "layer_scores": {"grad_norm": [0.1, math.inf]}}
+    line, names = finite_or_null(entry)
+    assert line == {"step": 3, "loss": 1.5, "eval": {"loss": None}, "layer_scores": {"grad_norm": [0.1, None]}}
+    assert names == ["eval.loss", "layer_scores.grad_norm[1]"]
+    assert finite_or_null(-math.inf) == (None, ["value"])
 
 
 def strict_json(text):

@@ -125,3 +125,17 @@ def test_export_into_an_existing_file_raises_naming_it(tmp_path):
         export_model(model, str(target))
     assert target.read_bytes() == b"keep me"
     assert os.listdir(tmp_path) == ["model.bin"]
+
+
+def test_export_into_a_folder_that_is_not_an_earlier_export_raises(tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    model = tiny_model("llama", seed=0, num_hidden_layers=4)
+    with pytest.raises(ValueError, match=f"{re.escape(str(target))} holds files but no laet_export.json"):
+        export_model(model, str(target))
+    assert os.listdir(target) == ["notes.txt"]
+    with pytest.warns(UserWarning, match="no tokenizer given"):
+        export_model(model, str(tmp_path / "export"))
+        export_model(model, str(tmp_path / "export"))  # an earlier export is replaced
+    assert sorted(os.listdir(tmp_path)) == ["export", "mine"]

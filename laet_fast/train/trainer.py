@@ -342,7 +342,7 @@ class Trainer:
                     made = reselector.step()
                     if made is not None:
                         if made.metric is not None:  # random draws without scores
-                            entry["layer_scores"] = {made.metric: _strict(list(made.scores))}
+                            entry["layer_scores"] = {made.metric: list(made.scores)}  # NaN: null, with a note
                         if made.layers != selection.layers:
                             entry["selection"] = list(made.layers)
                             ever_trained |= set(made.layers)
