@@ -164,21 +164,19 @@ def restore_frozen(model: nn.Module, dtype: torch.dtype | None, source: str | No
     for name, layer in layers:
         plain = dequantize_linear(layer, dtype)
         weight = reader.read(f"{name}.weight") if reader is not None else None
+        as_loaded = False
         if weight is not None and tuple(weight.shape) == tuple(plain.weight.shape):
             dequantized = plain.weight
-            as_loaded = weight.to(loaded_dtype) if loaded_dtype is not None else weight
-            plain.weight = nn.Parameter(as_loaded.to(device=dequantized.device, dtype=dequantized.dtype),
+            weight = weight.to(loaded_dtype) if loaded_dtype is not None else weight
+            plain.weight = nn.Parameter(weight.to(device=dequantized.device, dtype=dequantized.dtype),
                                         requires_grad=False)
-            if same_quantization(layer, plain):
-                result.restored.append(name)
-            else:
+            as_loaded = same_quantization(layer, plain)
+            if not as_loaded:
                 plain.weight = dequantized
-                weight = None
                 reason = reason or f"the weight in {source} differs from the one loaded"
         elif reader is not None:
             reason = reason or f"{source} holds no tensor {name}.weight of shape {list(plain.weight.shape)}"
-        if weight is None:
-            result.dequantized.append(name)
+        (result.restored if as_loaded else result.dequantized).append(name)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else pretrained, child, plain)
         del weight

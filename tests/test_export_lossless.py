@@ -102,19 +102,50 @@ def test_an_in_memory_model_warns_once_and_records_the_rounded_blocks(tmp_path):
     assert len(recorded["dequantized_layers"]) == 21 and "in-memory model" in recorded["reason"]
 
 
-def test_a_source_changed_since_loading_is_not_taken_for_the_weights_as_loaded(tmp_path):
+def other_values(source):  # another model: the same names and shapes, other values
+    tiny_model("llama", seed=1, num_hidden_layers=4).save_pretrained(source)
+
+
+def one_tensor_cut(source):  # one weight of another shape
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(source, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:36].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("change,why,dequantized", [
+    (other_values, r"the weight in .* differs from the one loaded", 21),
+    (one_tensor_cut, r".*source holds no tensor model\.layers\.0\.self_attn\.q_proj\.weight of shape \[72, 72\]", 1),
+], ids=["values", "shape"])
+def test_a_source_changed_since_loading_is_not_taken_for_the_weights_as_loaded(tmp_path, change, why, dequantized):
     source = save_source(tmp_path / "source", torch.float32)
     model = transformers.AutoModelForCausalLM.from_pretrained(source)
     apply_selection(model, [3], quantize_frozen="nf4")
-    tiny_model("llama", seed=1, num_hidden_layers=4).save_pretrained(source)  # another model, same names and shapes
-    with pytest.warns(UserWarning, match="nf4-rounded weights, not the weights as loaded: the weight in .* differs"):
+    change(source)
+    with pytest.warns(UserWarning, match=f"{dequantized} linear layers of the frozen blocks hold nf4-rounded weights, "
+                                         f"not the weights as loaded: {why}"):
         export_model(model, str(tmp_path / "export"))
     recorded = json.loads((tmp_path / "export" / "laet_export.json").read_text())["frozen_blocks"]
-    assert recorded["weights"] == "dequantized" and len(recorded["dequantized_layers"]) == 21
-    reloaded = Checkpoint(source)
-    exported = Checkpoint(str(tmp_path / "export"))
+    assert recorded["weights"] == "dequantized" and len(recorded["dequantized_layers"]) == dequantized
+    assert recorded["restored_layers"] == 21 - dequantized
+    stored, exported = Checkpoint(source), Checkpoint(str(tmp_path / "export"))
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(exported.read(name), reloaded.read(name))
+    assert exported.read(name).shape == (72, 72) and not torch.equal(exported.read(name)[:36], stored.read(name))
+
+
+def test_a_base_model_source_is_read_through_its_prefix(tmp_path):
+    """A model with a head loaded from a base model's folder: the source names lack the ``model.`` prefix."""
+    source = str(tmp_path / "source")
+    tiny_model("llama", head="base", seed=0, num_hidden_layers=4).save_pretrained(source)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    apply_selection(model, [3], quantize_frozen="nf4")
+    export_model(model)
+    stored = Checkpoint(source)
+    for i in range(3):
+        name = f"layers.{i}.mlp.down_proj.weight"
+        assert torch.equal(model.model.layers[i].mlp.down_proj.weight, stored.read(name)), name
 
 
 def test_export_into_an_existing_file_raises_naming_it(tmp_path):
