@@ -170,3 +170,18 @@ def test_export_into_a_folder_that_is_not_an_earlier_export_raises(tmp_path):
         export_model(model, str(tmp_path / "export"))
         export_model(model, str(tmp_path / "export"))  # an earlier export is replaced
     assert sorted(os.listdir(tmp_path)) == ["export", "mine"]
+
+
+def test_the_source_of_a_gguf_folder_is_its_one_gguf_file(tmp_path):
+    """transformers records a GGUF model's folder, not its file: the folder's one .gguf file is the source."""
+    from laet_fast.frozen_source import find_source
+
+    model = tiny_model("llama", seed=0, num_hidden_layers=4)
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"GGUF")
+    model.name_or_path = str(tmp_path)
+    assert find_source(model) == (str(tmp_path / "model.Q4_1.gguf"), "")
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    assert find_source(model) == (None, f"its source folder {tmp_path} holds 2 .gguf files")
+    assert find_source(model, str(tmp_path / "other.gguf")) == (str(tmp_path / "other.gguf"), "")
+    model.name_or_path = ""
+    assert find_source(model) == (None, "the model was not loaded from a path (an in-memory model)")
