@@ -405,8 +405,9 @@ def export_model(model: nn.Module, path: str | None = None, tokenizer=None, sour
         path: if given, a new or empty folder, or an earlier export (which is replaced), to write a complete
             transformers model to: the weights and the config (for a model loaded from GGUF, the config
             transformers derived from it, without the GGUF quantizer) with ``save_pretrained``, the tokenizer,
-            and ``laet_export.json`` (how the frozen blocks were exported). It is written beside ``path`` and renamed into place when complete, so
-            ``path`` is the complete export or, after a kill, absent or the one before.
+            and ``laet_export.json`` (how the frozen blocks were exported). It is written beside ``path`` and
+            renamed into place when complete, so ``path`` is the complete export or, after a kill, absent or
+            the one before.
         tokenizer: the model's tokenizer, saved in ``path``. Without one the folder cannot be tokenized
             from (``laet-fast score --model path`` fails), so a warning says so.
         source: the save_pretrained folder or .gguf file the model was loaded from (default: the folder
@@ -452,8 +453,9 @@ def export_model(model: nn.Module, path: str | None = None, tokenizer=None, sour
             pretrained.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            atomic.write_text(os.path.join(staging, EXPORT_FILE), json.dumps(
-                {"format": "laet_fast.export", "version": 1, "frozen_blocks": frozen.to_dict()}, indent=1) + "\n")
+            with open(os.path.join(staging, EXPORT_FILE), "w", encoding="utf-8") as handle:
+                json.dump({"format": "laet_fast.export", "version": 1, "frozen_blocks": frozen.to_dict()}, handle,
+                          indent=1)
         if tokenizer is None:
             warnings.warn(f"export_model: no tokenizer given, so {path} holds the model but no tokenizer; pass "
                           f"tokenizer= to make it a complete transformers model.", stacklevel=2)
