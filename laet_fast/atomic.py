@@ -1,8 +1,9 @@
 """Outputs that are complete or absent: written under a temporary name beside the target, renamed when complete.
 
-A file or folder ``DIR/NAME`` is written as ``DIR/.NAME.partial-XXXX`` (same file system, so the
+A file or folder ``DIR/NAME`` is written as ``DIR/.NAME.partial-PID-XXXX`` (same file system, so the
 rename is atomic), fsynced, then renamed to ``NAME``. A crash or kill midway leaves the previous
-``NAME`` as it was (or none) and a hidden partial, which the next write of ``NAME`` removes.
+``NAME`` as it was (or none) and a hidden partial, which the next write of ``NAME`` removes once the
+process that wrote it (``PID``) is gone; a write still under way in another process is left alone.
 """
 from __future__ import annotations
 
@@ -17,6 +18,24 @@ PARTIAL = ".partial-"
 
 def _partial_prefix(path: str) -> str:
     return f".{os.path.basename(os.path.abspath(path))}{PARTIAL}"
+
+
+def _own_prefix(path: str) -> str:
+    return f"{_partial_prefix(path)}{os.getpid()}-"
+
+
+def _writer_alive(name: str, prefix: str) -> bool:
+    """Whether the process that named the partial ``name`` still runs (names without a process id: no)."""
+    pid = name[len(prefix):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -41,7 +60,7 @@ def remove_partials(path: str) -> list[str]:
         return []
     removed = []
     for name in os.listdir(parent):
-        if name.startswith(prefix):
+        if name.startswith(prefix) and not _writer_alive(name, prefix):
             stale = os.path.join(parent, name)
             if os.path.isdir(stale) and not os.path.islink(stale):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -65,7 +84,7 @@ def write_file(path: str, write: Callable[[str], object]) -> str:
         raise ValueError(f"{path} is a folder; give a file name.")
     parent = os.path.dirname(os.path.abspath(path))
     remove_partials(path)
-    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(path), suffix=os.path.splitext(path)[1], dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=_own_prefix(path), suffix=os.path.splitext(path)[1], dir=parent)
     os.close(fd)
     try:
         write(tmp)
@@ -106,7 +125,7 @@ def folder(path: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     remove_partials(path)
-    staging = tempfile.mkdtemp(prefix=_partial_prefix(path), dir=parent)
+    staging = tempfile.mkdtemp(prefix=_own_prefix(path), dir=parent)
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is private; the result is an ordinary folder
     try:
         yield staging
@@ -130,7 +149,7 @@ def _replace_folder(staging: str, path: str) -> None:
             raise
     # A folder cannot replace a non-empty one in one rename: move the old one aside under a partial
     # name (a kill right here leaves no `path`, and the next write removes the old one).
-    old = tempfile.mkdtemp(prefix=_partial_prefix(path), dir=os.path.dirname(os.path.abspath(path)))
+    old = tempfile.mkdtemp(prefix=_own_prefix(path), dir=os.path.dirname(os.path.abspath(path)))
     os.replace(path, old)
     os.replace(staging, path)
     shutil.rmtree(old, ignore_errors=True)

@@ -265,3 +265,18 @@ def test_folder_refuses_an_existing_file(tmp_path):
         with atomic.folder(str(target)):
             pass
     assert target.read_text() == "a file"
+
+
+def test_a_partial_of_a_write_still_under_way_is_left_alone(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])  # a process that has ended: a dead writer
+    ended.wait()
+    dead = tmp_path / f".out.partial-{ended.pid}-x1"
+    live = tmp_path / f".out.partial-{os.getpid()}-x2"  # this process: a write under way
+    unnamed = tmp_path / ".out.partial-x3"  # no process id: left by a killed write
+    for folder in (dead, live, unnamed):
+        folder.mkdir()
+    with atomic.folder(str(tmp_path / "out")) as staging:
+        assert os.path.basename(staging).startswith(f".out.partial-{os.getpid()}-")
+        open(os.path.join(staging, "a.txt"), "w").write("a")
+    assert partials(tmp_path) == [live.name]
+    assert (tmp_path / "out" / "a.txt").read_text() == "a"
