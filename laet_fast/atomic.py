@@ -33,8 +33,8 @@ def _writer_alive(name: str, prefix: str) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process, running
+        pass
     return True
 
 
@@ -53,12 +53,11 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def remove_partials(path: str) -> list[str]:
-    """Remove what writes of ``path`` killed midway left beside it; returns the paths removed."""
+def remove_partials(path: str) -> None:
+    """Remove what writes of ``path`` killed midway left beside it (partials of writers still running stay)."""
     parent, prefix = os.path.dirname(os.path.abspath(path)), _partial_prefix(path)
     if not os.path.isdir(parent):
-        return []
-    removed = []
+        return
     for name in os.listdir(parent):
         if name.startswith(prefix) and not _writer_alive(name, prefix):
             stale = os.path.join(parent, name)
@@ -67,8 +66,6 @@ def remove_partials(path: str) -> list[str]:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(stale)
-            removed.append(stale)
-    return removed
 
 
 def write_file(path: str, write: Callable[[str], object]) -> str:
