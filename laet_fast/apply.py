@@ -17,7 +17,9 @@ blocks ever trained are kept on the model in ``model._laet_fast``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -34,6 +36,8 @@ STATE_ATTR = "_laet_fast"
 TASK_HEAD_NAMES = ("score", "classifier")
 GROUPS = ("embeddings", "trained blocks", "frozen blocks", "norm/head", "task head")
 OPTIMIZERS = ("adamw", "adamw8bit")
+# Written into an export folder: how its frozen blocks were exported (as loaded, or dequantized and why).
+EXPORT_FILE = "laet_export.json"
 
 
 @dataclass
@@ -385,26 +389,53 @@ def apply_selection(
     return ApplyReport({g: (before[g], after[g]) for g in GROUPS}, trainable, total, selection, quantize, dtype)
 
 
-def export_model(model: nn.Module, path: str | None = None, tokenizer=None) -> nn.Module:
+def export_model(model: nn.Module, path: str | None = None, tokenizer=None, source: str | None = None) -> nn.Module:
     """Turn a model prepared by :func:`apply_selection` back into a plain transformers model, in place.
 
-    Trained blocks keep their weights as trained; quantized frozen blocks are dequantized to the training
-    dtype (their quantization error stays); laet_fast's hooks and state are removed and every parameter
-    requires grad again, as after ``from_pretrained``. The result can be ``save_pretrained`` and reloaded.
+    Trained blocks keep their weights as trained. Frozen blocks that ``quantize_frozen`` quantized get
+    their weights as loaded, read again from the model's source one tensor at a time (see
+    ``laet_fast.frozen_source``), bit for bit in the training dtype. Where the source cannot be read (an
+    in-memory model, a moved folder) they are dequantized (their quantization error stays), one warning
+    says so and ``laet_export.json`` records it. Layers quantized on load are dequantized. laet_fast's hooks
+    and state are removed and every parameter requires grad again, as after ``from_pretrained``.
 
     Args:
-        model: the model (changed in place).
-        path: if given, a folder to write a complete transformers model to: the weights and the config
-            (for a model loaded from GGUF, the config transformers derived from it, without the GGUF
-            quantizer) with ``save_pretrained``, and the tokenizer.
+        model: the model given to ``apply_selection`` (a transformers model, or a module holding one such
+            as a ``TaskModel``), changed in place.
+        path: if given, a new or empty folder, or an earlier export (which is replaced), to write a complete
+            transformers model to: the weights and the config (for a model loaded from GGUF, the config
+            transformers derived from it, without the GGUF quantizer) with ``save_pretrained``, the tokenizer,
+            and ``laet_export.json`` (how the frozen blocks were exported). It is written beside ``path`` and
+            renamed into place when complete, so ``path`` is the complete export or, after a kill, absent or
+            the one before.
         tokenizer: the model's tokenizer, saved in ``path``. Without one the folder cannot be tokenized
             from (``laet-fast score --model path`` fails), so a warning says so.
+        source: the save_pretrained folder or .gguf file the model was loaded from (default: the folder
+            transformers recorded as ``name_or_path``).
 
     Returns:
         ``model``.
+
+    Raises:
+        ValueError: ``path`` is an existing file, or a folder holding files that is not an earlier export.
     """
+    from .frozen_source import pretrained_within, restore_frozen
+
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"export_model: {path} is an existing file; give a folder path (a new folder, or one "
+                         f"holding an earlier export, which is replaced).")
+    if path is not None and os.path.isdir(path) and os.listdir(path) and not os.path.isfile(
+            os.path.join(path, EXPORT_FILE)):
+        raise ValueError(f"export_model: {path} holds files but no {EXPORT_FILE}, so it is not an earlier export "
+                         f"to replace; give a new or empty folder.")
     state = _state(model)
     dtype = state.dtype if state is not None else None
+    frozen = restore_frozen(model, dtype, source)
+    if not frozen.lossless:
+        warnings.warn(f"export_model: {len(frozen.dequantized)} linear layers of the frozen blocks hold "
+                      f"{frozen.quantized}-rounded weights, not the weights as loaded: {frozen.reason}. Pass source= "
+                      f"the folder or .gguf file the model was loaded from"
+                      + (f"; {EXPORT_FILE} records it." if path is not None else "."), stacklevel=2)
     if quant_modes(model):
         dequantize_linears(model, dtype)
     if state is not None:
@@ -413,12 +444,19 @@ def export_model(model: nn.Module, path: str | None = None, tokenizer=None) -> n
         delattr(model, STATE_ATTR)
     for param in model.parameters():
         param.requires_grad_(param.is_floating_point())
-    _forget_dequantized_gguf(model)
+    pretrained = pretrained_within(model)
+    _forget_dequantized_gguf(pretrained)
     if path is not None:
-        model.save_pretrained(path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        else:
+        from . import atomic
+
+        with atomic.folder(path) as staging:
+            pretrained.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            with open(os.path.join(staging, EXPORT_FILE), "w", encoding="utf-8") as handle:
+                json.dump({"format": "laet_fast.export", "version": 1, "frozen_blocks": frozen.to_dict()}, handle,
+                          indent=1)
+        if tokenizer is None:
             warnings.warn(f"export_model: no tokenizer given, so {path} holds the model but no tokenizer; pass "
                           f"tokenizer= to make it a complete transformers model.", stacklevel=2)
     return model

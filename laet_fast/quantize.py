@@ -228,3 +228,26 @@ def dequantize_linears(module: nn.Module, dtype: torch.dtype | None = None) -> i
         else:
             count += dequantize_linears(child, dtype)
     return count
+
+
+def dequantize_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """The layer class a bitsandbytes layer came from, holding its dequantized weight (``dequantize_linears``,
+    for one layer; ``layer`` is left as it is)."""
+    return _dequantized_linear(layer, dtype)
+
+
+def quantized_by_laet_fast(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a bitsandbytes layer made by :func:`quantize_linears` (not one quantized on load)."""
+    return quant_mode(layer) is not None and hasattr(layer, _SOURCE_CLASS)
+
+
+def same_quantization(layer: nn.Module, plain: nn.Module) -> bool:
+    """Whether quantizing the plain layer ``plain`` as :func:`quantize_linears` did gives ``layer``'s weight exactly.
+
+    ``plain`` is the layer class ``layer`` came from; it is quantized on ``layer``'s device with
+    ``layer``'s mode and compute dtype, and both are compared dequantized, bit for bit.
+    """
+    mode = quant_mode(layer)
+    compute_dtype = getattr(layer, "compute_dtype", None) or torch.float32
+    requantized = _quantized_linear(plain, mode, compute_dtype)
+    return torch.equal(_dequantized_weight(requantized), _dequantized_weight(layer))

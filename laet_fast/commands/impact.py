@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from laet_fast.atomic import write_file
 from laet_fast.cli import UsageError
 from laet_fast.commands._options import check_at_least_one, check_output, check_plot, one_line
 
@@ -45,10 +46,11 @@ def run(args) -> int:
     except ValueError as err:
         raise UsageError(one_line(err)) from None
     print(scores.table())
+    # Written beside their names and renamed when complete: a kill leaves no 0-byte file.
     if args.json is not None:
-        scores.to_json(args.json)
+        write_file(args.json, scores.to_json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
-        scores.plot(args.plot, title="Fine-tuning impact per block")
+        write_file(args.plot, lambda path: scores.plot(path, title="Fine-tuning impact per block"))
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0

@@ -23,8 +23,8 @@ import json
 import math
 import os
 import shutil
-import tempfile
 
+from laet_fast import atomic
 from laet_fast.merge.checkpoint import INDEX_FILE, Checkpoint, SafetensorsWriter, check_compatible, check_finite
 from laet_fast.scores import LayerScores
 
@@ -111,11 +111,9 @@ def restore(base: str, tuned: str, *, out: str, policy: str | None = None, t: di
     t = _check_t(t, len(blocks))
     block_of = {name: index for index, names in blocks.items() for name in names}
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
-    os.chmod(staging, 0o755)  # mkdtemp's folder is private; the result is an ordinary model folder
-    try:
+    # Written into a temporary folder beside `out`, renamed when complete; one left by an earlier killed merge
+    # into the same `out` is removed first, and this one is removed if the merge fails.
+    with atomic.folder(out) as staging:
         for file in tuned_ckpt.files:
             names = [name for name, info in tuned_ckpt.tensors.items() if info.file == file]
             writer = SafetensorsWriter(os.path.join(staging, file),
@@ -141,8 +139,4 @@ def restore(base: str, tuned: str, *, out: str, policy: str | None = None, t: di
         for name in os.listdir(tuned):
             if os.path.isfile(os.path.join(tuned, name)) and not _is_weight_file(name):
                 shutil.copy2(os.path.join(tuned, name), os.path.join(staging, name))
-        os.replace(staging, out)  # also replaces an empty `out` folder
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return t

@@ -1,6 +1,6 @@
 """The trained model as a standard transformers folder, the heads beside it, and a predictor that votes.
 
-``OUT/model/`` is what ``save_pretrained`` writes (frozen blocks dequantized, tokenizer included),
+``OUT/model/`` is what ``save_pretrained`` writes (frozen blocks as loaded, tokenizer included),
 so ``AutoModelForCausalLM.from_pretrained(OUT/model)`` reloads it. For ``classify`` the heads are in
 ``laet_heads.safetensors`` and ``laet_task.json`` (task, classes, head blocks and shapes, pooling,
 max length) in the same folder; ``load_trained`` rebuilds the predictor from both.
@@ -20,23 +20,30 @@ HEADS_FILE = "laet_heads.safetensors"
 
 
 def export_trained(task_model: TaskModel, path: str, tokenizer, classes: Sequence[str] | None, config) -> str:
-    """Write ``task_model`` (after ``export_model`` removed laet_fast's hooks) to the folder ``path``."""
+    """Write ``task_model`` to the folder ``path``: ``export_model`` (hooks off, frozen blocks as loaded),
+    then the heads and the task file.
+
+    Everything is written into a temporary folder beside ``path``, renamed to ``path`` when complete: a
+    kill midway leaves no ``path``, or the earlier complete one.
+    """
     from safetensors.torch import save_file
 
+    from .. import atomic
     from ..apply import export_model
 
-    export_model(task_model.model, path, tokenizer=tokenizer)
-    heads = {f"{i}.{name}": t.detach().cpu().contiguous() for i in task_model.head_layers
-             for name, t in task_model.classifier[str(i)].state_dict().items()}
-    if heads:
-        save_file(heads, os.path.join(path, HEADS_FILE))
-    task = {
-        "format": "laet_fast.trained", "version": 1, "task": config.task, "method": config.method,
-        "classes": list(classes) if classes else None, "pooling": POOLING, "max_length": config.max_length,
-        "heads": {str(i): task_model.classifier[str(i)].spec() for i in task_model.head_layers},
-    }
-    with open(os.path.join(path, TASK_FILE), "w", encoding="utf-8") as handle:
-        json.dump(task, handle, indent=1)
+    with atomic.folder(path) as staging:
+        export_model(task_model, staging, tokenizer=tokenizer)
+        heads = {f"{i}.{name}": t.detach().cpu().contiguous() for i in task_model.head_layers
+                 for name, t in task_model.classifier[str(i)].state_dict().items()}
+        if heads:
+            save_file(heads, os.path.join(staging, HEADS_FILE))
+        task = {
+            "format": "laet_fast.trained", "version": 1, "task": config.task, "method": config.method,
+            "classes": list(classes) if classes else None, "pooling": POOLING, "max_length": config.max_length,
+            "heads": {str(i): task_model.classifier[str(i)].spec() for i in task_model.head_layers},
+        }
+        with open(os.path.join(staging, TASK_FILE), "w", encoding="utf-8") as handle:
+            json.dump(task, handle, indent=1)
     return path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -56,6 +57,11 @@ class TrainReport:
                          "included); the plan counts training tensors only")
         if planned is not None and cfg.task == "classify":
             notes.append("the plan assumes a full forward pass to the LM head; classify stops at the highest head")
+        _, non_finite = finite_or_null(metrics)
+        if non_finite:
+            notes.append(f"the final evaluation's {', '.join(non_finite)} {'is' if len(non_finite) == 1 else 'are'} "
+                         f"not finite (NaN or inf; null in report.json): the model's outputs overflowed or the "
+                         f"weights diverged. Lower --lr, or check the data")
         return cls(
             model=trainer.model_name, task=cfg.task, method=cfg.method, selection=list(selection.layers),
             num_layers=selection.num_layers, head_layers=task_model.head_layers,
@@ -94,22 +100,38 @@ class TrainReport:
         return self.text()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The report as strict JSON data: a non-finite number is None (``notes`` says which)."""
+        return finite_or_null(asdict(self))[0]
 
     def write(self, out: str, scores=None) -> None:
         """OUT/report.txt, OUT/report.json and, with matplotlib and layer scores, OUT/report.png (the scores
-        with the trained blocks marked)."""
-        with open(os.path.join(out, "report.txt"), "w", encoding="utf-8") as handle:
-            handle.write(self.text() + "\n")
-        with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
+        with the trained blocks marked). Each file is written beside its name and renamed when complete, so
+        a kill leaves the previous file or none, never a partial one."""
+        from ..atomic import write_file, write_text
+
+        write_text(os.path.join(out, "report.txt"), self.text() + "\n")
+        write_text(os.path.join(out, "report.json"), json.dumps(self.to_dict(), indent=1, allow_nan=False))
         if scores is not None and len(scores):
+            title = f"{os.path.basename(self.model)}: method {self.method}, trained blocks {self.selection} (red)"
             try:
-                scores.plot(os.path.join(out, "report.png"), selection=self.selection,
-                            title=f"{os.path.basename(self.model)}: method {self.method}, trained blocks "
-                                  f"{self.selection} (red)")
+                write_file(os.path.join(out, "report.png"),
+                           lambda path: scores.plot(path, selection=self.selection, title=title))
             except ImportError:
                 pass
+
+
+def finite_or_null(value, name: str = "") -> tuple[object, list[str]]:
+    """(``value`` with every NaN / inf float in its nested dicts and lists replaced by None, the dotted names of
+    the values replaced), e.g. ``({"loss": None}, ["loss"])``: strict JSON data, and what to say about it."""
+    if isinstance(value, float):
+        return (value, []) if math.isfinite(value) else (None, [name or "value"])
+    if isinstance(value, dict):
+        items = [(key, finite_or_null(item, f"{name}.{key}" if name else str(key))) for key, item in value.items()]
+        return {key: item for key, (item, _) in items}, [n for _, (_, names) in items for n in names]
+    if isinstance(value, (list, tuple)):
+        items = [finite_or_null(item, f"{name}[{i}]") for i, item in enumerate(value)]
+        return [item for item, _ in items], [n for _, names in items for n in names]
+    return value, []
 
 
 def _planned(trainer, selection) -> int | None:

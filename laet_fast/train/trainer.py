@@ -34,6 +34,7 @@ from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import Batches, TextData, encode_labels, split
 from .heads import ProbeHead, TaskModel, pool, vote
 from .methods import choose_layers, reselector_for, score_layers
+from .report import finite_or_null
 
 LOG = "log.jsonl"
 MAX_GRAD_NORM = 1.0
@@ -341,7 +342,7 @@ class Trainer:
                     made = reselector.step()
                     if made is not None:
                         if made.metric is not None:  # random draws without scores
-                            entry["layer_scores"] = {made.metric: _strict(list(made.scores))}
+                            entry["layer_scores"] = {made.metric: list(made.scores)}  # NaN: null, with a note
                         if made.layers != selection.layers:
                             entry["selection"] = list(made.layers)
                             ever_trained |= set(made.layers)
@@ -357,7 +358,10 @@ class Trainer:
                     entry["eval"] = metrics
                 step_times.append(time.perf_counter() - t0)
                 if main:
-                    log.write(json.dumps(entry, allow_nan=False) + "\n")
+                    line, non_finite = finite_or_null(entry)
+                    if non_finite:
+                        line["note"] = f"non-finite {', '.join(non_finite)} written as null"
+                    log.write(json.dumps(line, allow_nan=False) + "\n")
                     log.flush()
                 bar.update(1)
                 bar.set_postfix(loss="nan" if entry["loss"] is None else f"{loss_value:.4f}",
@@ -379,11 +383,14 @@ class Trainer:
         export_dir = os.path.join(cfg.out, "model")
         from .export import export_trained
 
-        export_model(task_model)  # laet_fast's hooks off, frozen blocks dequantized
+        # laet_fast's hooks off, frozen blocks read again from the source as loaded
+        if main:
+            export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
+        else:
+            export_model(task_model)
         result = TrainReport.build(self, task_model, selection, report, metrics, step_times, total_steps, skipped,
                                    peak, cuda, t_scored - t_start, t_trained - t_scored, export_dir)
         if main:
-            export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
             result.write(cfg.out, self.scores)
             try:
                 checkpoints.mark_finished(cfg.out, step, self.fingerprint())  # last: the run's outputs are complete
@@ -621,10 +628,4 @@ def _python_rng(data):
 
 def _strict(value):
     """NaN/inf -> None in nested JSON data."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
+    return finite_or_null(value)[0]
