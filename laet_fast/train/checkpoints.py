@@ -27,6 +27,8 @@ import shutil
 
 import torch
 
+from ..atomic import fsync_path
+
 FOLDER = "checkpoints"
 META = "meta.json"
 MANIFEST = "manifest.json"
@@ -43,18 +45,10 @@ class NoSpace(RuntimeError):
     """A save that ran out of disk space; the message names the folder and the space it needs."""
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: str, write) -> None:
     """``write(path)`` then fsync the file (one place to interrupt a save in tests)."""
     write(path)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -104,7 +98,7 @@ def _write_folder(final: str, tensors: dict[str, dict[str, torch.Tensor]], meta:
             files[name] = {"bytes": size, "sha256": digest}
         manifest_text = json.dumps({"format": FORMAT, "files": files}, indent=1)
         _write_file(os.path.join(tmp, MANIFEST), lambda path: _write_text(path, manifest_text))
-        _fsync_path(tmp)
+        fsync_path(tmp)
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
@@ -119,7 +113,7 @@ def _write_folder(final: str, tensors: dict[str, dict[str, torch.Tensor]], meta:
     if os.path.isdir(final):
         _set_aside(final)
     os.rename(tmp, final)
-    _fsync_path(os.path.dirname(final))
+    fsync_path(os.path.dirname(final))
 
 
 def _set_aside(path: str) -> None:
