@@ -80,13 +80,17 @@ def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, str]:
     return model, prefix
 
 
-def _num_layers(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
+def num_layers_of_config(config) -> int | None:
+    """The number of blocks a transformers config declares; None when it names none."""
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value
     return None
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    return num_layers_of_config(getattr(model, "config", None))
 
 
 def find_layers(model: nn.Module, layers: str | None = None) -> LayerStack:

@@ -6,11 +6,14 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from train_fixtures import CLASSES, labelled_texts, model_dir, save_model, torch_kernels, write_csv  # noqa: F401 (fixtures)
+from test_train_resume import WRAPPER, kill, wait_for
 from laet_fast.cli import main
 from laet_fast.train import checkpoints
 
@@ -217,6 +220,81 @@ def test_nan_weights_never_reach_a_checkpoint(model_dir, data_csv, tmp_path, cap
     log = [json.loads(l) for l in open(out / "log.jsonl")]
     assert [e["loss"] is None for e in log] == [False] * 5 + [True] * 3
     assert all(math.isfinite(e["loss"]) for e in log[:5])
+
+
+# ---------------------------------------------------------------- checks before the model loads
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: the refusal must come first."""
+    import laet_fast.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(laet_fast.loading, "load_model_and_tokenizer", refuse)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--method", "last", "--k", "99"], "--k 99 is more than the model's 4 blocks; choose --k from 1 to 4."),
+    (["--method", "laet", "--k", "5"], "--k 5 is more than the model's 4 blocks; choose --k from 1 to 4."),
+    (["--method", "3,99"], "--method 3,99: the model has 4 blocks, numbered 0 to 3; 99 is not one of them."),
+    (["--method", "all", "--k", "2"], "--method all trains all 4 blocks of the model; drop --k 2"),
+])
+def test_blocks_the_model_lacks_are_refused_before_it_loads(model_dir, data_csv, tmp_path, capsys, no_model_load,
+                                                            extra, expected):
+    out = tmp_path / "run"
+    assert train(model_dir, data_csv, out, *extra) == 2
+    assert expected in error_line(capsys)
+    assert not out.exists()  # an early refusal leaves no empty run folder
+
+
+def test_out_naming_a_file_is_refused_before_the_model_loads(model_dir, data_csv, tmp_path, capsys, no_model_load):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine\n")
+    assert train(model_dir, data_csv, out) == 2
+    assert f"--out {out} is a file; give a folder for the run" in error_line(capsys)
+    assert out.read_text() == "mine\n"
+
+
+def test_a_refusal_after_the_lock_leaves_no_run_folder(model_dir, tmp_path, capsys):
+    """The run folder is made when the lock is taken; a model that cannot be loaded leaves none behind."""
+    data = write_csv(tmp_path / "d.csv", *labelled_texts(20, 4))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "no-model"), "--data", data, "--method", "grad_norm",
+                 "--out", str(out)]) == 2
+    assert "no-model" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_process(model_dir, data_csv, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A real `laet-fast train` process holds --out (slowed down): a second run, fresh or --resume, is refused
+    before loading the model, naming that process. Once it is killed, the lock file it left blocks nothing."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", model_dir, "--data", data_csv, *RUN, "--save-every", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LAET_FAST_BACKEND": "torch",
+           "LAET_TEST_DELAY": "0.3"}
+    first = subprocess.Popen([sys.executable, "-c", WRAPPER, *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = out / ".lock"
+    wait_for(first, lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), "its lock")
+    import laet_fast.loading
+
+    real_load = laet_fast.loading.load_model_and_tokenizer
+    with monkeypatch.context() as patch:
+        patch.setattr(laet_fast.loading, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+        for extra in ([], ["--resume"]):
+            assert main([*argv, *extra]) == 2
+            line = error_line(capsys)
+            assert f"--out {out} is in use: process {first.pid} is running there" in line, line
+            assert "choose another --out folder" in line
+    assert laet_fast.loading.load_model_and_tokenizer is real_load
+    wait_for(first, lambda: checkpoints.latest(str(out)) is not None, "its first checkpoint")
+    kill(first)
+    assert lock.is_file()  # left by the killed run, its lock gone with the process
+    assert main([*argv, "--resume"]) == 0
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(1, 7))
+    assert not lock.exists()
 
 
 # ---------------------------------------------------------------- predict

@@ -102,3 +102,18 @@ def load_model(path: str | None, args, task: str = "causal"):
     except OSError as err:
         raise UsageError(f"cannot load the model from {path}: {one_line(err)}") from None
     return model, tokenizer, device
+
+
+def model_blocks(path: str | None) -> int | None:
+    """How many blocks the model at ``--model`` ``path`` has, from its config alone (read in a moment, before
+    the model is loaded, to check block numbers); None when the config names no count. UsageError when the
+    config cannot be read, as ``load_model`` words it."""
+    from laet_fast.layers import num_layers_of_config
+    from laet_fast.loading import load_config
+
+    try:
+        return num_layers_of_config(load_config(path))
+    except ValueError as err:
+        raise UsageError(one_line(err)) from None
+    except OSError as err:
+        raise UsageError(f"cannot load the model from {path}: {one_line(err)}") from None

@@ -5,11 +5,12 @@ fresh or rotten (a fixed seeded subset, sized to finish in a few minutes on 2 CP
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands._options import one_line, transformers_bars_off
+from laet_fast.commands._options import model_blocks, one_line, transformers_bars_off
 
 # The demo run: a seeded subset of the corpus, short texts, one pass over the training part.
 DEMO_SUBSET = 400
@@ -106,15 +107,14 @@ def _run(args) -> int:
         raise UsageError(one_line(err)) from None
     if args.subset is not None and args.subset < 2:
         raise UsageError(f"--subset must be at least 2, got {args.subset}.")
-    from laet_fast.train.trainer import run_exists
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; give a folder for the run (it is created when missing).")
+    _check_blocks(args, config)
 
-    if not args.resume and run_exists(args.out):
-        raise UsageError(f"--out {args.out} holds another run (log.jsonl or checkpoints); resume it with --resume, or "
-                         f"choose another --out folder.")
-
+    from laet_fast.distributed import rank_and_world
     from laet_fast.loading import load_model_and_tokenizer
     from laet_fast.train.data import read_data
-    from laet_fast.train.trainer import RunComplete, TrainError, Trainer
+    from laet_fast.train.trainer import run_exists
 
     subset = args.subset if args.subset is not None else (DEMO_SUBSET if demo_data else None)
     try:
@@ -123,11 +123,35 @@ def _run(args) -> int:
         if args.eval_data is not None:
             evaluation = read_data(args.eval_data, args.task, args.text_column, args.label_column,
                                    classes=train.classes)
-        model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
     except ValueError as err:
         raise UsageError(one_line(err)) from None
-    except OSError as err:
-        raise UsageError(f"cannot load the model from {args.model}: {one_line(err)}") from None
+    # Rank 0 alone writes the run folder (under torchrun / accelerate launch), so it alone holds its lock. The
+    # lock comes first: a run that holds it is named as such, whether or not it has logged a step yet.
+    with _run_folder_lock(args.out) if rank_and_world()[0] == 0 else contextlib.nullcontext():
+        if not args.resume and run_exists(args.out):
+            raise UsageError(f"--out {args.out} holds another run (log.jsonl or checkpoints); resume it with "
+                             f"--resume, or choose another --out folder.")
+        try:
+            model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
+        except ValueError as err:
+            raise UsageError(one_line(err)) from None
+        except OSError as err:
+            raise UsageError(f"cannot load the model from {args.model}: {one_line(err)}") from None
+        report = _fit(args, config, model, tokenizer, train, evaluation)
+    # None: the run had finished, as _fit said. Under torchrun / accelerate launch, rank 0 prints the report.
+    if report is None or rank_and_world()[0] != 0:
+        return 0
+    print(report.text())
+    print(f"wrote {args.out}/report.txt, report.json" + (", report.png" if os.path.isfile(
+        os.path.join(args.out, "report.png")) else "") + f", log.jsonl and the model in {report.export_dir}",
+          file=sys.stderr)
+    return 0
+
+
+def _fit(args, config, model, tokenizer, train, evaluation):
+    """Train the loaded model; the run's report, or None when the run had finished already (as it says)."""
+    from laet_fast.train.trainer import RunComplete, TrainError, Trainer
+
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and config.max_length > positions:
         print(f"note: --max-length {config.max_length} is more than the model's {positions} positions; using "
@@ -136,21 +160,56 @@ def _run(args) -> int:
     name = os.path.abspath(args.model) if args.model else "SmolLM2-135M-Instruct (demo)"
     try:
         trainer = Trainer(model, tokenizer, config, train, evaluation, model_name=name, layers=args.layers)
-        report = trainer.fit()
+        return trainer.fit()
     except RunComplete as done:
         from laet_fast.distributed import rank_and_world
 
         if rank_and_world()[0] == 0:
             print(f"laet-fast train: {done}", file=sys.stderr)
-        return 0
+        return None
     except (ValueError, TrainError) as err:
         raise UsageError(one_line(err)) from None
-    from laet_fast.distributed import rank_and_world
 
-    if rank_and_world()[0] != 0:
-        return 0  # under torchrun / accelerate launch, rank 0 wrote the run folder and prints its report
-    print(report.text())
-    print(f"wrote {args.out}/report.txt, report.json" + (", report.png" if os.path.isfile(
-        os.path.join(args.out, "report.png")) else "") + f", log.jsonl and the model in {report.export_dir}",
-          file=sys.stderr)
-    return 0
+
+@contextlib.contextmanager
+def _run_folder_lock(out: str):
+    """Hold ``out``'s run lock (creating the folder) inside the block; UsageError when another run holds it."""
+    from laet_fast.train.lock import RunLock, RunLocked
+
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except RunLocked as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise UsageError(f"cannot create the run folder --out {out}: {err.strerror}.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _check_blocks(args, config) -> None:
+    """Refuse --k or --method blocks the model does not have, from its config alone (before it is loaded).
+
+    Skipped with --layers (the block list it names may be another than the config's count) and for the demo's
+    own --k, which fits the demo model."""
+    from laet_fast.train.methods import parse_method
+
+    blocks = parse_method(config.method)
+    explicit = not isinstance(blocks, str)
+    if args.layers is not None or not (args.k is not None or explicit):
+        return
+    count = model_blocks(args.model)
+    if count is None:
+        return
+    if explicit:
+        outside = [i for i in blocks if not 0 <= i < count]
+        if outside:
+            raise UsageError(f"--method {args.method}: the model has {count} blocks, numbered 0 to {count - 1}; "
+                             f"{', '.join(map(str, outside))} is not one of them.")
+    elif config.method == "all" and config.k != count:
+        raise UsageError(f"--method all trains all {count} blocks of the model; drop --k {config.k}, or use "
+                         f"--method last --k {config.k}.")
+    elif config.k > count:
+        raise UsageError(f"--k {config.k} is more than the model's {count} blocks; choose --k from 1 to {count}.")
