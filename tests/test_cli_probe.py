@@ -103,6 +103,30 @@ def test_bad_input_exits_2_with_one_line(models, data, argv, message, capsys):
     assert len(errors) == 1 and errors[0] == lines[-1] and message in errors[0]
 
 
+@pytest.mark.parametrize("layers, message", [
+    ("0:1,0:99", "--layers: layer 0:99 is out of range; model 0 has 3 blocks, numbered 0 to 2."),
+    ("0:1,1:3", "--layers: layer 1:3 is out of range; model 1 has 2 blocks, numbered 0 to 1."),
+    ("0:1,2:0", "--layers: model 2 is out of range; 2 --model given, numbered 0 to 1."),
+])
+def test_fuse_layers_a_model_lacks_are_refused_before_any_embedding(models, data, tmp_path, capsys, monkeypatch,
+                                                                     layers, message):
+    import laet_fast.embed
+    import laet_fast.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or texts embedded before --layers was checked")
+
+    monkeypatch.setattr(laet_fast.loading, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(laet_fast.embed, "layer_embeddings", refuse)
+    shallow = tmp_path / "shallow"
+    save_tokenizer(shallow)
+    tiny_model("llama", head="base", seed=1, num_hidden_layers=2).save_pretrained(str(shallow))
+    capsys.readouterr()
+    assert cli.main(["fuse", *common(models[0], data), "--model", str(shallow), "--layers", layers]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"laet-fast fuse: error: {message}"]
+
+
 def test_single_class_data_exits_2(models, tmp_path, capsys):
     path = tmp_path / "one.csv"
     path.write_text("text,label\n" + "".join(f"{w} {w},same\n" for w in WORDS[:10]))

@@ -9,7 +9,7 @@ from laet_fast.cli import UsageError
 from laet_fast.commands._embedding_options import (FUSION_CHOICES, add_embedding_arguments, check_embedding_arguments,
                                                    embed)
 from laet_fast.commands._labeled_data import read_labeled
-from laet_fast.commands._options import check_output, one_line
+from laet_fast.commands._options import check_output, model_blocks, one_line
 
 
 def register(subparsers) -> None:
@@ -47,9 +47,26 @@ def _parse_layers(text: str):
     return pairs
 
 
+def _check_layers(pairs, models: list) -> None:
+    """Refuse MODEL:LAYER pairs naming a model not given or a block it lacks, from the configs alone (before any
+    model is loaded or any text embedded)."""
+    for model, _ in pairs:
+        if model >= len(models):
+            raise UsageError(f"--layers: model {model} is out of range; {len(models)} --model given, numbered 0 to "
+                             f"{len(models) - 1}.")
+    blocks = {model: model_blocks(models[model]) for model in sorted({model for model, _ in pairs})}
+    for model, layer in pairs:
+        if blocks[model] is not None and layer >= blocks[model]:
+            raise UsageError(f"--layers: layer {model}:{layer} is out of range; model {model} has {blocks[model]} "
+                             f"blocks, numbered 0 to {blocks[model] - 1}.")
+
+
 def run(args) -> int:
     check_embedding_arguments(args)
     layers = _parse_layers(args.layers)
+    models = args.model or [None]
+    if layers != "auto":
+        _check_layers(layers, models)
     if not 0 < args.test_fraction < 1:
         raise UsageError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}.")
     check_output(args.json, "--json")
@@ -59,7 +76,6 @@ def run(args) -> int:
     from laet_fast.embed import FusionClassifier, encode_labels, probe_layers
     from laet_fast.embed.split import stratified_split
 
-    models = args.model or [None]
     texts, labels = read_labeled(args.data, args.text_column, args.label_column, args.limit)
     try:
         ids, classes = encode_labels(labels)
