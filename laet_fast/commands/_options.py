@@ -5,6 +5,8 @@ choices are spelled out here and nothing heavy is imported at module level.
 """
 from __future__ import annotations
 
+import argparse
+import codecs
 import contextlib
 import importlib.util
 import os
@@ -26,6 +28,23 @@ def add_model_and_data_arguments(parser, *, model_help: str, data_help: str, rep
     if labels:
         parser.add_argument("--label-column", default="label",
                             help="column / key holding the labels, strings or integers (default: label)")
+    add_encoding_argument(parser)
+
+
+def add_encoding_argument(parser) -> None:
+    """``--encoding``: the data files' text encoding, checked when the command line is read."""
+    parser.add_argument("--encoding", default="utf-8", type=_encoding,
+                        help="text encoding of the data files, a Python codec name such as cp1252 or latin-1 "
+                             "(default: utf-8; a byte-order mark is skipped)")
+
+
+def _encoding(name: str) -> str:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {name!r}; give a Python codec name such as utf-8, "
+                                         f"cp1252 or latin-1.") from None
+    return name
 
 
 def add_device_arguments(parser) -> None:

@@ -76,7 +76,7 @@ def run(args) -> int:
     from laet_fast.embed import FusionClassifier, encode_labels, probe_layers
     from laet_fast.embed.split import stratified_split
 
-    texts, labels = read_labeled(args.data, args.text_column, args.label_column, args.limit)
+    texts, labels = read_labeled(args.data, args.text_column, args.label_column, args.limit, args.encoding)
     try:
         ids, classes = encode_labels(labels)
         train, test = stratified_split(ids, args.test_fraction, args.seed)

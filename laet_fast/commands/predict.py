@@ -5,7 +5,7 @@ import os
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands._options import check_at_least_one, one_line, transformers_bars_off
+from laet_fast.commands._options import add_encoding_argument, check_at_least_one, one_line, transformers_bars_off
 
 
 def register(subparsers) -> None:
@@ -19,6 +19,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True, metavar="FILE", help=".csv/.tsv/.jsonl (optionally .bz2/.gz) or .txt")
     parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
     parser.add_argument("--label-column", default="label", help="column / key of the labels, if any (default: label)")
+    add_encoding_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.set_defaults(func=run)
@@ -28,8 +29,12 @@ def run(args) -> int:
     check_at_least_one(batch_size=args.batch_size)
     if not os.path.isdir(args.model_dir):
         raise UsageError(f"--model-dir {args.model_dir} is not a folder; pass the model/ folder of a train run.")
-    if not os.path.isfile(args.data):
-        raise UsageError(f"data file {args.data} does not exist.")
+    from laet_fast.loading import check_data_file
+
+    try:
+        check_data_file(args.data)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     # stderr holds the accuracy and errors, not transformers' loading bars.
     with transformers_bars_off():
         return _predict(args)
@@ -44,12 +49,13 @@ def _predict(args) -> int:
         predictor = load_trained(args.model_dir, device=args.device)
         labels = None
         try:
-            data = read_data(args.data, "classify", args.text_column, args.label_column, classes=predictor.classes)
+            data = read_data(args.data, "classify", args.text_column, args.label_column, classes=predictor.classes,
+                             encoding=args.encoding)
             texts, labels = data.texts, [predictor.classes[i] for i in data.labels]
         except ValueError as err:
             if "label column" not in str(err) and "classification needs" not in str(err):
                 raise
-            texts = load_texts(args.data, column=args.text_column)
+            texts = load_texts(args.data, column=args.text_column, encoding=args.encoding)
         predictions = predictor.predict(texts, batch_size=args.batch_size)
     except ValueError as err:
         raise UsageError(one_line(err)) from None

@@ -48,7 +48,7 @@ def run(args) -> int:
     from laet_fast.embed import encode_labels, probe_layers
     from laet_fast.selection import select_layers
 
-    texts, labels = read_labeled(args.data, args.text_column, args.label_column, args.limit)
+    texts, labels = read_labeled(args.data, args.text_column, args.label_column, args.limit, args.encoding)
     try:
         encode_labels(labels)
     except ValueError as err:

@@ -76,7 +76,8 @@ def run(args) -> int:
     from laet_fast.probe import LayerProbe
 
     try:
-        texts = load_texts(args.data, column=args.text_column, limit=args.batches * args.batch_size)
+        texts = load_texts(args.data, column=args.text_column, limit=args.batches * args.batch_size,
+                           encoding=args.encoding)
     except ValueError as err:
         raise UsageError(one_line(err)) from None
     model, tokenizer, device = load_model(args.model, args)

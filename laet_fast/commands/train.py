@@ -10,7 +10,7 @@ import os
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands._options import model_blocks, one_line, transformers_bars_off
+from laet_fast.commands._options import add_encoding_argument, model_blocks, one_line, transformers_bars_off
 
 # The demo run: a seeded subset of the corpus, short texts, one pass over the training part.
 DEMO_SUBSET = 400
@@ -41,6 +41,7 @@ def register(subparsers) -> None:
                         help="evaluation file (default: a seeded, stratified 20%% of --data)")
     parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
     parser.add_argument("--label-column", default="label", help="column / key of the labels, any values (default: label)")
+    add_encoding_argument(parser)
     parser.add_argument("--subset", type=int, default=None,
                         help=f"use a seeded random sample of this many texts (default: all; the demo: {DEMO_SUBSET})")
     parser.add_argument("--task", choices=TASKS, default=d["task"], help="classify (default) or lm")
@@ -118,11 +119,12 @@ def _run(args) -> int:
 
     subset = args.subset if args.subset is not None else (DEMO_SUBSET if demo_data else None)
     try:
-        train = read_data(args.data, args.task, args.text_column, args.label_column, subset=subset, seed=args.seed)
+        train = read_data(args.data, args.task, args.text_column, args.label_column, subset=subset, seed=args.seed,
+                          encoding=args.encoding)
         evaluation = None
         if args.eval_data is not None:
             evaluation = read_data(args.eval_data, args.task, args.text_column, args.label_column,
-                                   classes=train.classes)
+                                   classes=train.classes, encoding=args.encoding)
     except ValueError as err:
         raise UsageError(one_line(err)) from None
     # Rank 0 alone writes the run folder (under torchrun / accelerate launch), so it alone holds its lock. The

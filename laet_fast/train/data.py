@@ -75,48 +75,47 @@ def _is_number(text: str) -> bool:
 
 
 def read_data(path: str | None, task: str, text_column: str = "text", label_column: str = "label",
-              subset: int | None = None, seed: int = 0, classes: Sequence[str] | None = None) -> TextData:
+              subset: int | None = None, seed: int = 0, classes: Sequence[str] | None = None,
+              encoding: str = "utf-8") -> TextData:
     """Read a .txt/.csv/.tsv/.jsonl file (optionally .bz2/.gz) for ``task`` ("classify" or "lm").
 
     ``path`` None is the demo data (Rotten Tomatoes fresh/rotten sentences). ``subset`` keeps a
     seeded random sample of that many texts (the whole file is read first, so the sample does not
-    depend on the file's order of classes). Label values of any type are mapped to ids.
+    depend on the file's order of classes). Label values of any type are mapped to ids. ``encoding``
+    is the file's text encoding.
 
     Raises:
-        ValueError: missing file or column, no texts, missing labels or a single class.
+        ValueError: missing file or column, no texts, missing labels or a single class, and what
+        ``laet_fast.loading.read_rows`` refuses (a line that does not decode, a row with extra fields).
     """
     demo = path is None
     if demo:
         path, text_column, label_column = loading.demo_data_path(), DEMO_TEXT_COLUMN, DEMO_LABEL_COLUMN
+        encoding = "utf-8"
     path = os.path.expanduser(str(path))
     if task == "lm" and not demo:
-        texts = loading.load_texts(path, column=text_column)
+        texts = loading.load_texts(path, column=text_column, encoding=encoding)
         return _sample(TextData(texts), subset, seed)
-    if not os.path.isfile(path):
-        raise ValueError(f"data file {path} does not exist.")
+    loading.check_data_file(path)
     fmt, compression = loading._split_suffix(path)
     if fmt not in (".csv", ".tsv", ".jsonl"):
         raise ValueError(f"data file {path}: classification needs a .csv, .tsv or .jsonl file with a text and a "
                          f"label column (a .txt file has no labels).")
     texts, values = [], []
-    try:
-        with loading._open_text(path, compression) as handle:
-            for number, row in loading._read_rows(path, fmt, handle):
-                for column in (text_column, label_column):
-                    if column not in row:
-                        what = "text" if column == text_column else "label"
-                        raise ValueError(f"data file {path} has no {what} column {column!r}; columns found: "
-                                         f"{', '.join(repr(k) for k in row if k is not None)} (choose one with "
-                                         f"--{what}-column).")
-                text = row[text_column]
-                if not isinstance(text, str) or not text.strip():
-                    continue
-                if demo and row[label_column] not in loading.DEMO_LABELS:
-                    continue
-                texts.append(text)
-                values.append(row[label_column])
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read data file {path}: {err}") from None
+    for number, row in loading.read_rows(path, fmt, compression, encoding):
+        for column in (text_column, label_column):
+            if column not in row:
+                what = "text" if column == text_column else "label"
+                raise ValueError(f"data file {path} has no {what} column {column!r}; columns found: "
+                                 f"{', '.join(map(repr, row))} (choose one with "
+                                 f"--{what}-column).")
+        text = row[text_column]
+        if not isinstance(text, str) or not text.strip():
+            continue
+        if demo and row[label_column] not in loading.DEMO_LABELS:
+            continue
+        texts.append(text)
+        values.append(row[label_column])
     if not texts:
         raise ValueError(f"data file {path} contains no texts in column {text_column!r}.")
     if task == "lm":
