@@ -53,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that says how to run it again
     try:
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"laet-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"laet-fast {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # A command may re-raise the interrupt with what to do next (``laet-fast train``: how to resume).
+        print(f"laet-fast {args.command}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""),
+              file=sys.stderr)
         return 130

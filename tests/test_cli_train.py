@@ -327,6 +327,38 @@ def test_a_second_run_into_the_same_out_is_refused_naming_the_process(model_dir,
     assert not lock.exists()
 
 
+@pytest.mark.parametrize("save_every, interrupted_at, says", [
+    ("2", 5, "continue the run from its checkpoint step-00000004 with: "),
+    ("0", 3, "no checkpoint was saved (--save-every), so this starts the run again: "),
+])
+def test_an_interrupted_run_says_the_command_that_resumes_it(model_dir, data_csv, tmp_path, capsys, monkeypatch,
+                                                             save_every, interrupted_at, says):
+    """Ctrl-C in a training step: the one line gives the exact command, and that command completes the run."""
+    import shlex
+
+    from laet_fast.train.heads import TaskModel
+
+    real_forward, calls = TaskModel.forward, []
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():  # a training step (scoring and eval run without grad)
+            calls.append(1)
+            if len(calls) == interrupted_at:
+                raise KeyboardInterrupt
+        return real_forward(self, *args, **kwargs)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(TaskModel, "forward", forward)
+        assert train(model_dir, data_csv, out, "--save-every", save_every) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"laet-fast train: interrupted; {says}laet-fast train "), lines
+    command = shlex.split(lines[0].split(says, 1)[1])
+    assert command[0] == "laet-fast" and command[-1] == "--resume"
+    assert main(command[1:]) == 0
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(1, 7))
+
+
 # ---------------------------------------------------------------- predict
 @pytest.fixture(scope="module")
 def trained(model_dir, data_csv, tmp_path_factory):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 
 from laet_fast.cli import UsageError
@@ -139,7 +140,10 @@ def _run(args) -> int:
             raise UsageError(one_line(err)) from None
         except OSError as err:
             raise UsageError(f"cannot load the model from {args.model}: {one_line(err)}") from None
-        report = _fit(args, config, model, tokenizer, train, evaluation)
+        try:
+            report = _fit(args, config, model, tokenizer, train, evaluation)
+        except KeyboardInterrupt:
+            raise _how_to_resume(args) from None
     # None: the run had finished, as _fit said. Under torchrun / accelerate launch, rank 0 prints the report.
     if report is None or rank_and_world()[0] != 0:
         return 0
@@ -171,6 +175,17 @@ def _fit(args, config, model, tokenizer, train, evaluation):
         return None
     except (ValueError, TrainError) as err:
         raise UsageError(one_line(err)) from None
+
+
+def _how_to_resume(args) -> KeyboardInterrupt:
+    """The interrupt of a run, saying the command that continues it (printed by ``laet_fast.cli.main``)."""
+    from laet_fast.train.checkpoints import latest
+
+    command = "laet-fast " + shlex.join(args.argv + ([] if args.resume else ["--resume"]))
+    checkpoint = latest(args.out)
+    if checkpoint is None:
+        return KeyboardInterrupt(f"no checkpoint was saved (--save-every), so this starts the run again: {command}")
+    return KeyboardInterrupt(f"continue the run from its checkpoint {os.path.basename(checkpoint)} with: {command}")
 
 
 @contextlib.contextmanager
