@@ -347,7 +347,8 @@ def _undecodable_line(path: str, compression: str | None, encoding: str) -> tupl
     return None
 
 
-def read_rows(path: str, fmt: str, compression: str | None, encoding: str = "utf-8") -> Iterator[tuple[int, dict | str]]:
+def read_rows(path: str, fmt: str, compression: str | None,
+              encoding: str = "utf-8") -> Iterator[tuple[int, dict | str]]:
     """(line number, row) pairs of a data file: dicts for csv/tsv/jsonl, strings for txt.
 
     Every reader of data files reads through here, so each applies the same checks. Raises ValueError (one line,
@@ -383,7 +384,8 @@ def _read_rows(path: str, fmt: str, handle) -> Iterator[tuple[int, dict | str]]:
         for row in reader:
             if None in row:  # DictReader keeps the fields beyond the header's under the key None
                 fields = len(reader.fieldnames) + len(row[None])
-                quoted = "a text holding a tab" if fmt == ".tsv" else 'a text holding a comma ("a wonderful, moving film",pos)'
+                quoted = ("a text holding a tab" if fmt == ".tsv"
+                          else 'a text holding a comma ("a wonderful, moving film",pos)')
                 raise ValueError(f"data file {path}: line {reader.line_num} has {fields} fields but the header has "
                                  f"{len(reader.fieldnames)}; {quoted} must be in double quotes.")
             yield reader.line_num, row

@@ -359,6 +359,18 @@ def test_an_interrupted_run_says_the_command_that_resumes_it(model_dir, data_csv
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(1, 7))
 
 
+@pytest.mark.parametrize("method, bar", [("laet", "layer embeddings: "), ("grad_norm", "scoring (grad_norm): 100%")])
+def test_the_scoring_sweep_shows_progress(model_dir, data_csv, tmp_path, capsys, method, bar):
+    """A bar over the scoring sweep (before the training bar), none with --no-progress."""
+    argv = ["train", "--model", model_dir, "--data", data_csv, "--method", method, *RUN[4:]]
+    assert main([a for a in argv if a != "--no-progress"] + ["--out", str(tmp_path / "shown")]) == 0
+    err = capsys.readouterr().err
+    assert bar in err and "training:" in err and err.index(bar) < err.index("training:")
+    assert main(argv + ["--out", str(tmp_path / "quiet")]) == 0
+    err = capsys.readouterr().err
+    assert bar.split(":")[0] not in err and "training:" not in err
+
+
 # ---------------------------------------------------------------- predict
 @pytest.fixture(scope="module")
 def trained(model_dir, data_csv, tmp_path_factory):

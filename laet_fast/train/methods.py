@@ -66,6 +66,7 @@ def score_layers(
     return_probes: bool = False,
     seed: int = 0,
     own_loss: bool = False,
+    progress: bool = False,
     **probe_kwargs,
 ):
     """Score every block of ``model`` for ``method`` on ``batches``; None for score-free methods.
@@ -82,6 +83,7 @@ def score_layers(
             is given (every key, its ``labels`` included: one class id per row for a classification model, -100
             on the tokens a completion-only loss skips), as a ``transformers.Trainer`` trains on it. Default: the
             next-token loss on every real token, from ``input_ids`` and ``attention_mask`` alone.
+        progress: a progress bar on stderr over the texts (``laet``) or batches (other methods) scored.
         **probe_kwargs: ``laet`` only: passed to ``laet_fast.embed.probe_layers`` (``hidden``, ``epochs``...).
 
     Returns:
@@ -97,7 +99,11 @@ def score_layers(
     if not batches:
         raise ValueError("score_layers: no batches to score on; give at least one batch of text.")
     if method == "laet":
-        return _score_laet(model, batches, labels, layers, return_probes, seed, probe_kwargs)
+        return _score_laet(model, batches, labels, layers, return_probes, seed, progress, probe_kwargs)
+    import sys
+
+    from tqdm.auto import tqdm
+
     from ..apply import suspend_backward_cut
     from ..probe import LayerProbe
 
@@ -108,7 +114,8 @@ def score_layers(
     try:
         with LayerProbe(model, layers=layers, grad_norms=grad_norms) as probe, suspend_backward_cut(model), \
                 torch.set_grad_enabled(grad_norms):
-            for batch in batches:
+            bar = tqdm(batches, desc=f"scoring ({method})", unit="batch", file=sys.stderr, disable=not progress)
+            for batch in bar:
                 ids, mask = batch["input_ids"], batch["attention_mask"]
                 if grad_norms and own_loss:
                     loss = model(**batch).loss  # called as a transformers.Trainer calls it
@@ -129,7 +136,7 @@ def score_layers(
     return probe.scores()
 
 
-def _score_laet(model, batches, labels, layers, return_probes, seed, probe_kwargs):
+def _score_laet(model, batches, labels, layers, return_probes, seed, progress, probe_kwargs):
     import torch
 
     try:
@@ -143,7 +150,7 @@ def _score_laet(model, batches, labels, layers, return_probes, seed, probe_kwarg
     rows = sum(int(b["input_ids"].shape[0]) for b in batches)
     if labels.numel() != rows:
         raise ValueError(f"score_layers: {labels.numel()} labels for {rows} texts; give one label per text.")
-    emb = layer_embeddings(model, batches, layers=layers, progress=False)
+    emb = layer_embeddings(model, batches, layers=layers, progress=progress)
     from ..distributed import is_distributed
 
     if is_distributed():

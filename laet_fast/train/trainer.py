@@ -173,7 +173,8 @@ class Trainer:
         labels = torch.cat([b["labels"] for b in score_data]) if cfg.task == "classify" else None
         extra = {"hidden": cfg.head_hidden} if cfg.method == "laet" else {}
         scored = score_layers(self.model, score_data, cfg.method, labels=labels, layers=self.layers,
-                              return_probes=cfg.method == "laet", seed=cfg.seed, **extra)
+                              return_probes=cfg.method == "laet", seed=cfg.seed, progress=cfg.progress and rank == 0,
+                              **extra)
         scores, probes = scored if cfg.method == "laet" else (scored, None)
         self.scores = scores
         select_kwargs = {"splits": cfg.splits} if cfg.method == "grad_norm" and cfg.k is None else {}
