@@ -371,6 +371,25 @@ def test_the_scoring_sweep_shows_progress(model_dir, data_csv, tmp_path, capsys,
     assert bar.split(":")[0] not in err and "training:" not in err
 
 
+def test_threads_sets_torchs_thread_count_for_the_run(model_dir, data_csv, tmp_path, capsys, monkeypatch):
+    from laet_fast.train.trainer import Trainer
+
+    real_fit, seen = Trainer.fit, []
+
+    def fit(self):
+        seen.append(torch.get_num_threads())
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    assert train(model_dir, data_csv, tmp_path / "run", "--threads", str(wanted)) == 0
+    assert seen == [wanted] and torch.get_num_threads() == before
+    capsys.readouterr()
+    assert train(model_dir, data_csv, tmp_path / "other", "--threads", "0") == 2
+    assert "--threads must be at least 1, got 0." in error_line(capsys)
+
+
 # ---------------------------------------------------------------- predict
 @pytest.fixture(scope="module")
 def trained(model_dir, data_csv, tmp_path_factory):

@@ -11,7 +11,8 @@ import shlex
 import sys
 
 from laet_fast.cli import UsageError
-from laet_fast.commands._options import add_encoding_argument, model_blocks, one_line, transformers_bars_off
+from laet_fast.commands._options import (add_encoding_argument, check_at_least_one, model_blocks, one_line,
+                                         transformers_bars_off)
 
 # The demo run: a seeded subset of the corpus, short texts, one pass over the training part.
 DEMO_SUBSET = 400
@@ -77,15 +78,37 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=d["out"], help=f"run folder (default: {d['out']})")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads torch computes with (default: torch's own, one per core unless "
+                             "OMP_NUM_THREADS says otherwise); on a CPU shared with other jobs, 1 can be faster")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if not args.no_progress:
-        return _run(args)
-    # --no-progress silences transformers' bars too (loading, writing shards): stderr keeps our lines only.
-    with transformers_bars_off():
-        return _run(args)
+    if args.threads is not None:
+        check_at_least_one(threads=args.threads)
+    with _torch_threads(args.threads):
+        if not args.no_progress:
+            return _run(args)
+        # --no-progress silences transformers' bars too (loading, writing shards): stderr keeps our lines only.
+        with transformers_bars_off():
+            return _run(args)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch's CPU thread count set to ``threads`` (None: left as it is) inside the block, restored after."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run(args) -> int:
