@@ -286,6 +286,20 @@ def test_out_naming_a_file_is_refused_before_the_model_loads(model_dir, data_csv
     assert out.read_text() == "mine\n"
 
 
+def test_quantize_frozen_without_bitsandbytes_is_refused_before_the_model_loads(model_dir, data_csv, tmp_path, capsys,
+                                                                                no_model_load, monkeypatch):
+    import laet_fast.quantize
+
+    def missing():
+        raise ImportError("Quantization needs bitsandbytes, which could not be imported (No module named "
+                          "'bitsandbytes'). Install it with `pip install bitsandbytes`.")
+
+    monkeypatch.setattr(laet_fast.quantize, "require_bitsandbytes", missing)
+    assert train(model_dir, data_csv, tmp_path / "run", "--quantize-frozen", "nf4") == 2
+    assert "--quantize-frozen nf4: Quantization needs bitsandbytes" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_refusal_after_the_lock_leaves_no_run_folder(model_dir, tmp_path, capsys):
     """The run folder is made when the lock is taken; a model that cannot be loaded leaves none behind."""
     data = write_csv(tmp_path / "d.csv", *labelled_texts(20, 4))

@@ -135,6 +135,13 @@ def _run(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file; give a folder for the run (it is created when missing).")
     _check_blocks(args, config)
+    if config.quantize_frozen is not None:  # a broken bitsandbytes install fails here, not after the scoring
+        from laet_fast.quantize import require_bitsandbytes
+
+        try:
+            require_bitsandbytes()
+        except ImportError as err:
+            raise UsageError(f"--quantize-frozen {config.quantize_frozen}: {one_line(err)}") from None
 
     from laet_fast.distributed import rank_and_world
     from laet_fast.loading import load_model_and_tokenizer
