@@ -7,6 +7,7 @@ folder holds no trace of a lock once nothing runs there.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -34,8 +35,8 @@ class RunLock:
     def acquire(self) -> None:
         """Create the folder when missing and take its lock; ``RunLocked`` when another process holds it."""
         self._created = not os.path.isdir(self.out)
-        os.makedirs(self.out, exist_ok=True)
         while True:
+            os.makedirs(self.out, exist_ok=True)  # again after a holder that created it removed it (see release)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,7 +67,8 @@ class RunLock:
             return
         # The file goes before the lock is released: a process that opened it meanwhile finds, once it holds the
         # lock, that the path no longer names its file, and starts again (see acquire).
-        os.remove(self.path)
+        with contextlib.suppress(FileNotFoundError):  # removed with its folder while the run went on
+            os.remove(self.path)
         if self._created:
             try:
                 os.rmdir(self.out)
