@@ -269,8 +269,11 @@ def no_model_load(monkeypatch):
     (["--method", "laet", "--k", "5"], "--k 5 is more than the model's 4 blocks; choose --k from 1 to 4."),
     (["--method", "3,99"], "--method 3,99: the model has 4 blocks, numbered 0 to 3; 99 is not one of them."),
     (["--method", "all", "--k", "2"], "--method all trains all 4 blocks of the model; drop --k 2"),
+    (["--method", "laet", "--reselect-every", "2"], "reselect_every needs a method that can choose again while "
+                                                    "training (grad_norm, block_influence, relative_change, random), "
+                                                    "not 'laet'."),
 ])
-def test_blocks_the_model_lacks_are_refused_before_it_loads(model_dir, data_csv, tmp_path, capsys, no_model_load,
+def test_what_the_config_refuses_is_refused_before_the_model_loads(model_dir, data_csv, tmp_path, capsys, no_model_load,
                                                             extra, expected):
     out = tmp_path / "run"
     assert train(model_dir, data_csv, out, *extra) == 2

@@ -113,6 +113,7 @@ def _torch_threads(threads: int | None):
 
 def _run(args) -> int:
     from laet_fast.train.config import TrainConfig
+    from laet_fast.train.methods import check_reselectable
 
     demo_data = args.data is None
     k = args.k if args.k is not None or args.model is not None or not demo_data else DEMO_K
@@ -128,6 +129,8 @@ def _run(args) -> int:
             reselect_every=args.reselect_every, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
             out=args.out, progress=not args.no_progress, resume=args.resume,
         )
+        if config.reselect_every:
+            check_reselectable(config.method)
     except ValueError as err:
         raise UsageError(one_line(err)) from None
     if args.subset is not None and args.subset < 2:
