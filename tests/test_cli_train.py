@@ -402,6 +402,9 @@ def test_threads_sets_torchs_thread_count_for_the_run(model_dir, data_csv, tmp_p
     wanted = 2 if before == 1 else 1
     assert train(model_dir, data_csv, tmp_path / "run", "--threads", str(wanted)) == 0
     assert seen == [wanted] and torch.get_num_threads() == before
+    with open(tmp_path / "run" / "report.json", encoding="utf-8") as handle:
+        assert json.load(handle)["cpu_threads"] == wanted
+    assert f"s/step over 6 steps on {wanted} CPU threads" in (tmp_path / "run" / "report.txt").read_text()
     capsys.readouterr()
     assert train(model_dir, data_csv, tmp_path / "other", "--threads", "0") == 2
     assert "--threads must be at least 1, got 0." in error_line(capsys)

@@ -6,6 +6,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 GIB = 2**30
 
 
@@ -21,6 +23,7 @@ class TrainReport:
             the same selection, batch and length (None when it cannot model the architecture).
         forward: how much of the model the forward pass runs (``classify`` stops at the highest head).
         time_per_step: mean seconds per optimizer step; ``scoring_time`` and ``training_time`` in seconds.
+        cpu_threads: torch's CPU thread count during the run (``--threads``); None on CUDA.
         metrics: the final evaluation.
     """
 
@@ -46,6 +49,7 @@ class TrainReport:
     export_dir: str
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    cpu_threads: int | None = None
 
     @classmethod
     def build(cls, trainer, task_model, selection, apply_report, metrics, step_times, steps, skipped, peak, cuda,
@@ -71,6 +75,7 @@ class TrainReport:
             planned_memory=planned, forward=_forward_share(task_model), steps=steps, skipped_steps=skipped,
             time_per_step=sum(step_times) / max(len(step_times), 1), scoring_time=scoring_time,
             training_time=training_time, metrics=metrics, export_dir=export_dir, classes=trainer.classes, notes=notes,
+            cpu_threads=None if cuda else torch.get_num_threads(),
         )
 
     def text(self) -> str:
@@ -88,6 +93,7 @@ class TrainReport:
             f"  peak memory        {self.peak_memory / GIB:.3f} GiB ({self.memory_kind})"
             + (f"; planner: {self.planned_memory / GIB:.3f} GiB" if self.planned_memory is not None else ""),
             f"  time               {self.time_per_step:.3f} s/step over {self.steps} steps"
+            + (f" on {self.cpu_threads} CPU threads" if self.cpu_threads else "")
             + (f" ({self.skipped_steps} skipped)" if self.skipped_steps else "")
             + f"; scoring {self.scoring_time:.1f} s, training {self.training_time:.1f} s",
             "  final metrics      " + ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()),
