@@ -17,11 +17,15 @@ setup(
         "torch>=2.4",
         # Triton has wheels for Linux only; elsewhere every kernel runs its PyTorch reference.
         "triton>=3.0; sys_platform == 'linux'",
-        "transformers>=4.45",
-        "accelerate>=0.30",
-        "bitsandbytes>=0.45",
+        # Each lower bound is the oldest release with which the quick tests passed (torch 2.13). Before
+        # transformers 5.23, gradient checkpointing wrapped a block's __call__, so the backward cut's
+        # pre-hook ran inside a reentrant checkpoint and broke it; before bitsandbytes 0.47, NF4 did not
+        # run on the CPU (its AdamW8bit steps on the CPU from 0.50).
+        "transformers>=5.23",
+        "accelerate>=1.3",
+        "bitsandbytes>=0.47",
         "numpy>=1.24",
-        "safetensors>=0.4",
+        "safetensors>=0.8",
         "tqdm>=4.60",
     ],
     extras_require={
@@ -34,7 +38,7 @@ setup(
         # (llama-cpp-python, spaCy, ...) we never use: install those two with `pip install --no-deps`
         # (see README). Listing them here would make pip build llama-cpp-python from source. peft: the
         # README's PEFT example runs in the quick start's venv.
-        "demo": ["gguf>=0.10", "matplotlib>=3.5", "peft>=0.10"],
+        "demo": ["gguf>=0.17.1", "matplotlib>=3.5", "peft>=0.10"],  # older gguf imports an undeclared sentencepiece
         # benchmarks/spear_check.py also reads the Lee news corpus that gensim ships as test data:
         # `pip install --no-deps gensim` (its numerical dependencies are not used).
     },

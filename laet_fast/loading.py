@@ -154,7 +154,7 @@ def _readable_gguf(folder: str, gguf_file: str | None):
     if importlib.util.find_spec("gguf") is None:
         # Checked first: transformers reports the missing reader as a failure to parse the file.
         raise ValueError(f"reading the GGUF file {path} needs the `gguf` package, which is not installed; "
-                         f"pip install 'gguf>=0.10' (or pip install 'laet_fast[demo]').")
+                         f"pip install 'gguf>=0.17.1' (or pip install 'laet_fast[demo]').")
     try:
         yield
     except Exception as err:  # the file is the only input here: any failure to parse it is about the file

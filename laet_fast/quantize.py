@@ -29,7 +29,7 @@ from .layers import is_conv1d, is_linear_like
 
 MODES = ("nf4", "fp4", "int8")
 
-_INSTALL_HINT = "Install it with `pip install bitsandbytes` (version 0.45 or newer; 0.50 has a CPU backend)."
+_INSTALL_HINT = "Install it with `pip install bitsandbytes` (version 0.47 or newer; on the CPU, AdamW8bit needs 0.50)."
 
 # Name of the attribute on a quantized layer that remembers the class it replaced (Conv1D, FalconLinear...).
 _SOURCE_CLASS = "_laet_source_class"
