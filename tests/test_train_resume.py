@@ -560,3 +560,32 @@ def test_a_full_disk_during_a_save_is_one_line(files, tmp_path, capsys, monkeypa
     assert "(the earlier checkpoints are intact)" in err[0]
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000004"]
     assert folder_digest(out / "checkpoints" / "step-00000004") == good["digest"]
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_resume_finishes(files, tmp_path, capsys, monkeypatch):
+    """The export hits ENOSPC: one line naming OUT/model and about the model's size, no OUT/model, the checkpoints
+    intact; once there is room, --resume finishes the run from its newest checkpoint."""
+    import errno
+
+    import laet_fast.train.export as export
+
+    out, real_export = tmp_path / "run", export.export_trained
+
+    def full(task_model, folder, *args, **kwargs):
+        full.bytes = sum(p.numel() * p.element_size() for p in task_model.parameters())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "export_trained", full)
+    assert train_in_process(args_of(files, out)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"laet-fast train: error: no space left to write the run's model "
+                                               f"{out / 'model'}: it needs about "), err
+    number, unit = err[0].split("it needs about ")[1].split(",")[0].split()
+    scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    assert abs(float(number) * scale - full.bytes) <= scale / 20, (err[0], full.bytes)
+    assert not (out / "model").exists() and not (out / "report.json").exists()
+    assert checkpoints.latest(str(out)) is not None
+    monkeypatch.setattr(export, "export_trained", real_export)
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    assert (out / "model").is_dir() and (out / "report.json").is_file()
+    assert_same_run(read_log(out), straight_run(files, "plain"))

@@ -79,6 +79,14 @@ def _size_text(size: int) -> str:
     return f"{size} bytes"
 
 
+def no_space(what: str, path: str, needed: int) -> NoSpace:
+    """The one-line error of a write of ``what`` to ``path`` that filled the disk, with about ``needed`` bytes."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    return NoSpace(f"no space left to write {what} {path}: it needs about {_size_text(needed)}, "
+                   f"{_size_text(free)} are free; free some space there and resume with --resume (the earlier "
+                   f"checkpoints are intact).")
+
+
 def _write_folder(final: str, tensors: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
     """Write ``tensors`` and ``meta`` into ``final`` atomically, the manifest last; an existing ``final`` is set
     aside, not deleted (it is there when a resume went past it as damaged)."""
@@ -106,10 +114,7 @@ def _write_folder(final: str, tensors: dict[str, dict[str, torch.Tensor]], meta:
         needed = sum(t.numel() * t.element_size() for group in tensors.values() for t in group.values())
         # meta.json, and a few KiB for the safetensors headers and the manifest.
         needed += len(meta_text.encode("utf-8")) + 4096
-        free = shutil.disk_usage(os.path.dirname(final)).free
-        raise NoSpace(f"no space left to write the checkpoint {final}: it needs about {_size_text(needed)}, "
-                      f"{_size_text(free)} are free; free some space there and resume with --resume (the earlier "
-                      f"checkpoints are intact).") from None
+        raise no_space("the checkpoint", final, needed) from None
     if os.path.isdir(final):
         _set_aside(final)
     os.rename(tmp, final)

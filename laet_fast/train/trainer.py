@@ -14,6 +14,7 @@ checkpoints, export and report, so a run folder looks the same at any world size
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ import resource
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,18 @@ class TrainError(RuntimeError):
 
 class RunComplete(Exception):
     """``fit()`` resuming a run that has finished: nothing to train; the message says where its report is."""
+
+
+@contextmanager
+def _no_space_is_one_line(what: str, path: str, model: "nn.Module | None"):
+    """Turn a full disk while writing ``what`` (an export of ``model``, or a small file) into a ``TrainError``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        needed = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 2**20
+        raise TrainError(str(checkpoints.no_space(what, path, needed))) from None
 
 
 def as_text_data(data, task: str, classes=None) -> TextData:
@@ -386,13 +399,15 @@ class Trainer:
 
         # laet_fast's hooks off, frozen blocks read again from the source as loaded
         if main:
-            export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
+            with _no_space_is_one_line("the run's model", export_dir, task_model):
+                export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
         else:
             export_model(task_model)
         result = TrainReport.build(self, task_model, selection, report, metrics, step_times, total_steps, skipped,
                                    peak, cuda, t_scored - t_start, t_trained - t_scored, export_dir)
         if main:
-            result.write(cfg.out, self.scores)
+            with _no_space_is_one_line("the report", os.path.join(cfg.out, "report.json"), None):
+                result.write(cfg.out, self.scores)
             try:
                 checkpoints.mark_finished(cfg.out, step, self.fingerprint())  # last: the run's outputs are complete
             except checkpoints.NoSpace as err:
