@@ -4,7 +4,6 @@
 A kill is simulated by making the writer raise midway (monkeypatch), or with a subprocess that SIGKILLs
 itself in the middle of writing the export.
 """
-import hashlib
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import torch
 
 import laet_fast.cli as cli
 from merge_models import save_pair
-from train_fixtures import labelled_texts, model_dir, torch_kernels, write_csv  # noqa: F401 (fixtures)
+from train_fixtures import folder_digest, labelled_texts, model_dir, torch_kernels, write_csv  # noqa: F401 (fixtures)
 from laet_fast import atomic, export_model
 from laet_fast.scores import LayerScores
 from laet_fast.train.report import TrainReport, finite_or_null
@@ -26,15 +25,6 @@ from laet_fast.train.trainer import Trainer
 
 RUN = ["--method", "last", "--k", "1", "--max-steps", "2", "--batch-size", "4", "--max-length", "16",
        "--score-batches", "1", "--no-progress"]
-
-
-def folder_digest(path):
-    digest = hashlib.sha256()
-    for base, _, names in sorted(os.walk(path)):
-        for name in sorted(names):
-            full = os.path.join(base, name)
-            digest.update(os.path.relpath(full, path).encode() + b"\0" + open(full, "rb").read())
-    return digest.hexdigest()
 
 
 def partials(folder):

@@ -2,7 +2,6 @@
 
 In process (``laet_fast.cli.main``) on a tiny random llama saved as a folder (train_fixtures).
 """
-import hashlib
 import json
 import math
 import os
@@ -12,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from train_fixtures import CLASSES, labelled_texts, model_dir, save_model, torch_kernels, write_csv  # noqa: F401 (fixtures)
+from train_fixtures import (CLASSES, folder_digest, labelled_texts, model_dir, save_model,  # noqa: F401 (fixtures)
+                            torch_kernels, write_csv)
 from test_train_resume import WRAPPER, kill, wait_for
 from laet_fast.cli import main
 from laet_fast.train import checkpoints
@@ -36,15 +36,6 @@ def error_line(capsys, command="train"):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"laet-fast {command}: error: "), lines
     return lines[0]
-
-
-def folder_digest(path):
-    digest = hashlib.sha256()
-    for base, _, names in sorted(os.walk(path)):
-        for name in sorted(names):
-            full = os.path.join(base, name)
-            digest.update(os.path.relpath(full, path).encode() + b"\0" + open(full, "rb").read())
-    return digest.hexdigest()
 
 
 def write_rows(path, header, rows):

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from train_fixtures import labelled_texts, save_model, write_csv
+from train_fixtures import folder_digest, labelled_texts, save_model, write_csv
 from laet_fast.cli import main
 from laet_fast.train import checkpoints
 
@@ -108,18 +108,6 @@ def assert_same_run(log, straight):
         assert got.get("selection") == want.get("selection") and got["tokens"] == want["tokens"]
         if "eval" in want:
             assert got["eval"] == pytest.approx(want["eval"], rel=1e-5, abs=1e-7)
-
-
-def folder_digest(path):
-    """sha256 of every file under ``path`` (relative name + bytes)."""
-    digest = hashlib.sha256()
-    for base, _, names in sorted(os.walk(path)):
-        for name in sorted(names):
-            full = os.path.join(base, name)
-            digest.update(os.path.relpath(full, path).encode() + b"\0")
-            with open(full, "rb") as handle:
-                digest.update(handle.read())
-    return digest.hexdigest()
 
 
 def straight_run(files, variant, cache={}):

@@ -1,5 +1,7 @@
 """A tiny llama with a word-level tokenizer saved as a folder, and labelled random-word texts, for the train tests."""
 import csv
+import hashlib
+import os
 import random
 
 import pytest
@@ -14,6 +16,18 @@ def labelled_texts(count, seed):
     texts = random_texts(count, seed)
     labels = [CLASSES[WORDS.index(t.split()[0]) >= len(WORDS) // 2] for t in texts]
     return texts, labels
+
+
+def folder_digest(path):
+    """sha256 of every file under ``path`` (relative name + bytes): equal digests, an unchanged folder."""
+    digest = hashlib.sha256()
+    for base, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            full = os.path.join(base, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
 
 
 def save_model(folder, layers=4, seed=0, **overrides):
