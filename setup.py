@@ -7,6 +7,7 @@ setup(
     description="Fused Triton kernels and tools for layer-selective fine-tuning (LAET, IR-Tuning, SPEAR-MM).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.10",
     # kernels/ sits at the repository root but is installed as laet_fast.kernels: the top-level
     # name `kernels` belongs to Hugging Face's hub-kernel loader, which transformers and
