@@ -128,14 +128,16 @@ def _launch_slerp():
 
 
 @pytest.mark.parametrize("module, kernel, launch, builder", [
-    (hidden_stats, "_hidden_stats_kernel", _launch_hidden_stats, aot_table.hidden_stats_launches),
-    (pooling, "_masked_pool_kernel", _launch_pooling, aot_table.pooling_launches),
-    (grad_norm, "_grouped_sq_norm_kernel", _launch_grouped, aot_table.grouped_sq_norm_launches),
-    (grad_norm, "_xt_dy_sq_norm_tiled_kernel", _launch_linear("tiled"), aot_table.linear_launches),
-    (grad_norm, "_gram_sq_norm_kernel", _launch_linear("gram"), aot_table.linear_launches),
-    (slerp, "_slerp_reduce_kernel", _launch_slerp, aot_table.slerp_launches),
-    (slerp, "_slerp_write_kernel", _launch_slerp, aot_table.slerp_launches),
-], ids=lambda p: p if isinstance(p, str) else None)
+    pytest.param(module, kernel, launch, builder, id=kernel) for module, kernel, launch, builder in (
+        (hidden_stats, "_hidden_stats_kernel", _launch_hidden_stats, aot_table.hidden_stats_launches),
+        (pooling, "_masked_pool_kernel", _launch_pooling, aot_table.pooling_launches),
+        (grad_norm, "_grouped_sq_norm_kernel", _launch_grouped, aot_table.grouped_sq_norm_launches),
+        (grad_norm, "_xt_dy_sq_norm_tiled_kernel", _launch_linear("tiled"), aot_table.linear_launches),
+        (grad_norm, "_gram_sq_norm_kernel", _launch_linear("gram"), aot_table.linear_launches),
+        (slerp, "_slerp_reduce_kernel", _launch_slerp, aot_table.slerp_launches),
+        (slerp, "_slerp_write_kernel", _launch_slerp, aot_table.slerp_launches),
+    )
+])
 def test_launchers_pin_fp_fusion_and_the_table_compiles_their_launches(monkeypatch, module, kernel, launch, builder):
     """Each launch passes the module's ENABLE_FP_FUSION (Triton 3.10 changes the default), and the
     table builds the same arguments (count, keywords, fp-fusion choice) as the launcher passes."""
