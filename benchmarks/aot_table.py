@@ -1,6 +1,6 @@
 """Compile every Triton kernel of laet_fast for real GPUs, without a GPU, and tabulate what ptxas made.
 
-    python benchmarks/aot_table.py [--out-dir benchmarks/results]
+    python benchmarks/aot_table.py [--out-dir benchmarks/results] [--name aot_compile]
 
 For sm_80 (A100), sm_89 (RTX 4090) and sm_90 (H100), each kernel in ``kernels/`` is compiled ahead
 of time (``triton.compile`` of an ``ASTSource`` for a ``GPUTarget``; Triton's compiler and the
@@ -19,8 +19,8 @@ SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B (sequences of 1024 tokens, batch 1..
 
 Identical compiles (kernel, signature, constexprs, options) are made once. Per kernel x target x
 configuration the table gives registers per thread and spilled bytes (from ptxas' own report),
-shared memory, and the occupancy those allow (``occupancy``). Writes ``aot_compile.json`` (with the
-Triton and PyTorch versions and the date) and ``aot_compile.md`` into ``--out-dir``, and exits with
+shared memory, and the occupancy those allow (``occupancy``). Writes ``<name>.json`` (with the
+Triton and PyTorch versions and the date) and ``<name>.md`` into ``--out-dir``, and exits with
 status 1 when a kernel fails to compile, spills without a docstring line starting ``Spills:`` that
 says why, or cannot be resident on an SM. Run it without ``TRITON_INTERPRET``.
 """
@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -46,6 +44,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import MockTensor, create_function_from_signature
 
+from bench_utils import RESULTS_DIR, device_info
+from laet_fast.atomic import write_text
 from laet_fast.backend import TRITON_INTERPRET
 from laet_fast.kernels import grad_norm, hidden_stats, pooling, slerp
 from laet_fast.memory import MODEL_SHAPES
@@ -367,7 +367,8 @@ def write_markdown(result: dict, path: str) -> None:
     lines = [
         "# Triton kernels compiled ahead of time (no GPU)",
         "",
-        f"Triton {result['triton']}, PyTorch {result['torch']}, {result['date']}; written by "
+        f"Triton {result['triton_version']}, PyTorch {result['torch_version']}, {result['date_utc']} on "
+        f"{result['device']}; written by "
         "`python benchmarks/aot_table.py`. One row per distinct compile (kernel, target, signature, "
         "constexprs, options); *shapes* lists the model shapes whose launches pick it (seq 1024, batch 1..8). "
         "Occupancy: resident warps per SM over the SM's maximum, from registers and shared memory "
@@ -388,19 +389,13 @@ def write_markdown(result: dict, path: str) -> None:
             f"| {row['num_stages']} | {row['registers']} | {row['spill_stores']} | {row['shared_memory']} "
             f"| {row['blocks_per_sm']} | {row['occupancy']:.0%} | {row['limited_by']} | {', '.join(row['shapes'])} |")
     lines += ["", "Failures: " + ("none" if not result["failures"] else "; ".join(result["failures"])), ""]
-    _write_atomic(path, "\n".join(lines))
-
-
-def _write_atomic(path: str, text: str) -> None:
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        f.write(text)
-    os.replace(partial, path)
+    write_text(path, "\n".join(lines))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--name", default="aot_compile", help="file name of the table, without .json/.md")
     args = parser.parse_args(argv)
     if TRITON_INTERPRET:
         parser.error("it compiles for real GPUs: unset TRITON_INTERPRET (it turns every kernel into Python).")
@@ -410,19 +405,17 @@ def main(argv=None) -> int:
         knobs.cache.dir = cache_dir
         knobs.nvidia.dump_ptxas_log = True
         result = build_table()
-    result = {"triton": triton.__version__, "torch": torch.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-              "compile_seconds": round(time.perf_counter() - started, 1),
+    result = {**device_info(), "compile_seconds": round(time.perf_counter() - started, 1),
               "limits": {f"sm_{cc}": asdict(limits) for cc, limits in TARGETS.items()},
               "limits_source": SmLimits.__doc__.split("\n\n")[1].strip(), **result}
     os.makedirs(args.out_dir, exist_ok=True)
-    _write_atomic(os.path.join(args.out_dir, "aot_compile.json"), json.dumps(result, indent=1) + "\n")
-    write_markdown(result, os.path.join(args.out_dir, "aot_compile.md"))
+    path = os.path.join(args.out_dir, args.name)
+    write_text(path + ".json", json.dumps(result, indent=1) + "\n")
+    write_markdown(result, path + ".md")
     for failure in result["failures"]:
         print(f"aot_table: {failure}", file=sys.stderr)
     print(f"aot_table: {len(result['rows'])} compiles in {result['compile_seconds']} s, "
-          f"{len(result['failures'])} failures; wrote {args.out_dir}/aot_compile.{{json,md}}")
+          f"{len(result['failures'])} failures; wrote {path}.{{json,md}}")
     return 1 if result["failures"] else 0
 
 

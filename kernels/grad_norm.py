@@ -274,6 +274,7 @@ def _xt_dy_sq_norm_tiled_kernel(
     about 0.5 KiB per thread on sm_80/89/90 (benchmarks/results/aot_compile.md; 1 stage would not
     spill). Mixed dtypes are the documented slow path, which ``GradNormRecorder`` avoids by passing
     both in the compute dtype, so the spill is accepted there rather than given its own configuration.
+    Triton 3.6 also spills 8 bytes at the 64x64 bf16/fp16 tiles on sm_89 (Triton 3.9 does not).
     """
     # Programs that run together share X column tiles: walk GROUP_IN row-tiles of the output
     # before moving to the next output column tile, so that X and dY tiles are reused from L2.
