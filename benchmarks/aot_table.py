@@ -128,7 +128,7 @@ class Launch:
     args: tuple
     kwargs: dict
     label: str  # dtypes and variant, e.g. "bf16, int64 mask"
-    shape: str  # the model shape(s) that pick it
+    shape: str  # the model shape that picks it ("any" when the configuration depends on none)
 
 
 def _short(dtype: torch.dtype) -> str:
@@ -165,6 +165,7 @@ def hidden_stats_launches(limits: SmLimits, monkey) -> list[Launch]:
         hidden = _model_dims(name)["hidden"]
         for batch in BATCH_SIZES:
             tokens = batch * SEQ_LEN
+            # float64 too: the input checks take any float dtype.
             for dtype in FLOAT_DTYPES + (torch.float64,):
                 masks = (None, torch.int64) + ((torch.uint8,) if dtype == torch.bfloat16 else ())
                 for mask_dtype in masks:
@@ -209,6 +210,7 @@ def grouped_sq_norm_launches(limits: SmLimits, monkey) -> list[Launch]:
         for ptr_align in (16, dtype.itemsize):
             launches.append(Launch(
                 "_grouped_sq_norm_kernel", grad_norm._grouped_sq_norm_kernel,
+                # 7 weight matrices x 30 blocks of SmolLM2-135M: a count the JIT does not specialize.
                 (_tensor(torch.int64), _tensor(torch.int64), _tensor(torch.float32), 7 * 30),
                 dict(DTYPE=grad_norm._tl_dtype(dtype), PTR_ALIGN=ptr_align, BLOCK=block,
                      BLOCKS_PER_CHUNK=blocks_per_chunk, num_warps=num_warps,
