@@ -33,6 +33,11 @@ from laet_fast.backend import TRITON_INTERPRET, launch_device, use_triton, tl, t
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+# Pinned, not left to Triton's default (which turns off in 3.10): the grouped sums of squares and the
+# tiles' epilogues are multiply-adds, and fused each term rounds once instead of twice (float32
+# tl.dot emits its FMAs either way).
+ENABLE_FP_FUSION = True
+
 
 def _tl_dtype(dtype: torch.dtype):
     """Triton's dtype of the same name (``torch.bfloat16`` -> ``tl.bfloat16``), for a kernel's constexpr."""
@@ -128,6 +133,7 @@ def _launch_grouped_sq_norms(tensors: list[torch.Tensor], groups: list[int], out
         BLOCK=block,
         BLOCKS_PER_CHUNK=blocks_per_chunk,
         num_warps=num_warps,
+        enable_fp_fusion=ENABLE_FP_FUSION,
     )
 
 
@@ -260,6 +266,16 @@ def _xt_dy_sq_norm_tiled_kernel(
     DOT_DTYPE: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    """Program ``pid`` forms one ``[BLOCK_IN, BLOCK_OUT]`` tile of ``X^T dY`` over all tokens and adds
+    the sum of its squares to ``out``.
+
+    Spills: with ``x`` float32 and ``dy`` bfloat16/float16 (mixed dtypes, read as float32 on the FMA
+    path) ptxas needs more than 255 registers at the float32 configuration's 3 stages and spills
+    about 0.5 KiB per thread on sm_80/89/90 (benchmarks/results/aot_compile.md; 1 stage would not
+    spill). Mixed dtypes are the documented slow path, which ``GradNormRecorder`` avoids by passing
+    both in the compute dtype, so the spill is accepted there rather than given its own configuration.
+    Triton 3.6 also spills 8 bytes at the 64x64 bf16/fp16 tiles on sm_89 (Triton 3.9 does not).
+    """
     # Programs that run together share X column tiles: walk GROUP_IN row-tiles of the output
     # before moving to the next output column tile, so that X and dY tiles are reused from L2.
     pid = tl.program_id(0)
@@ -531,7 +547,8 @@ def launch_linear_kernel(x2: torch.Tensor, dy2: torch.Tensor, out: torch.Tensor,
     d_out = dy2.shape[1]
     dot_dtype = _dot_dtype(x2, dy2)
     common = dict(stride_xt=x2.stride(0), stride_xi=x2.stride(1), stride_dyt=dy2.stride(0),
-                  stride_dyo=dy2.stride(1), DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32)
+                  stride_dyo=dy2.stride(1), DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32,
+                  enable_fp_fusion=ENABLE_FP_FUSION)
     with launch_device(out.device):
         if method == "tiled":
             grid = (triton.cdiv(d_in, config["BLOCK_IN"]) * triton.cdiv(d_out, config["BLOCK_OUT"]),)

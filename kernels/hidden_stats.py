@@ -53,6 +53,9 @@ GPU_PROGRAMS_PER_SM = 16
 INTERPRET_MAX_BLOCK_H = 256
 INTERPRET_TILE_ELEMENTS = 2048
 INTERPRET_MAX_PROGRAMS = 4
+# Pinned, not left to Triton's default (which turns off in 3.10): the per-token dot products and
+# sums of squares are multiply-adds, and fused they round once per term instead of twice.
+ENABLE_FP_FUSION = True
 
 
 @triton.jit
@@ -292,7 +295,7 @@ def accumulate_hidden_stats(h_in: torch.Tensor, h_out: torch.Tensor, mask: torch
             h_in, h_out, mask_arg, acc,
             n_tokens, hidden, h_in.stride(0), h_out.stride(0), mask_stride,
             HAS_MASK=mask is not None, EPS=NORM_EPS, BLOCK_T=block_t, BLOCK_H=block_h,
-            num_warps=num_warps,
+            num_warps=num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
         )
 
 

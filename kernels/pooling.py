@@ -33,6 +33,9 @@ POOLING_MODES = ("mean", "last", "first")
 # interpreter the tiles are small so that the test sizes loop over both dims more than once.
 GPU_BLOCK_T, GPU_BLOCK_H, GPU_NUM_WARPS = 32, 64, 4
 INTERPRET_BLOCK_T, INTERPRET_BLOCK_H = 8, 32
+# Pinned (Triton 3.10 turns fusion off by default): this kernel only adds, and multiplies once at
+# the end, so no multiply-add exists to fuse and the choice changes no result.
+ENABLE_FP_FUSION = True
 
 
 @triton.jit
@@ -151,6 +154,13 @@ def masked_pool_reference(hidden: torch.Tensor, mask: torch.Tensor | None = None
     return torch.where((count > 0)[:, None], pooled, torch.nan)
 
 
+def _launch_config(width: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_H, num_warps) for hidden states of ``width`` features on ``device``."""
+    if device.type == "cuda":
+        return GPU_BLOCK_T, min(GPU_BLOCK_H, triton.next_power_of_2(width)), GPU_NUM_WARPS
+    return INTERPRET_BLOCK_T, min(INTERPRET_BLOCK_H, triton.next_power_of_2(width)), 1
+
+
 def _launch(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
     batch, seq, width = hidden.shape
     if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
@@ -159,9 +169,7 @@ def _launch(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch
     out = torch.empty(batch, width, dtype=torch.float32, device=hidden.device)
     if batch == 0 or width == 0:
         return out
-    on_gpu = hidden.device.type == "cuda"
-    block_t = GPU_BLOCK_T if on_gpu else INTERPRET_BLOCK_T
-    block_h = min(GPU_BLOCK_H if on_gpu else INTERPRET_BLOCK_H, triton.next_power_of_2(width))
+    block_t, block_h, num_warps = _launch_config(width, hidden.device)
     # Only the mean skips masked tokens inside its span; last/first spans hold one real token.
     has_mask = mask is not None and mode == "mean"
     if has_mask:
@@ -175,7 +183,7 @@ def _launch(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch
             hidden, mask_arg, start, stop, scale, out,
             width, hidden.stride(0), hidden.stride(1), stride_mb, stride_mt,
             HAS_MASK=has_mask, BLOCK_T=block_t, BLOCK_H=block_h,
-            num_warps=GPU_NUM_WARPS if on_gpu else 1,
+            num_warps=num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     return out
 

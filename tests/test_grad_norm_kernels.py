@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from compile_without_gpu import RecordingKernel
 from laet_fast.backend import TRITON_INTERPRET
 from laet_fast.kernels import grad_norm
 from laet_fast.kernels.grad_norm import (
@@ -398,7 +399,7 @@ for name, config in (("gram_tensor_cores", g.gram_config(4096, True)), ("gram_sm
 
 @pytest.mark.slow
 def test_gpu_kernels_compile_for_sm90_without_a_gpu(tmp_path):
-    from sm90_compile import run_compile_script
+    from compile_without_gpu import run_compile_script
 
     assert run_compile_script(_COMPILE_SCRIPT, tmp_path) == {
         "grouped_vector_loads": "True", "tiled_tensor_cores": "True", "tiled_small_tensor_cores": "True",
@@ -435,16 +436,6 @@ def test_torch_tiled_path_peak_is_an_eighth_of_the_weight_gradient(monkeypatch, 
     _check_linear(float(out), x, dy)
 
 
-class _RecordingKernel:
-    """Stands in for a @triton.jit kernel: records each launch's grid, arguments and options."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
-
-
 @pytest.mark.parametrize("method", ["tiled", "gram"])
 @pytest.mark.parametrize("x_dtype, dy_dtype, dot, ieee", [
     (torch.float32, torch.float32, "fp32", True),
@@ -456,7 +447,7 @@ def test_launch_precision_mode_per_dtype(monkeypatch, method, x_dtype, dy_dtype,
     tensor cores. Also: every launch carries its tile sizes (a shape rule, no autotuner)."""
     import triton.language as tl
 
-    stub = _RecordingKernel()
+    stub = RecordingKernel()
     name = "_xt_dy_sq_norm_tiled_kernel" if method == "tiled" else "_gram_sq_norm_kernel"
     monkeypatch.setattr(grad_norm, name, stub)
     x, _ = _linear_inputs((37, 72), (37, 1), x_dtype, seed=20)
@@ -472,7 +463,7 @@ def test_launch_precision_mode_per_dtype(monkeypatch, method, x_dtype, dy_dtype,
 def test_grouped_tables_are_moved_to_outs_device(monkeypatch):
     """The kernel reads its tables on out's device: left in (pinned) host memory they would be read
     through the host. Checked on CPU with out on the meta device and the kernel stubbed."""
-    stub = _RecordingKernel()
+    stub = RecordingKernel()
     monkeypatch.setattr(grad_norm, "_grouped_sq_norm_kernel", stub)
     monkeypatch.setattr(grad_norm, "use_triton", lambda *tensors: True)
     monkeypatch.setattr(grad_norm, "TRITON_INTERPRET", False)

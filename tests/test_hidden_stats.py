@@ -353,6 +353,6 @@ print("atomics", "atom.global" in ptx or "red.global" in ptx)
 
 @pytest.mark.slow
 def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
-    from sm90_compile import run_compile_script
+    from compile_without_gpu import run_compile_script
 
     assert run_compile_script(_COMPILE_SCRIPT, tmp_path) == {"vector_loads": "True", "atomics": "True"}

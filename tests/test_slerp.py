@@ -192,7 +192,7 @@ for name, kernel, signature in (("reduce", sl._slerp_reduce_kernel, reduce_sig),
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
-    from sm90_compile import run_compile_script
+    from compile_without_gpu import run_compile_script
 
     assert run_compile_script(_COMPILE_SCRIPT, tmp_path) == {
         "reduce_vector_loads": "True", "write_vector_loads": "True", "write_vector_stores": "True"}
