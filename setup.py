@@ -15,9 +15,12 @@ setup(
     packages=find_packages(include=["laet_fast", "laet_fast.*"]) + ["laet_fast.kernels"],
     package_dir={"laet_fast": "laet_fast", "laet_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
+        # torch 2.8 / 2.11 (with the triton 3.4 / 3.6 they bring) pass the quick tests; on the CPU, the
+        # interpreter of a triton older than 3.9 needs numpy < 2.4. Triton 3.2 (torch 2.6) masks atomics
+        # wrongly in its interpreter.
+        "torch>=2.8",
         # Triton has wheels for Linux only; elsewhere every kernel runs its PyTorch reference.
-        "triton>=3.0; sys_platform == 'linux'",
+        "triton>=3.4; sys_platform == 'linux'",
         # Each lower bound is the oldest release with which the quick tests passed (torch 2.13). Before
         # transformers 5.23, gradient checkpointing wrapped a block's __call__, so the backward cut's
         # pre-hook ran inside a reentrant checkpoint and broke it; before bitsandbytes 0.47, NF4 did not

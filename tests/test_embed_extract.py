@@ -180,3 +180,19 @@ def test_gguf_loaded_smollm2_matches_output_hidden_states(monkeypatch):
         torch.testing.assert_close(got[:, column].double(), pooled_by_hand(states[block + 1],
                                                                           encoded["attention_mask"], "mean"),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_dotted_block_names_where_tensor_names_is_torchs_setter(monkeypatch):
+    """Before torch 2.13, ``Tensor.names`` is the named-tensor setter, which refuses a name like
+    ``model.layers.0``; LayerEmbeddings keeps its own ``names`` there too (simulated here on a newer torch)."""
+    def named_tensor_setter(self, value):
+        bad = [n for n in value if n is not None and not str(n).isidentifier()]
+        if bad:
+            raise RuntimeError(f"Invalid name: a valid identifier contains only digits, alphabetical characters "
+                               f"and/or underscore and starts with a non-digit. got: '{bad[0]}'.")
+
+    monkeypatch.setattr(torch.Tensor, "names", property(lambda self: (None,) * self.dim(), named_tensor_setter),
+                        raising=False)
+    emb = LayerEmbeddings(torch.zeros(2, 2, 3), fingerprint=None, layers=[0, 1],
+                          names=["model.layers.0", "model.layers.1"], pooling="mean")
+    assert emb.names == ("model.layers.0", "model.layers.1")

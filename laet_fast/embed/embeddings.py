@@ -34,7 +34,9 @@ class LayerEmbeddings(torch.Tensor):
 
     fingerprint: str | None
     layers: tuple[int, ...]
-    names: tuple[str, ...]
+    # A class value, so that `obj.names = ...` sets this attribute: before torch 2.13, Tensor.names is the
+    # named-tensor setter, which refuses dotted block paths.
+    names: tuple[str, ...] = ()
     pooling: str
 
     @staticmethod
