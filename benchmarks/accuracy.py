@@ -39,7 +39,6 @@ import ctypes
 import gc
 import glob
 import json
-import math
 import os
 import re
 import statistics
@@ -115,7 +114,10 @@ def release_free_memory() -> None:
 
 
 def reset_peak() -> bool:
-    """Reset the process's peak RSS (Linux ``clear_refs`` 5) so ``ru_maxrss`` measures from now; False if unsupported."""
+    """Reset the process's peak RSS (Linux ``clear_refs`` 5) so ``ru_maxrss`` measures from now.
+
+    False if unsupported.
+    """
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
             handle.write("5")
@@ -214,13 +216,10 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float, see
     """
     import resource
 
-    import torch
-
     import laet_fast.apply as apply_module
     import laet_fast.train.export as export_module
     from laet_fast.train.config import TrainConfig
     from laet_fast.train.data import Batches
-    from laet_fast.train.heads import TaskModel
 
     release_free_memory()
     rss_before = _rss_kib("VmRSS") * 1024
@@ -309,7 +308,8 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float, see
         "total_time": fit_cpu - trainer.eval_cpu + extra_cpu,
         "wall_per_step": report.time_per_step - trainer.eval_wall / report.steps,
         "wall_total": report.scoring_time + report.training_time - trainer.eval_wall + extra_wall,
-        "steps": report.steps, "skipped_steps": report.skipped_steps, "scoring_cpu": trainer.side_cpu - trainer.eval_cpu,
+        "steps": report.steps, "skipped_steps": report.skipped_steps,
+        "scoring_cpu": trainer.side_cpu - trainer.eval_cpu,
         "eval_cpu": trainer.eval_cpu, **extra,
     }
     del trainer, model
@@ -339,7 +339,8 @@ def _probe_vote(trainer, model, tokenizer, cfg, test, rss_before) -> dict:
         "row": "probe_vote", "lr": None, "seed": cfg.seed, "method": "laet (probes only)",
         "selection": list(selection.layers), "first_selection": list(selection.layers), "lowest_block": None,
         "blocks_ever_trained": 0, "head_layers": sorted(heads),
-        "val_accuracy": None, "val_macro_f1": None, "test_accuracy": test_m["accuracy"], "test_macro_f1": test_m["macro_f1"],
+        "val_accuracy": None, "val_macro_f1": None,
+        "test_accuracy": test_m["accuracy"], "test_macro_f1": test_m["macro_f1"],
         "trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()),
         "peak_memory": peak - rss_before, "planned_memory": None, "time_per_step": None, "total_time": cpu,
         "wall_per_step": None, "wall_total": wall, "steps": 0, "skipped_steps": 0,
@@ -529,7 +530,10 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: str, cost: str) -> str:
-    """Test accuracy (mean ± std over seeds) against ``cost`` ("time_per_step" or "peak_memory"), a panel per dataset."""
+    """Test accuracy (mean ± std over seeds) against ``cost`` ("time_per_step" or "peak_memory").
+
+    A panel per dataset.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

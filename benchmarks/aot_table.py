@@ -230,7 +230,8 @@ def _linear_launch(kernel_name, kernel, x_dtype, dy_dtype, tokens, d_in, d_out, 
     dot_dtype = grad_norm._dot_dtype(x, dy)
     kwargs = dict(stride_xt=d_in, stride_xi=1, stride_dyt=d_out, stride_dyo=1, DOT_DTYPE=dot_dtype,
                   IEEE=dot_dtype == triton.language.float32, enable_fp_fusion=grad_norm.ENABLE_FP_FUSION, **config)
-    return Launch(kernel_name, kernel, (_tensor(x_dtype), _tensor(dy_dtype), _tensor(torch.float32), tokens, d_in, d_out),
+    return Launch(kernel_name, kernel,
+                  (_tensor(x_dtype), _tensor(dy_dtype), _tensor(torch.float32), tokens, d_in, d_out),
                   kwargs, f"x {_short(x_dtype)}, dy {_short(dy_dtype)}, dot {dot_dtype}", shape)
 
 

@@ -131,7 +131,10 @@ def run_seed(embs, y, train, test, seed, args) -> dict:
 
 def table(result) -> str:
     lines = ["| row | " + " | ".join(result["models"]) + " |", "|---|" + "---|" * len(result["models"])]
-    fmt = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+    def fmt(stat):
+        return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
     rows = [("last layer only", "last"), ("best single layer (chosen on validation)", "best_single"),
             ("top-3 fusion (concat, chosen on validation)", "top3_fusion"), ("auto fusion (k <= 5)", "auto_fusion")]
     for label, key in rows:

@@ -674,11 +674,12 @@ def measure_memory(config, k: int, seq: int, kind: str, warmup: int, steps: int)
         else:
             suite._train_step(model, optimizer, ids)
 
-            def forward_backward():
+            # The model is an argument, not a closure over the name that `finally` deletes.
+            def forward_backward(model):
                 out = model(input_ids=ids, labels=ids, use_cache=False)  # kept through backward, as planned
                 out.loss.backward()
 
-            peak = measure_cpu_peak(forward_backward)
+            peak = measure_cpu_peak(functools.partial(forward_backward, model))
             planned = max(plan.phases["loss"], plan.phases["backward"])
             record.update(cpu_fwd_bwd_peak_bytes=peak, planned_fwd_bwd_bytes=planned,
                           planner_error=(planned - peak) / peak,

@@ -142,7 +142,8 @@ def summarize(rows: list[dict]) -> None:
         tuned = next(r for r in rows if r["variant"] == variant and r["model"] == "tuned")
         for row in (r for r in rows if r["variant"] == variant):
             row["retention"] = base["general_ppl"] / row["general_ppl"]
-            row["domain_ppl_gain_kept"] = (base["domain_ppl"] - row["domain_ppl"]) / (base["domain_ppl"] - tuned["domain_ppl"])
+            row["domain_ppl_gain_kept"] = ((base["domain_ppl"] - row["domain_ppl"])
+                                           / (base["domain_ppl"] - tuned["domain_ppl"]))
             gain = tuned["probe_accuracy"] - base["probe_accuracy"]
             row["probe_gain_kept"] = (row["probe_accuracy"] - base["probe_accuracy"]) / gain if gain > 0 else None
 
@@ -172,7 +173,8 @@ def write_table_and_plot(rows: list[dict], setup: dict) -> None:
     ax = fig.subplots()
     for variant in sorted({r["variant"] for r in rows if r["variant"]}):
         points = [r for r in rows if r["variant"] == variant]
-        ax.plot([r["domain_ppl_gain_kept"] for r in points], [r["retention"] for r in points], marker="o", label=variant)
+        ax.plot([r["domain_ppl_gain_kept"] for r in points], [r["retention"] for r in points], marker="o",
+                label=variant)
         for r in points:
             ax.annotate(r["model"], (r["domain_ppl_gain_kept"], r["retention"]), fontsize=7)
     ax.axhline(0.912, color="grey", linestyle=":", linewidth=1)

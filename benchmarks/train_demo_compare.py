@@ -97,7 +97,8 @@ def markdown(result: dict) -> str:
             stat = result["summary"][method].get(key)
             cells.append("n/a" if stat is None else f"{fmt.format(stat['mean'])} +- {fmt.format(stat['std'])}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| seed | method | blocks | accuracy | macro-F1 | s/step | peak GiB |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| seed | method | blocks | accuracy | macro-F1 | s/step | peak GiB |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['seed']} | {r['method']} | {r['selection']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
                      f"{r['time_per_step']:.3f} | {r['peak_memory_gib']:.3f} |")

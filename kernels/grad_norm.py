@@ -139,7 +139,8 @@ def _launch_grouped_sq_norms(tensors: list[torch.Tensor], groups: list[int], out
 
 def _check_grouped_args(tensors: Sequence[torch.Tensor], groups: Sequence[int], out: torch.Tensor) -> None:
     if len(tensors) != len(groups):
-        raise ValueError(f"grouped_sq_norms got {len(tensors)} tensors but {len(groups)} group ids; pass one id per tensor.")
+        raise ValueError(f"grouped_sq_norms got {len(tensors)} tensors but {len(groups)} group ids; "
+                         "pass one id per tensor.")
     if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
         raise ValueError(
             f"grouped_sq_norms needs `out` to be a contiguous 1-D float32 tensor, got {out.dtype} of shape "
@@ -147,12 +148,14 @@ def _check_grouped_args(tensors: Sequence[torch.Tensor], groups: Sequence[int], 
         )
     bad = [g for g in groups if not 0 <= int(g) < out.numel()]
     if bad:
-        raise ValueError(f"grouped_sq_norms got group ids {bad[:5]} outside [0, {out.numel()}); `out` has one slot per group.")
+        raise ValueError(f"grouped_sq_norms got group ids {bad[:5]} outside [0, {out.numel()}); "
+                         "`out` has one slot per group.")
     for t in tensors:
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"grouped_sq_norms supports float32/bfloat16/float16/float64 tensors, got {t.dtype}.")
         if t.device != out.device:
-            raise ValueError(f"grouped_sq_norms got a tensor on {t.device} but `out` on {out.device}; put them on one device.")
+            raise ValueError(f"grouped_sq_norms got a tensor on {t.device} but `out` on {out.device}; "
+                             "put them on one device.")
 
 
 def grouped_sq_norms(tensors: Sequence[torch.Tensor], groups: Sequence[int], out: torch.Tensor) -> None:

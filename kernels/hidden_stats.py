@@ -307,7 +307,8 @@ def hidden_stats_metrics(acc: torch.Tensor, hidden_size: int) -> dict[str, torch
     ``[...]`` in ``acc``'s dtype and on its device. Layers that saw no token get NaN.
     """
     if acc.shape[-1] != NUM_STATS:
-        raise ValueError(f"accumulator last dim must be {NUM_STATS} ({', '.join(STAT_FIELDS)}); got {tuple(acc.shape)}.")
+        raise ValueError(f"accumulator last dim must be {NUM_STATS} ({', '.join(STAT_FIELDS)}); "
+                         f"got {tuple(acc.shape)}.")
     if hidden_size <= 0:
         raise ValueError(f"hidden_size must be positive; got {hidden_size}.")
     tokens, sum_one_minus_cos, sum_rel, sum_sq, absmax = acc.unbind(-1)

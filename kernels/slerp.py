@@ -110,7 +110,8 @@ def _check_inputs(a: torch.Tensor, b: torch.Tensor, t: float) -> None:
         raise ValueError(f"slerp's t is the weight of b and must be a number in [0, 1]; got {t!r}.")
 
 
-def slerp_coefficients(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+def slerp_coefficients(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor,
+                       t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The two weights (s0, s1) with ``slerp(a, b, t) = s0 * a + s1 * b``.
 
     Args:

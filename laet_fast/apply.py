@@ -300,9 +300,9 @@ def apply_selection(
     Args:
         model: a transformers model (causal LM, sequence classification, encoder...).
         selection: a :class:`~laet_fast.Selection` for this model's number of blocks, or a list of block indices.
-        quantize_frozen: None (or ``"none"``), ``"nf4"``, ``"fp4"`` or ``"int8"``, in any casing: replace the linear layers of frozen blocks by
-            bitsandbytes layers (4-bit matmuls run in the training dtype). A block that was ever trained is
-            never quantized. On a later call, None keeps the mode of the first call.
+        quantize_frozen: None (or ``"none"``), ``"nf4"``, ``"fp4"`` or ``"int8"``, in any casing: replace the
+            linear layers of frozen blocks by bitsandbytes layers (4-bit matmuls run in the training dtype). A
+            block that was ever trained is never quantized. On a later call, None keeps the mode of the first call.
         train_extra: dotted paths of further modules to train (e.g. ``"model.norm"``); ``score`` and
             ``classifier`` heads are trained anyway. Empty on a later call keeps the previous ones.
         dtype: training dtype of the selected blocks; the model's floating-point weights are brought to it

@@ -55,7 +55,8 @@ def require_bitsandbytes():
 
         bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, bnb.functional.dequantize_4bit  # noqa: B018
     except Exception as error:  # a missing package and a broken install (no native library) look alike to users
-        raise ImportError(f"Quantization needs bitsandbytes, which could not be imported ({error}). {_INSTALL_HINT}") from error
+        raise ImportError(f"Quantization needs bitsandbytes, which could not be imported ({error}). "
+                          f"{_INSTALL_HINT}") from error
     return bnb
 
 

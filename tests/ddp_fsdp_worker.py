@@ -62,7 +62,10 @@ def run_fsdp(rank, world):
 
 
 def naive_error(world):
-    """What sharding every block, NF4 ones included, does at the first forward (the finding this module works around)."""
+    """What sharding every block, NF4 ones included, does at the first forward.
+
+    That is the finding this module works around.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -60,7 +60,8 @@ def test_no_interpreter_no_cuda_uses_reference_in_fresh_process():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LAET_FAST_BACKEND")}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK")
     assert result.stderr.count("PyTorch reference path") == 1, result.stderr

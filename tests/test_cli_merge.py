@@ -1,5 +1,4 @@
 """`laet-fast impact` and `laet-fast merge` on tiny saved models, in-process."""
-import json
 import os
 
 import pytest
@@ -42,7 +41,8 @@ def test_merge_with_explicit_t(pair, tmp_path, capsys):
     out = str(tmp_path / "merged")
     assert cli.main(["merge", "--base", pair[0], "--tuned", pair[1], "--t", "1=0, 3=1", "--out", out]) == 0
     assert "1=0, 3=1" in capsys.readouterr().out
-    merged, base = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(pair[0], "model.safetensors"))
+    merged = load_file(os.path.join(out, "model.safetensors"))
+    base = load_file(os.path.join(pair[0], "model.safetensors"))
     tuned = load_file(os.path.join(pair[1], "model.safetensors"))
     for name, tensor in merged.items():
         want = base[name] if name.startswith("model.layers.1.") else tuned[name]

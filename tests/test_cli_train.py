@@ -197,7 +197,7 @@ def test_cuda_out_of_memory_names_the_plan_and_what_to_lower(model_dir, data_csv
     for knob in ("--batch-size", "--max-length", "--k", "--quantize-frozen nf4"):
         assert knob in line
     assert checkpoints.latest(str(out)).endswith("step-00000004")
-    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 3, 4, 5]
+    assert [json.loads(log_line)["step"] for log_line in open(out / "log.jsonl")] == [1, 2, 3, 4, 5]
 
 
 def test_out_of_memory_in_the_optimizer_step_is_caught_too(model_dir, data_csv, tmp_path, capsys, monkeypatch):
@@ -238,7 +238,7 @@ def test_nan_weights_never_reach_a_checkpoint(model_dir, data_csv, tmp_path, cap
     assert [os.path.basename(p) for p in checkpoints.complete(str(out))] == ["step-00000004"]
     tensors, meta = checkpoints.load(checkpoints.latest(str(out)))
     assert all(torch.isfinite(t).all() for t in tensors["trained"].values() if t.is_floating_point())
-    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    log = [json.loads(log_line) for log_line in open(out / "log.jsonl")]
     assert [e["loss"] is None for e in log] == [False] * 5 + [True] * 3
     assert all(math.isfinite(e["loss"]) for e in log[:5])
 

@@ -159,7 +159,8 @@ def test_bad_input_gives_one_clear_error(tokenizer):
     with pytest.raises(ValueError, match="no batches"):
         layer_embeddings(model, iter([]), progress=False)
     with pytest.raises(ValueError, match="not finite"):
-        layer_embeddings(model, [{"input_ids": batch["input_ids"], "attention_mask": torch.zeros(2, 3, dtype=torch.long)}],
+        layer_embeddings(model, [{"input_ids": batch["input_ids"],
+                                  "attention_mask": torch.zeros(2, 3, dtype=torch.long)}],
                          progress=False)
 
 

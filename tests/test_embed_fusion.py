@@ -24,8 +24,11 @@ def two_models(n=400, seed=0):
     b = torch.randn(n, 2, 7, generator=gen) * 3 + 2
     y = ((a[:, 1, 0] + (b[:, 0, 0] - 2) / 3) > 0).long()
     texts = random_texts(n, seed=seed)
-    wrap = lambda data, name: LayerEmbeddings(data, fingerprint=fingerprint_texts(texts), layers=range(data.shape[1]),
-                                              names=[f"{name}.{i}" for i in range(data.shape[1])], pooling="mean")
+
+    def wrap(data, name):
+        return LayerEmbeddings(data, fingerprint=fingerprint_texts(texts), layers=range(data.shape[1]),
+                               names=[f"{name}.{i}" for i in range(data.shape[1])], pooling="mean")
+
     return wrap(a, "a"), wrap(b, "b"), y, texts
 
 

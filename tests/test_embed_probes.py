@@ -29,10 +29,10 @@ def planted(n=300, layers=5, hidden=12, signal_layer=None, seed=0, classes=2):
 
 def train_alone(init_linears, x, y, mean, std, config, order_generator):
     """One probe, trained by a plain loop: own nn.Linear stack, own Adam, the batched run's minibatches."""
-    linears = [torch.nn.Linear(l.in_features, l.out_features) for l in init_linears]
+    linears = [torch.nn.Linear(init.in_features, init.out_features) for init in init_linears]
     for mine, theirs in zip(linears, init_linears):
         mine.load_state_dict(theirs.state_dict())
-    params = [p for l in linears for p in l.parameters()]
+    params = [p for linear in linears for p in linear.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr)
 
     def forward(features):
@@ -112,7 +112,7 @@ def test_planted_layer_is_found_and_laet_keeps_only_it():
     acc = scores["probe_acc"]
     assert max(range(6), key=acc.__getitem__) == 3 and acc[3] > 0.9
     assert all(a < 0.7 for i, a in enumerate(acc) if i != 3)
-    assert all(0 <= f <= 1 for f in scores["probe_f1"]) and all(l > 0 for l in scores["probe_loss"])
+    assert all(0 <= f <= 1 for f in scores["probe_f1"]) and all(loss > 0 for loss in scores["probe_loss"])
     selection = select_layers(scores, strategy="laet", margin=0.5)
     assert selection.layers == (3,) and selection.strategy == "laet" and selection.params == {"margin": 0.5}
 

@@ -8,7 +8,6 @@ import textwrap
 import time
 
 import pytest
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
@@ -248,7 +247,8 @@ def test_summarize_goals():
     payloads = {
         "pytest_gpu": {"cases": [{"passed": 9, "failed": 0, "errors": 0}]},
         "kernels": {"cases": [
-            {"kernel": "hidden_stats", "size": "s", "kind": "kernel", "median_us": 1.0, "fraction_of_copy_bandwidth": 0.85},
+            {"kernel": "hidden_stats", "size": "s", "kind": "kernel", "median_us": 1.0,
+             "fraction_of_copy_bandwidth": 0.85},
             {"kernel": "grouped_norms", "size": "g", "kind": "kernel", "median_us": 1.0,
              "speedup_over": {"foreach_grouped": 1.2}},
             {"kernel": "frozen_linear", "size": "f", "kind": "kernel", "impl": "tiled", "median_us": 1.0,
@@ -280,7 +280,8 @@ def test_real_steps_through_the_runner_at_tiny_sizes(tmp_path):
     tiny = dict(hidden_stats=[[40, 96, "float32"]], grad_norm_shape=dict(blocks=2, hidden=48, intermediate=80, heads=4,
                 kv_heads=2, head_dim=12), frozen_linear=[], slerp_shape=[33, 70], pooling_shape=[3, 17, 40],
                 dtype="float32", compile_refs=False, target_s=0.001)
-    steps = [gpu_check.dataclasses.replace(by_name["env"], config=dict(copy_bytes=1 << 20, copy_repeats=2, matmul_n=32)),
+    steps = [gpu_check.dataclasses.replace(by_name["env"],
+                                           config=dict(copy_bytes=1 << 20, copy_repeats=2, matmul_n=32)),
              gpu_check.dataclasses.replace(by_name["kernels"], config=tiny)]
     out = tmp_path / "out"
     summary = gpu_check.run_all(steps, str(out), total_s=150)

@@ -386,7 +386,8 @@ for name, config in (("tiled_tensor_cores", g.tiled_config(4096, 4096, True)),
         {"stride_xi": 1, "stride_dyo": 1, **meta, "DOT_DTYPE": tl.bfloat16, "IEEE": False}, **options,
     )
     print(name, "wgmma" in tiled or "mma.sync" in tiled)
-for name, config in (("gram_tensor_cores", g.gram_config(4096, True)), ("gram_small_tensor_cores", g.gram_config(64, True))):
+for name, config in (("gram_tensor_cores", g.gram_config(4096, True)),
+                     ("gram_small_tensor_cores", g.gram_config(64, True))):
     meta, options = launch_options(config)
     gram = ptx(
         g._gram_sq_norm_kernel,

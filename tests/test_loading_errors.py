@@ -1,7 +1,5 @@
 """What laet_fast.loading says about bad data files and bad model files: one line naming the problem."""
 import json
-import os
-import shutil
 import sys
 
 import pytest

@@ -112,7 +112,8 @@ def test_randomized_singular_values_match_exact(monkeypatch):
 
 
 def block_bytes(model, index):
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.startswith(f"model.layers.{index}."))
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if n.startswith(f"model.layers.{index}."))
 
 
 def model_bytes(model):

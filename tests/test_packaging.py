@@ -20,7 +20,8 @@ import zipfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_MODULES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "kernels", "*.py")))
+KERNEL_MODULES = sorted(os.path.splitext(os.path.basename(p))[0]
+                        for p in glob.glob(os.path.join(REPO, "kernels", "*.py")))
 
 # Drops the editable install's import hooks, so that laet_fast is found as plain files on sys.path
 # (the checkout itself from the repo root, or an unpacked wheel).
@@ -187,7 +188,8 @@ def _declared_requirements():
 
     tree = ast.parse(open(os.path.join(REPO, "setup.py"), encoding="utf-8").read())
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
-    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+                if k.arg in ("install_requires", "extras_require")}
     declared = {"": [Requirement(r) for r in keywords["install_requires"]]}
     declared.update({extra: [Requirement(r) for r in reqs] for extra, reqs in keywords["extras_require"].items()})
     return declared
@@ -223,7 +225,8 @@ def test_triton_required_only_where_it_has_wheels():
     (triton,) = [r for r in _declared_requirements()[""] if r.name == "triton"]
     assert triton.marker is not None
     assert triton.marker.evaluate({"sys_platform": "linux"})
-    assert not triton.marker.evaluate({"sys_platform": "darwin"}) and not triton.marker.evaluate({"sys_platform": "win32"})
+    assert (not triton.marker.evaluate({"sys_platform": "darwin"})
+            and not triton.marker.evaluate({"sys_platform": "win32"}))
 
 
 def test_constraints_pin_every_declared_dependency_and_the_readme_uses_them():
@@ -243,7 +246,8 @@ def test_constraints_pin_every_declared_dependency_and_the_readme_uses_them():
             name = canonicalize_name(requirement.name)
             assert name in pins, f"constraints.txt does not pin {name} (setup.py {extra or 'install_requires'})"
             (version,) = [s.version for s in pins[name].specifier]
-            assert requirement.specifier.contains(version), f"constraints.txt pins {name}=={version} outside {requirement}"
+            assert requirement.specifier.contains(version), (
+                f"constraints.txt pins {name}=={version} outside {requirement}")
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     commands = [line for line in readme.splitlines() if line.startswith("pip install torch==") and "&&" in line]
     assert len(commands) == 2, commands  # the main job and the tests

@@ -33,7 +33,8 @@ def test_adapters_sit_on_the_selected_blocks_only(arch, default_targets, all_lin
     if targets == "default":
         config, want_names = selection.to_peft_config(model=model), default_targets
     elif targets == "all-linear":
-        config, want_names = selection.to_peft_config(r=4, alpha=8, target_modules="all-linear", model=model), all_linear
+        config = selection.to_peft_config(r=4, alpha=8, target_modules="all-linear", model=model)
+        want_names = all_linear
     else:  # no model: PEFT finds the block index in the module paths by itself
         want_names = sorted(default_targets)[:1]
         config = selection.to_peft_config(target_modules=want_names)

@@ -306,8 +306,8 @@ def test_grad_norms_are_merged_into_scores(side):
             model.zero_grad(set_to_none=True)
     scores = probe.scores()
     assert _hook_counts(model) == before_hooks
-    torch.testing.assert_close(torch.tensor(scores["grad_norm"], dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
-                               rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(scores["grad_norm"], dtype=torch.float64),
+                               torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-7)
     history = scores.history["grad_norm"]
     assert len(history) == 2 and all(len(row) == len(stack) for row in history)
     torch.testing.assert_close(torch.tensor(history[1], dtype=torch.float64), torch.tensor(want, dtype=torch.float64),

@@ -179,7 +179,8 @@ target, options = GPUTarget("cuda", 90, 32), {"num_warps": sl.GPU_NUM_WARPS}
 reduce_sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "partial_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
 write_sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "s0": "fp32", "s1": "fp32",
              "BLOCK": "constexpr"}
-for name, kernel, signature in (("reduce", sl._slerp_reduce_kernel, reduce_sig), ("write", sl._slerp_write_kernel, write_sig)):
+for name, kernel, signature in (("reduce", sl._slerp_reduce_kernel, reduce_sig),
+                                ("write", sl._slerp_write_kernel, write_sig)):
     # Triton specializes pointers and sizes divisible by 16 (weight matrices' sizes are), as here.
     aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(signature) if signature[arg][0] in "*i"}
     source = ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK": sl.GPU_BLOCK}, attrs=aligned)

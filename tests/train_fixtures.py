@@ -12,7 +12,10 @@ CLASSES = ("low", "high")
 
 
 def labelled_texts(count, seed):
-    """Random texts of the tokenizer's words; the label says whether the first word is in the vocabulary's upper half."""
+    """Random texts of the tokenizer's words.
+
+    The label says whether the first word is in the vocabulary's upper half.
+    """
     texts = random_texts(count, seed)
     labels = [CLASSES[WORDS.index(t.split()[0]) >= len(WORDS) // 2] for t in texts]
     return texts, labels

@@ -106,7 +106,10 @@ def run(args) -> int:
                          "best_layer_acc": single_layer_accuracy(m, best)})
     except ValueError as err:
         raise UsageError(one_line(err)) from None
-    name = lambda m: os.path.basename(str(models[m]).rstrip("/")) if models[m] else "demo"
+
+    def name(m):
+        return os.path.basename(str(models[m]).rstrip("/")) if models[m] else "demo"
+
     print(f"fusion ({args.fusion}) of {', '.join(f'{name(m)}:{layer}' for m, layer in fusion.layers_)}: "
           f"test accuracy {fused:.4f} on {len(test)} examples")
     for m, row in enumerate(rows):

@@ -49,7 +49,8 @@ def register(subparsers) -> None:
                         help="storage of the frozen blocks' linear weights (default: none)")
     parser.add_argument("--optimizer", type=str.lower, default="adamw", choices=OPTIMIZERS,
                         help="adamw (torch) or adamw8bit (bitsandbytes) (default: adamw)")
-    parser.add_argument("--dtype", type=str.lower, default="bf16", choices=DTYPES, help="training dtype (default: bf16)")
+    parser.add_argument("--dtype", type=str.lower, default="bf16", choices=DTYPES,
+                        help="training dtype (default: bf16)")
     parser.add_argument("--attn", type=str.lower, default="sdpa", choices=ATTENTION,
                         help="attention implementation (default: sdpa)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")

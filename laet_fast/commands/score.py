@@ -42,7 +42,8 @@ def register(subparsers) -> None:
                         help="also write the scores to this JSON file, with what was scored (model, data, batches, "
                              "max length, version, date)")
     parser.add_argument("--plot", metavar="OUT.png", default=None,
-                        help="also plot the scores to this file; its suffix sets the format (.png, .jpg, .pdf, .svg...)")
+                        help="also plot the scores to this file; its suffix sets the format "
+                             "(.png, .jpg, .pdf, .svg...)")
     parser.set_defaults(func=run)
 
 

@@ -68,6 +68,7 @@ def to_peft_config(selection: Selection, r: int = 8, alpha: int = 16, target_mod
         target_modules = block_linear_names(model)
     elif isinstance(target_modules, str):
         raise ValueError(f"target_modules={target_modules!r} is a regular expression, which PEFT cannot combine with "
-                         f"layers_to_transform; pass a list of module names (e.g. ['q_proj', 'v_proj']) or 'all-linear'.")
+                         "layers_to_transform; pass a list of module names (e.g. ['q_proj', 'v_proj']) "
+                         "or 'all-linear'.")
     return LoraConfig(r=r, lora_alpha=alpha, target_modules=None if target_modules is None else list(target_modules),
                       layers_to_transform=list(selection.layers), layers_pattern=layers_pattern, **kwargs)

@@ -97,7 +97,8 @@ class Checkpoint:
             self.metadata[file] = header.pop("__metadata__", None) or {}
             for name, entry in header.items():
                 if entry["dtype"] not in _DTYPES:
-                    raise ValueError(f"tensor {name!r} in {file} has dtype {entry['dtype']}, which laet_fast cannot read.")
+                    raise ValueError(f"tensor {name!r} in {file} has dtype {entry['dtype']}, "
+                                     "which laet_fast cannot read.")
                 start, end = entry["data_offsets"]
                 self.tensors[name] = TensorInfo(file, _DTYPES[entry["dtype"]], tuple(entry["shape"]),
                                                 data_start + start, data_start + end)
@@ -148,7 +149,8 @@ def check_compatible(base: Checkpoint, tuned: Checkpoint) -> None:
                              "base and tuned must be the same architecture.")
         if base.tensors[name].shape != tuned.tensors[name].shape:
             raise ValueError(f"tensor {name!r} has shape {list(base.tensors[name].shape)} in {base.folder} but "
-                             f"{list(tuned.tensors[name].shape)} in {tuned.folder}: base and tuned must have one shape.")
+                             f"{list(tuned.tensors[name].shape)} in {tuned.folder}: "
+                             "base and tuned must have one shape.")
 
 
 def check_finite(tensor: torch.Tensor, name: str, folder: str) -> None:
@@ -166,13 +168,15 @@ class SafetensorsWriter:
     then be called once per entry, in that order, with a tensor of that dtype and shape.
     """
 
-    def __init__(self, path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
+    def __init__(self, path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict | None = None):
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset = 0
         self._expected = []
         for name, dtype, shape in entries:
             nbytes = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, dtype, tuple(shape)))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -69,7 +69,8 @@ def _check_out(out: str, inputs: tuple[str, ...]) -> None:
 
 def _is_weight_file(name: str) -> bool:
     """The tuned folder's weight files, which the merge writes anew instead of copying."""
-    return name.endswith(".safetensors") or name == INDEX_FILE or (name.startswith("pytorch_model") and name.endswith(".bin"))
+    return (name.endswith(".safetensors") or name == INDEX_FILE
+            or (name.startswith("pytorch_model") and name.endswith(".bin")))
 
 
 def restore(base: str, tuned: str, *, out: str, policy: str | None = None, t: dict[int, float] | None = None,
