@@ -110,6 +110,8 @@ def test_laet_probes_are_cross_validated_on_the_first_probe_examples():
     chosen = choose_layers(scores, "laet-cost", num_layers=3, cost_model=_cost_model(model))
     assert chosen.strategy == "laet_cost" and set(chosen.layers) <= set(chosen.params["kept"])
     assert chosen.lowest == max(chosen.params["kept"], key=lambda i: scores["probe_acc"][i])
+    assert choose_layers(scores, "laet-cost", k=1, num_layers=3, cost_model=_cost_model(model)).layers == \
+        (chosen.lowest,)
 
 
 def _cost_model(model):

@@ -269,6 +269,8 @@ def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None,
         return select_layers(None, strategy=method, k=k, seed=seed, num_layers=num_layers, **select_kwargs)
     if scores is None:
         raise ValueError(f"method {method!r} chooses from scores; run score_layers first.")
+    if method == "laet-cost":
+        return select_layers(scores, strategy="laet_cost", k=k, num_layers=num_layers, **select_kwargs)
     metric = METRIC_OF[method]
     if k is not None:
         strategy = "top"
@@ -276,8 +278,6 @@ def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None,
         strategy = "variance_split"
     elif method == "laet":
         strategy = "laet"
-    elif method == "laet-cost":
-        return select_layers(scores, strategy="laet_cost", k=k, num_layers=num_layers, **select_kwargs)
     else:
         raise ValueError(f"method {method!r} needs k, the number of blocks to train.")
     return select_layers(scores, metric=metric, strategy=strategy, k=k, num_layers=num_layers, **select_kwargs)
