@@ -173,7 +173,7 @@ def _run(args) -> int:
         raise UsageError(one_line(err)) from None
     # Rank 0 alone writes the run folder (under torchrun / accelerate launch), so it alone holds its lock. The
     # lock comes first: a run that holds it is named as such, whether or not it has logged a step yet.
-    with _run_folder_lock(args.out) if rank_and_world()[0] == 0 else contextlib.nullcontext():
+    with _run_folder_lock(args.out) if _launch_rank() == 0 else contextlib.nullcontext():
         if not args.resume and run_exists(args.out):
             raise UsageError(f"--out {args.out} holds another run (log.jsonl or checkpoints); resume it with "
                              f"--resume, or choose another --out folder.")
@@ -195,6 +195,12 @@ def _run(args) -> int:
         os.path.join(args.out, "report.png")) else "") + f", log.jsonl and the model in {report.export_dir}",
           file=sys.stderr)
     return 0
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun and accelerate launch give it (``RANK``; 0 alone). The process group is
+    joined later, in ``Trainer.fit``, so ``rank_and_world`` would say 0 on every rank here."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _fit(args, config, model, tokenizer, train, evaluation):
