@@ -563,7 +563,8 @@ def laet_cost_selection(acc: Sequence[float], f1: Sequence[float], cost_model: C
     kept = laet_keep(acc, f1, margin)
     best = max(kept, key=lambda i: (acc[i], -i))
     candidates = [acc[i] if i in kept and i >= best else math.nan for i in range(len(acc))]
-    curve = tradeoff_curve(candidates, cost_model, "probe_acc", memory="budget_gb" in budget or _plans_memory(cost_model))
+    memory = "budget_gb" in budget or _plans_memory(cost_model)
+    curve = tradeoff_curve(candidates, cost_model, "probe_acc", memory=memory)
     curve.points = [p for p in curve.points if p.lowest == best and (k is None or len(p.layers) <= k)]
     if budget:
         point = choose_layers(curve, **budget)

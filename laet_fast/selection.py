@@ -402,8 +402,8 @@ def _laet_scores(scores: Any, num_layers: int | None) -> tuple[list[float], list
     """(probe_acc, probe_f1) per layer from LAET's probe scores, checked."""
     if scores is None or not (isinstance(scores, Mapping) or hasattr(scores, "keys")) or any(
             m not in scores for m in LAET_METRICS):
-        raise ValueError("strategies 'laet' and 'laet_cost' need probe scores with 'probe_acc' and 'probe_f1' per layer: run "
-                         "laet_fast.embed.probe_layers(layer_embeddings(...), labels) first.")
+        raise ValueError("strategies 'laet' and 'laet_cost' need probe scores with 'probe_acc' and 'probe_f1' per "
+                         "layer: run laet_fast.embed.probe_layers(layer_embeddings(...), labels) first.")
     acc, f1 = ([float(v) for v in scores[m]] for m in LAET_METRICS)
     if num_layers is not None and len(acc) != num_layers:
         raise ValueError(f"The scores cover {len(acc)} layers but num_layers={num_layers}; score this model first.")

@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that the command lin
 
 METHODS = ("laet", "laet-cost", "grad_norm", "block_influence", "relative_change", "last", "random", "all")
 # The metric each scored method ranks blocks by.
-METRIC_OF = {"laet": "probe_acc", "laet-cost": "probe_acc", "grad_norm": "grad_norm", "block_influence": "block_influence",
-             "relative_change": "relative_change"}
+METRIC_OF = {"laet": "probe_acc", "laet-cost": "probe_acc", "grad_norm": "grad_norm",
+             "block_influence": "block_influence", "relative_change": "relative_change"}
 SCORE_FREE = ("last", "random", "all")
 # The methods that choose from LAET's probes (trained on labelled pooled features) and keep them as heads.
 PROBE_METHODS = ("laet", "laet-cost")

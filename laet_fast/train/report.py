@@ -140,7 +140,8 @@ class TrainReport:
             lines.append(f"  before training    last-block head (block {head['block']}, untrained) {scored(head)}")
         spread = self.probe_spread
         if spread is not None:
-            per_block = ", ".join(f"{i} {m:.3f}±{s:.3f}" for i, (m, s) in enumerate(zip(spread["mean"], spread["std"])))
+            per_block = ", ".join(f"{i} {mean:.3f}±{std:.3f}"
+                                  for i, (mean, std) in enumerate(zip(spread["mean"], spread["std"])))
             lines.append(f"  probe accuracy     per block, mean±std over {spread['folds']} folds of "
                          f"{spread['examples']} examples: {per_block}"
                          + ("; too wide to separate the blocks" if spread["too_wide"] else ""))

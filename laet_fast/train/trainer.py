@@ -521,7 +521,8 @@ class Trainer:
         gold = torch.cat(golds)
 
         def scored(pred):
-            return {"accuracy": float((pred == gold).float().mean()), "macro_f1": macro_f1(pred, gold, len(self.classes))}
+            return {"accuracy": int((pred == gold).sum()) / len(gold),
+                    "macro_f1": macro_f1(pred, gold, len(self.classes))}
 
         metrics = {**scored(torch.cat(preds)), "loss": mean_loss}
         if head is not None:
