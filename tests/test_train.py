@@ -319,7 +319,8 @@ def test_laet_probes_learn_from_probe_examples_of_the_seeded_training_stream(mod
     assert spread["folds"] == 5 and spread["examples"] == 21
     assert spread["mean"] == pytest.approx(want["probe_acc"]) and spread["std"] == pytest.approx(want["probe_acc_std"])
     line = next(line for line in report.text().splitlines() if line.startswith("  probe accuracy"))
-    assert f"mean±std over 5 folds of 21 examples: 0 {want['probe_acc'][0]:.3f}±{want['probe_acc_std'][0]:.3f}" in line
+    first = f"0 {want['probe_acc'][0]:.3f}±{want['probe_acc_std'][0]:.3f}"
+    assert f"mean±std over 5 folds of 21 examples: {first}" in line
     assert line.endswith("; too wide to separate the blocks") == spread["too_wide"]
     assert any(note.startswith("the probes' spread is too wide") for note in report.notes) == spread["too_wide"]
     # Fewer training texts than probe_examples: all of them.

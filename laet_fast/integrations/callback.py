@@ -70,10 +70,11 @@ class LaetCallback(TrainerCallback):
         history: ``(global_step, Selection)`` for the first selection and every re-selection.
 
     The Trainer's batches must hold ``input_ids`` and ``attention_mask``; ``"laet"`` also needs a
-    classification dataset (integer ``labels``, one class per row): its probes choose the blocks (``"laet-cost"``:
-    the cheapest set of LAET's kept blocks that holds the best probe's, ``laet_fast.cost.laet_cost_selection``), and the
-    model's own task head (``score`` / ``classifier``) trains with them. The probes are not kept as heads,
-    as ``laet_fast.Trainer`` keeps them: the Trainer computes the model's own loss.
+    classification dataset (integer ``labels``, one class per row): its probes choose the blocks
+    (``"laet-cost"``: the cheapest set of LAET's kept blocks that holds the best probe's block,
+    ``laet_fast.cost.laet_cost_selection``), and the model's own task head (``score`` / ``classifier``) trains
+    with them. The probes are not kept as heads, as ``laet_fast.Trainer`` keeps them: the Trainer computes the
+    model's own loss.
     """
 
     def __init__(self, method="grad_norm", k: int | None = None, reselect_every: int | None = None,
@@ -206,8 +207,9 @@ class LaetCallback(TrainerCallback):
                 shape = "none" if labels is None else f"{labels.dtype} {list(labels.shape)}"
                 raise ValueError(f"LaetCallback(method={self.method!r}) trains a probe per block on one class label "
                                  f"per row; the Trainer's batches have labels {shape} (a causal-LM dataset has one "
-                                 "label per token). Use a classification dataset (e.g. AutoModelForSequenceClassification "
-                                 "with an integer 'labels' column), or another method.")
+                                 "label per token). Use a classification dataset (e.g. "
+                                 "AutoModelForSequenceClassification with an integer 'labels' column), or another "
+                                 "method.")
         texts = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
         labels = torch.cat([b["labels"].cpu() for b in batches])
         was_training = model.training

@@ -473,7 +473,8 @@ class Trainer:
         return reselector, probe.attach()
 
     @torch.no_grad()
-    def evaluate(self, module, batches: Batches, device, accelerator=None, probe=None, head: int | None = None) -> dict:
+    def evaluate(self, module, batches: Batches, device, accelerator=None, probe=None,
+                 head: int | None = None) -> dict:
         """``classify``: accuracy and macro-F1 of the heads' vote, loss (sum of the heads' mean cross-entropies);
         ``lm``: loss per real token and perplexity. ``head`` (a block carrying a head): also ``"head"``, the
         accuracy and macro-F1 of that block's head alone.
