@@ -519,6 +519,67 @@ def cost_aware_selection(values: Sequence[float], cost_model: CostModel, metric:
     return selection, curve
 
 
+def laet_cost_selection(acc: Sequence[float], f1: Sequence[float], cost_model: CostModel | None = None,
+                        margin: float = 0.5, k: int | None = None, budget_s: float | None = None,
+                        budget_gb: float | None = None) -> tuple[Selection, TradeoffCurve]:
+    """Cost-aware LAET: of the blocks LAET keeps, the set cheapest to train that holds the best probe's block.
+
+    The set: ``best``, the kept block of highest probe accuracy (``acc``; ties to the lower block), plus the
+    kept blocks above it, the most accurate first, as many as ``k`` and the budget allow (all without either).
+    Why: a step's cost is set mostly by the lowest trained block, where the backward pass stops
+    (``backward_input`` runs from the loss down to it); every set that holds ``best`` stops at ``best`` or
+    lower, so ``best`` itself is the cheapest cut that keeps the block the probes trust most. Kept blocks
+    below it would run the backward deeper for blocks the probes rank lower; kept blocks above it add only
+    their weight gradients and optimizer state, and LAET found none of them clearly beaten, so they train
+    unless ``k`` or the budget says otherwise. Each candidate is one of ``tradeoff_curve``'s points with cut
+    ``best``, and a budget takes the most accurate that fits (``choose_layers``), as ``cost_aware`` does.
+
+    Args:
+        acc, f1: per-block ``probe_acc`` and ``probe_f1`` (``laet_fast.embed.probe_layers``).
+        cost_model: the training setup the sets are costed in (needed).
+        margin: LAET's margin (``laet_keep``).
+        k: at most this many blocks.
+        budget_s, budget_gb: at most one: predicted seconds per step or GiB of the set.
+
+    Returns:
+        ``(Selection, TradeoffCurve)``: strategy ``"laet_cost"``, params ``kept`` (LAET's set), ``best``,
+        ``margin``, the predicted seconds (and GiB) of the set and the budget; the curve of the candidates.
+
+    Raises:
+        ValueError: no cost model, both budgets, a bad k or budget, or a budget that even ``[best]`` exceeds.
+    """
+    from laet_fast.selection import laet_keep
+
+    if cost_model is None or not isinstance(cost_model, CostModel):
+        raise ValueError("strategy='laet_cost' needs cost_model=CostModel(config, seq_len=..., batch_size=...), "
+                         "the setup whose step time and memory it compares.")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k={k!r} must be an integer >= 1.")
+    budget = {name: value for name, value in (("budget_s", budget_s), ("budget_gb", budget_gb)) if value is not None}
+    if len(budget) > 1:
+        raise ValueError("give one of budget_s and budget_gb, not both.")
+    if budget:
+        _budget(budget_s, budget_gb, None)
+    kept = laet_keep(acc, f1, margin)
+    best = max(kept, key=lambda i: (acc[i], -i))
+    candidates = [acc[i] if i in kept and i >= best else math.nan for i in range(len(acc))]
+    memory = "budget_gb" in budget or _plans_memory(cost_model)
+    curve = tradeoff_curve(candidates, cost_model, "probe_acc", memory=memory)
+    curve.points = [p for p in curve.points if p.lowest == best and (k is None or len(p.layers) <= k)]
+    if budget:
+        point = choose_layers(curve, **budget)
+    else:
+        point = max(curve.points, key=lambda p: (p.importance, -p.seconds))
+        curve.chosen = point
+    params = {"margin": margin, "kept": kept, "best": best, **({"k": k} if k is not None else {}), **budget,
+              "predicted_s": point.seconds}
+    if point.memory_gb is not None:
+        params["predicted_gb"] = point.memory_gb
+    selection = Selection(layers=point.layers, num_layers=len(acc), strategy="laet_cost", metric="probe_acc",
+                          scores=tuple(acc), params=params)
+    return selection, curve
+
+
 def _plans_memory(cost_model: CostModel) -> bool:
     try:
         block_shape(cost_model.config)

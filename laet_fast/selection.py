@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-STRATEGIES = ("variance_split", "top", "bottom", "last", "random", "laet", "cost_aware")
+STRATEGIES = ("variance_split", "top", "bottom", "last", "random", "laet", "cost_aware", "laet_cost")
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,9 @@ def select_layers(
         margin: ``"laet"`` only (see ``laet_keep``): LAET's choice from probe scores, which needs the
             metrics ``probe_acc`` and ``probe_f1`` (``laet_fast.embed.probe_layers``); ``metric`` and ``k``
             are not used.
+            ``"laet_cost"`` (``laet_fast.cost.laet_cost_selection``): LAET's kept blocks (``margin``), cut to the
+            cheapest set to train that holds the best probe's block; ``cost_model`` is needed, ``k`` and one
+            of ``budget_s`` / ``budget_gb`` cap the set.
 
     Non-finite scores never get a layer selected by a score-based strategy: those layers are left
     out of the ranking and of the variance split, and a ValueError says so when too few finite
@@ -246,8 +249,16 @@ def select_layers(
                                               ("tradeoff", tradeoff), ("cost_model", cost_model)) if value is not None}
     if strategy == "cost_aware":
         return _cost_aware(scores, metric, k, num_layers, **budget)
+    if strategy == "laet_cost":
+        from .cost import laet_cost_selection
+
+        if tradeoff is not None:
+            raise ValueError("tradeoff= applies to strategy='cost_aware' only; cap 'laet_cost' with k=, budget_s= "
+                             "or budget_gb=.")
+        acc, f1 = _laet_scores(scores, num_layers)
+        return laet_cost_selection(acc, f1, margin=margin, k=k, **budget)[0]
     if budget:
-        raise ValueError(f"{', '.join(budget)} apply to strategy='cost_aware' only.")
+        raise ValueError(f"{', '.join(budget)} apply to strategy='cost_aware' or 'laet_cost' only.")
     if strategy == "laet":
         if k is not None:
             raise ValueError(f"k={k!r} is not used by strategy='laet', which keeps every layer no other layer "
@@ -387,13 +398,19 @@ def laet_keep(acc: Sequence[float], f1: Sequence[float], margin: float = 0.5) ->
     return [i for i in finite if not any(beats(j, i) for j in finite if j != i)]
 
 
-def _select_laet(scores: Any, margin: float, num_layers: int | None) -> Selection:
+def _laet_scores(scores: Any, num_layers: int | None) -> tuple[list[float], list[float]]:
+    """(probe_acc, probe_f1) per layer from LAET's probe scores, checked."""
     if scores is None or not (isinstance(scores, Mapping) or hasattr(scores, "keys")) or any(
             m not in scores for m in LAET_METRICS):
-        raise ValueError("strategy='laet' needs probe scores with 'probe_acc' and 'probe_f1' per layer: run "
-                         "laet_fast.embed.probe_layers(layer_embeddings(...), labels) first.")
+        raise ValueError("strategies 'laet' and 'laet_cost' need probe scores with 'probe_acc' and 'probe_f1' per "
+                         "layer: run laet_fast.embed.probe_layers(layer_embeddings(...), labels) first.")
     acc, f1 = ([float(v) for v in scores[m]] for m in LAET_METRICS)
     if num_layers is not None and len(acc) != num_layers:
         raise ValueError(f"The scores cover {len(acc)} layers but num_layers={num_layers}; score this model first.")
+    return acc, f1
+
+
+def _select_laet(scores: Any, margin: float, num_layers: int | None) -> Selection:
+    acc, f1 = _laet_scores(scores, num_layers)
     return Selection(layers=tuple(laet_keep(acc, f1, margin)), num_layers=len(acc), strategy="laet",
                      metric="probe_acc", scores=tuple(acc), params={"margin": margin})

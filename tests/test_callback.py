@@ -303,16 +303,20 @@ def test_bad_arguments_are_refused():
         LaetCallback(method="grad_norm", reselect_every=0)
     with pytest.raises(ValueError, match="score_batches"):
         LaetCallback(score_batches=0)
+    with pytest.raises(ValueError, match="probe_examples=0: train the probes on an integer number >= 1"):
+        LaetCallback(method="laet", probe_examples=0)
     with pytest.raises(ValueError, match="unknown method"):
         LaetCallback(method="lisa")
     with pytest.raises(ValueError, match="quantization"):
         LaetCallback(quantize_frozen="nf3")
 
 
-def test_laet_chooses_by_probes_and_trains_the_model_head(tmp_path):
+@pytest.mark.parametrize("method", ["laet", "laet-cost"])
+def test_laet_chooses_by_probes_and_trains_the_model_head(tmp_path, method):
     import copy
 
     from laet_fast import select_layers
+    from laet_fast.cost import CostModel
     from laet_fast.embed import layer_embeddings, probe_layers
     from trainer_cases import ClassRows
 
@@ -321,21 +325,30 @@ def test_laet_chooses_by_probes_and_trains_the_model_head(tmp_path):
     path = find_layers(model).path
     before = snapshot(model)
     data = ClassRows(rows=24, seed=3)
-    callback = LaetCallback(method="laet", score_batches=4)
+    callback = LaetCallback(method=method, probe_examples=14)
     trainer = transformers.Trainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=4,
                                                                    eval_strategy="steps", eval_steps=2),
                                    train_dataset=data, eval_dataset=ClassRows(rows=4, seed=4), callbacks=[callback])
     trainer.train()
-    # Independent reference: the first 16 rows (sequential sampler) pooled in one pass, probed with the same seed.
-    rows = [data[i] for i in range(16)]
+    # Independent reference: the first 14 rows (sequential sampler) pooled in one pass, probed with the same seed
+    # on 2 folds (the rarest class of those rows has 2).
+    rows = [data[i] for i in range(14)]
+    labels = torch.stack([r["labels"] for r in rows])
+    assert int(torch.bincount(labels).min()) == 2
     emb = layer_embeddings(reference, [{"input_ids": torch.stack([r["input_ids"] for r in rows]),
                                         "attention_mask": torch.stack([r["attention_mask"] for r in rows])}],
                            progress=False)
-    want = probe_layers(emb, torch.stack([r["labels"] for r in rows]), seed=0)
+    want = probe_layers(emb, labels, seed=0, folds=2)
     assert callback.scores["probe_loss"] == pytest.approx(want["probe_loss"], rel=1e-3)
     assert callback.scores["probe_acc"] == want["probe_acc"]
+    assert callback.scores["probe_acc_std"] == pytest.approx(want["probe_acc_std"], rel=1e-6)
     chosen = set(callback.selection.layers)
-    assert callback.selection.layers == select_layers(want, strategy="laet").layers and chosen
+    if method == "laet":
+        assert callback.selection.layers == select_layers(want, strategy="laet").layers and chosen
+    else:  # costed at the first batch's shape: 4 rows of SEQ tokens, fp32
+        cost = CostModel(model.config, seq_len=SEQ, batch_size=4, dtype="fp32")
+        assert callback.selection.layers == select_layers(want, strategy="laet_cost", cost_model=cost).layers
+        assert chosen and chosen <= set(select_layers(want, strategy="laet").layers)
     after = dict(model.named_parameters())
     for name, old in before.items():
         block = block_of(name, path)

@@ -263,6 +263,11 @@ def no_model_load(monkeypatch):
     (["--method", "laet", "--reselect-every", "2"], "reselect_every needs a method that can choose again while "
                                                     "training (grad_norm, block_influence, relative_change, random), "
                                                     "not 'laet'."),
+    (["--method", "laet", "--budget-gb", "1"], "budget_gb caps the blocks of method 'laet-cost' only; drop it, or "
+                                               "use method='laet-cost'."),
+    (["--method", "laet-cost", "--budget-s", "0"], "budget_s=0.0 must be a finite number > 0."),
+    (["--method", "laet-cost", "--task", "lm"], "method 'laet-cost' trains classification heads; use task='classify'"),
+    (["--probe-examples", "0"], "probe_examples=0 must be an integer >= 1."),
 ])
 def test_what_the_config_refuses_is_refused_before_the_model_loads(model_dir, data_csv, tmp_path, capsys, no_model_load,
                                                             extra, expected):
@@ -270,6 +275,22 @@ def test_what_the_config_refuses_is_refused_before_the_model_loads(model_dir, da
     assert train(model_dir, data_csv, out, *extra) == 2
     assert expected in error_line(capsys)
     assert not out.exists()  # an early refusal leaves no empty run folder
+
+
+def test_laet_cost_prints_its_choice_and_the_probe_baseline(model_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(model_dir, data_csv, out, "--method", "laet-cost", "--k", "2", "--probe-examples", "30") == 0
+    printed = capsys.readouterr().out
+    report = json.load(open(out / "report.json"))
+    assert report["method"] == "laet-cost" and 1 <= len(report["selection"]) <= 2
+    best = report["probe_baseline"]["best_probe"]
+    assert best["block"] == min(report["selection"])  # the cut is the best probe's block
+    assert f"  before training    best frozen probe (block {best['block']}) accuracy {best['accuracy']:.4f}" in printed
+    assert report["probe_spread"]["examples"] == 30 and "  probe accuracy     per block" in printed
+    assert open(out / "report.txt").read().strip() == printed.strip()
+    # A budget that not even the best probe's block fits: one line, exit 2.
+    assert train(model_dir, data_csv, tmp_path / "tight", "--method", "laet-cost", "--budget-s", "1e-12") == 2
+    assert "No layer set fits budget_s=1e-12: the cheapest, block [" in error_line(capsys)
 
 
 def test_out_naming_a_file_is_refused_before_the_model_loads(model_dir, data_csv, tmp_path, capsys, no_model_load):

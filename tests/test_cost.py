@@ -19,9 +19,10 @@ from laet_fast.cost import (
     StepTimeCalibration,
     cost_aware_selection,
     fit_calibration,
+    laet_cost_selection,
     plan_step_time,
 )
-from laet_fast.selection import Selection, select_layers
+from laet_fast.selection import Selection, laet_keep, select_layers
 
 # (arch, trained blocks, train_extra): a cut at every depth, sets with gaps, nothing, a trained head.
 CASES = [("llama", [2], ()), ("llama", [0], ()), ("llama", [0, 2], ()), ("llama", [1], ("lm_head",)),
@@ -222,13 +223,72 @@ def test_cost_aware_errors():
         select_layers(scores, strategy="cost_aware", cost_model=model, budget_s=-1.0)
     with pytest.raises(ValueError, match="No layer set fits budget_s=1e-12"):
         select_layers(scores, strategy="cost_aware", cost_model=model, budget_s=1e-12)
-    with pytest.raises(ValueError, match="apply to strategy='cost_aware' only"):
+    with pytest.raises(ValueError, match="apply to strategy='cost_aware' or 'laet_cost' only"):
         select_layers(scores, strategy="top", k=1, budget_s=1.0)
     with pytest.raises(ValueError, match="k=2 is not used by strategy='cost_aware'"):
         select_layers(scores, strategy="cost_aware", k=2, cost_model=model, budget_s=1.0)
     with pytest.raises(ValueError, match="cover 3 layers but the model has 5"):
         select_layers(scores, strategy="cost_aware", budget_s=1.0,
                       cost_model=CostModel(tiny_config("llama", num_hidden_layers=5), seq_len=16))
+
+
+def _laet_cost_brute_force(acc, kept, cost_model, k=None, budget_s=None):
+    """Every subset of LAET's kept blocks whose lowest is the best probe's block, at most k of them, within
+    budget_s: the most accurate in sum, then the cheapest."""
+    best = max(kept, key=lambda i: acc[i])
+    above = [i for i in kept if i > best]
+    candidates = []
+    for r in range(len(above) + 1):
+        for extra in itertools.combinations(above, r):
+            layers = (best, *extra)
+            seconds = cost_model.time(layers).total_s
+            if (k is None or len(layers) <= k) and (budget_s is None or seconds <= budget_s):
+                candidates.append(((sum(acc[i] for i in layers), -seconds), layers))
+    return max(candidates)[1] if candidates else None
+
+
+@pytest.mark.parametrize("acc", [
+    [0.50, 0.90, 0.55, 0.86, 0.88, 0.52],  # the best probe's block is LAET's lowest kept block
+    [0.50, 0.86, 0.55, 0.90, 0.88, 0.52],  # ... or above another kept block, which laet-cost then leaves out
+    [0.70, 0.72, 0.71, 0.69, 0.90, 0.73],
+])
+def test_laet_cost_is_the_cheapest_kept_set_holding_the_best_probe(acc):
+    n = len(acc)
+    config = tiny_config("llama", num_hidden_layers=n, hidden_size=96, intermediate_size=200)
+    model = CostModel(config, seq_len=32, batch_size=2, dtype="fp32")
+    f1 = [a - 0.01 for a in acc]
+    kept = laet_keep(acc, f1)
+    selection, _ = laet_cost_selection(acc, f1, model)
+    assert selection.layers == _laet_cost_brute_force(acc, kept, model) and selection.strategy == "laet_cost"
+    assert set(selection.layers) <= set(kept) and selection.lowest == max(kept, key=lambda i: acc[i])
+    assert selection.params["kept"] == kept and selection.params["best"] == selection.lowest
+    # Never costlier than LAET's own choice (the backward pass stops at the best block, not below it).
+    assert model.time(selection.layers).total_s <= model.time(kept).total_s
+    assert select_layers({"probe_acc": acc, "probe_f1": f1}, strategy="laet_cost", cost_model=model) == selection
+    for k in range(1, len(selection) + 1):
+        assert laet_cost_selection(acc, f1, model, k=k)[0].layers == _laet_cost_brute_force(acc, kept, model, k=k)
+    times = sorted({model.time(layers).total_s for layers in [selection.layers[:1], selection.layers]})
+    for budget in (times[0], (times[0] + times[-1]) / 2, times[-1]):
+        chosen, _ = laet_cost_selection(acc, f1, model, budget_s=budget)
+        assert chosen.layers == _laet_cost_brute_force(acc, kept, model, budget_s=budget)
+        assert chosen.params["predicted_s"] <= budget
+    gib = model.memory(selection.layers[:1]).total / 2**30
+    assert laet_cost_selection(acc, f1, model, budget_gb=gib)[0].layers == selection.layers[:1]
+
+
+def test_laet_cost_errors():
+    model = CostModel(tiny_config("llama"), seq_len=16)
+    acc = f1 = [0.5, 0.9, 0.6]
+    with pytest.raises(ValueError, match="needs cost_model="):
+        select_layers({"probe_acc": acc, "probe_f1": f1}, strategy="laet_cost")
+    with pytest.raises(ValueError, match="need probe scores"):
+        select_layers({"grad_norm": acc}, strategy="laet_cost", cost_model=model)
+    with pytest.raises(ValueError, match="one of budget_s and budget_gb, not both"):
+        laet_cost_selection(acc, f1, model, budget_s=1.0, budget_gb=1.0)
+    with pytest.raises(ValueError, match="tradeoff= applies to strategy='cost_aware' only"):
+        select_layers({"probe_acc": acc, "probe_f1": f1}, strategy="laet_cost", cost_model=model, tradeoff=1.0)
+    with pytest.raises(ValueError, match=r"No layer set fits budget_s=1e-12: the cheapest, block \[1\]"):
+        laet_cost_selection(acc, f1, model, budget_s=1e-12)
 
 
 def test_calibration_round_trips(tmp_path):

@@ -174,11 +174,12 @@ def test_more_errors():
 
 
 def test_strategies_listed():
-    assert set(STRATEGIES) == {"variance_split", "top", "bottom", "last", "random", "laet", "cost_aware"}
-    # "laet" needs probe scores (tests/test_embed_probes.py), "cost_aware" a cost model (tests/test_cost.py);
-    # the others work on a plain list.
+    assert set(STRATEGIES) == {"variance_split", "top", "bottom", "last", "random", "laet", "cost_aware",
+                               "laet_cost"}
+    # "laet" needs probe scores (tests/test_embed_probes.py), "cost_aware" a cost model, "laet_cost" both
+    # (tests/test_cost.py); the others work on a plain list.
     assert all(len(select_layers([1.0, 2.0, 3.0, 4.0], strategy=s, k=None if s == "variance_split" else 2)) >= 1
-               for s in STRATEGIES if s not in ("laet", "cost_aware"))
+               for s in STRATEGIES if s not in ("laet", "cost_aware", "laet_cost"))
 
 
 def test_repeated_variance_split_splits_the_high_group_again():

@@ -1,4 +1,5 @@
 """The Trainer on tiny random models: a run end to end, heads and vote, the truncated forward, re-selection, NaN."""
+import copy
 import json
 import math
 import os
@@ -184,6 +185,8 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(model_dir, tmp_path):
     calls = []
 
     def poison(module, args, output):
+        if not module.training:
+            return output  # the evaluation before step 1 (the probe baseline) is no training step
         calls.append(1)
         if len(calls) == 3 or len(calls) >= 7:  # one NaN step, later NaN for good
             return output * float("nan")
@@ -264,3 +267,111 @@ def test_laet_heads_start_from_the_sweeps_probes_and_the_export_votes(model_dir,
     predictor = load_trained(report.export_dir, device="cpu")
     assert predictor.head_layers == report.head_layers
     assert set(predictor.predict(texts[:7])) <= set(CLASSES)
+
+
+def pooled_block_outputs(model, texts, tok, blocks):
+    """Each text alone (no padding): its blocks' outputs, mean over its tokens; {block: float32 [N, H]}."""
+    outputs, pooled = {}, {i: [] for i in blocks}
+    hooks = [model.model.layers[i].register_forward_hook(
+        lambda module, args, out, i=i: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        for i in blocks]
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tok(text, return_tensors="pt", truncation=True, max_length=64)["input_ids"]
+                model(input_ids=ids)
+                for i in blocks:
+                    pooled[i].append(outputs[i].reshape(ids.shape[1], -1).float().mean(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {i: torch.stack(rows) for i, rows in pooled.items()}
+
+
+def accuracy_and_macro_f1(pred, gold, classes):
+    f1 = []
+    for c in range(classes):
+        tp = sum(p == c and g == c for p, g in zip(pred, gold))
+        wrong = sum((p == c) != (g == c) for p, g in zip(pred, gold))
+        f1.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
+    return sum(p == g for p, g in zip(pred, gold)) / len(gold), sum(f1) / classes
+
+
+def test_laet_probes_learn_from_probe_examples_of_the_seeded_training_stream(model_dir, tmp_path):
+    from laet_fast.embed import layer_embeddings, probe_layers
+
+    model, tok = load(model_dir)
+    texts, labels = labelled_texts(60, 2)
+    cfg = config(tmp_path, method="laet", k=None, max_steps=1, probe_examples=21)
+    trainer = Trainer(model, tok, cfg, (texts, labels))
+    reference = copy.deepcopy(model)
+    report = trainer.fit()
+    # Independent: the first 21 texts of the epoch-0 permutation (seeded by cfg.seed), embedded in one batch.
+    train = trainer.train_data
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()[:21]
+    enc = tok([train.texts[i] for i in order], padding=True, return_tensors="pt")
+    emb = layer_embeddings(reference, [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}],
+                           progress=False)
+    want = probe_layers(emb, torch.tensor([train.labels[i] for i in order]), folds=5, seed=cfg.seed)
+    assert trainer.scores.metadata["examples"] == 21 and trainer.scores.metadata["folds"] == 5
+    assert trainer.scores["probe_loss"] == pytest.approx(want["probe_loss"], rel=1e-3)
+    spread = report.probe_spread
+    assert spread["folds"] == 5 and spread["examples"] == 21
+    assert spread["mean"] == pytest.approx(want["probe_acc"]) and spread["std"] == pytest.approx(want["probe_acc_std"])
+    line = next(line for line in report.text().splitlines() if line.startswith("  probe accuracy"))
+    first = f"0 {want['probe_acc'][0]:.3f}±{want['probe_acc_std'][0]:.3f}"
+    assert f"mean±std over 5 folds of 21 examples: {first}" in line
+    assert line.endswith("; too wide to separate the blocks") == spread["too_wide"]
+    assert any(note.startswith("the probes' spread is too wide") for note in report.notes) == spread["too_wide"]
+    # Fewer training texts than probe_examples: all of them.
+    everything = Trainer(*load(model_dir), config(tmp_path / "all", method="laet", k=None, max_steps=1),
+                         (texts, labels))
+    everything.fit()
+    assert everything.scores.metadata["examples"] == len(everything.train_data) == 48
+
+
+@pytest.mark.parametrize("method", ["laet", "last"])
+def test_the_probe_baseline_is_the_frozen_heads_on_the_evaluation_split(model_dir, tmp_path, monkeypatch, method):
+    """Before step 1 the heads are the frozen probes (or the untrained last-block head): their accuracy and
+    macro-F1 on the evaluation split, computed here from the heads as built, text by text."""
+    from laet_fast.train import trainer as trainer_module
+
+    built = {}
+    real_choose = trainer_module.Trainer._choose
+
+    def recording(self, batches, device):
+        selection, heads = real_choose(self, batches, device)
+        built.update({i: copy.deepcopy(head) for i, head in heads.items()})
+        return selection, heads
+
+    monkeypatch.setattr(trainer_module.Trainer, "_choose", recording)
+    model, tok = load(model_dir)
+    texts, labels = labelled_texts(60, 3)
+    k = 2 if method == "laet" else 1
+    cfg = config(tmp_path, method=method, k=k, max_steps=2)
+    trainer = Trainer(model, tok, cfg, (texts, labels))
+    reference = copy.deepcopy(model)
+    report = trainer.fit()
+    held = trainer.eval_data
+    pooled = pooled_block_outputs(reference, held.texts, tok, sorted(built))
+    with torch.no_grad():
+        probs = {i: built[i](pooled[i]).softmax(-1) for i in built}
+    if method == "last":
+        head = report.probe_baseline["last_block_head"]
+        assert head["block"] == 3
+        assert (head["accuracy"], head["macro_f1"]) == pytest.approx(
+            accuracy_and_macro_f1(probs[3].argmax(-1).tolist(), held.labels, 2), abs=1e-9)
+        return
+    best = max(built, key=lambda i: trainer.scores["probe_acc"][i])
+    baseline = report.probe_baseline
+    assert baseline["best_probe"]["block"] == best and baseline["probe_vote"]["blocks"] == sorted(built)
+    assert (baseline["best_probe"]["accuracy"], baseline["best_probe"]["macro_f1"]) == pytest.approx(
+        accuracy_and_macro_f1(probs[best].argmax(-1).tolist(), held.labels, 2), abs=1e-9)
+    # Two heads: agreed, their class; split, the class of the higher mean probability.
+    first, second = (probs[i] for i in sorted(built))
+    voted = [int(a.argmax()) if a.argmax() == b.argmax() else int((a + b).argmax()) for a, b in zip(first, second)]
+    assert (baseline["probe_vote"]["accuracy"], baseline["probe_vote"]["macro_f1"]) == pytest.approx(
+        accuracy_and_macro_f1(voted, held.labels, 2), abs=1e-9)
+    assert f"best frozen probe (block {best}) accuracy {baseline['best_probe']['accuracy']:.4f}" in report.text()
+    saved = json.load(open(os.path.join(cfg.out, "report.json")))
+    assert saved["probe_baseline"] == baseline

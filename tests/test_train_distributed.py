@@ -76,4 +76,8 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(files, case, monkeyp
     assert_same_run(log_of(two), log_of(one))
     reports = [json.load(open(os.path.join(out, "report.json"))) for out in (two, one)]
     assert reports[0]["selection"] == reports[1]["selection"] and reports[0]["head_layers"] == reports[1]["head_layers"]
+    assert reports[0]["probe_baseline"] == reports[1]["probe_baseline"]  # the evaluation before step 1, sharded
+    if case == "laet_nf4":  # the probes learnt from every training text, gathered from both ranks
+        assert reports[0]["probe_spread"]["examples"] == reports[1]["probe_spread"]["examples"] == 57
+        assert reports[0]["probe_spread"]["mean"] == pytest.approx(reports[1]["probe_spread"]["mean"], abs=1e-9)
     assert os.path.isfile(os.path.join(two, "model", "config.json"))

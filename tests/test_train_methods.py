@@ -6,7 +6,7 @@ import torch
 
 from tiny_models import random_batch, tiny_model
 from laet_fast.scores import LayerScores
-from laet_fast.train.methods import METHODS, choose_layers, parse_method, score_layers
+from laet_fast.train.methods import METHODS, choose_layers, parse_method, probe_spread, score_layers
 
 
 @pytest.fixture(autouse=True)
@@ -76,4 +76,45 @@ def test_refusals():
 
 
 def test_methods_listed():
-    assert set(METHODS) == {"laet", "grad_norm", "block_influence", "relative_change", "last", "random", "all"}
+    assert set(METHODS) == {"laet", "laet-cost", "grad_norm", "block_influence", "relative_change", "last", "random",
+                            "all"}
+
+
+NAMES = [f"layer.{i}" for i in range(4)]
+
+
+def test_probe_spread_is_too_wide_when_a_blocks_uncertainty_reaches_laets_gap():
+    mean = [0.6, 0.7, 0.8, 0.9]
+    gap = 0.5 * math.sqrt(sum((m - 0.75) ** 2 for m in mean) / 4)  # margin x population sd of the means: 0.0559
+    for std, too_wide in ((0.10, False), (0.12, True)):  # uncertainty std / sqrt(4 folds): 0.05, then 0.06
+        scores = LayerScores({"probe_acc": mean, "probe_acc_std": [std, std / 2, std, 3 * std]}, NAMES,
+                             metadata={"folds": 4, "examples": 80})
+        spread = probe_spread(scores)
+        assert spread["uncertainty"] == pytest.approx(std / 2) and spread["gap"] == pytest.approx(gap)
+        assert spread["too_wide"] is too_wide and spread["examples"] == 80 and spread["mean"] == mean
+    assert probe_spread(LayerScores({"probe_acc": mean}, NAMES, metadata={"val_fraction": 0.2})) is None
+
+
+def test_laet_probes_are_cross_validated_on_the_first_probe_examples():
+    from laet_fast.embed import layer_embeddings, probe_layers
+
+    model = tiny_model("llama", seed=1, num_hidden_layers=3)
+    data = batches(model) + batches(model, seed=1)  # 4 batches of 3 rows
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0])
+    scores = score_layers(model, data, "laet", labels=labels, probe_examples=10, epochs=3)
+    # Independent: the first 10 rows' features, 4 folds (the smaller class of those rows has 4 examples).
+    want = probe_layers(layer_embeddings(model, data, progress=False)[:10], labels[:10], folds=4, epochs=3)
+    assert scores.metadata["examples"] == 10 and scores.metadata["folds"] == 4
+    assert scores["probe_acc"] == want["probe_acc"] and scores["probe_acc_std"] == want["probe_acc_std"]
+    assert scores["probe_loss"] == pytest.approx(want["probe_loss"], rel=1e-5)
+    chosen = choose_layers(scores, "laet-cost", num_layers=3, cost_model=_cost_model(model))
+    assert chosen.strategy == "laet_cost" and set(chosen.layers) <= set(chosen.params["kept"])
+    assert chosen.lowest == max(chosen.params["kept"], key=lambda i: scores["probe_acc"][i])
+    assert choose_layers(scores, "laet-cost", k=1, num_layers=3, cost_model=_cost_model(model)).layers == \
+        (chosen.lowest,)
+
+
+def _cost_model(model):
+    from laet_fast.cost import CostModel
+
+    return CostModel(model.config, seq_len=9, batch_size=3, dtype="fp32")

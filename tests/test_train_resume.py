@@ -396,6 +396,22 @@ def test_resumable_changes_are_accepted(files, saved_run, tmp_path):
     assert "eval" in log[8] and "eval" not in log[2]  # steps after the checkpoint evaluate every 3
 
 
+def test_the_probe_baseline_survives_resume(files, finished_run, saved_run, tmp_path):
+    """The evaluation before step 1 is saved with each checkpoint; a resumed run reports the saved numbers (here
+    forged into the checkpoint it resumes from), for it cannot measure them again from trained heads."""
+    finished = json.load(open(finished_run / "report.json"))["probe_baseline"]
+    head = finished["last_block_head"]
+    assert head["block"] == 3 and 0 <= head["accuracy"] <= 1 and 0 <= head["macro_f1"] <= 1
+    out = copy_run(saved_run, tmp_path)
+    newest = checkpoints.latest(str(out))
+    assert checkpoints.load(newest)[1]["probe_baseline"] == finished
+    forged = {"last_block_head": {"block": 3, "accuracy": 0.125, "macro_f1": 0.25}}
+    forge(newest, lambda meta: meta.update(probe_baseline=forged))
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    assert json.load(open(out / "report.json"))["probe_baseline"] == forged
+    assert "last-block head (block 3, untrained) accuracy 0.1250, macro_f1 0.2500" in open(out / "report.txt").read()
+
+
 # ---------------------------------------------------------------- damaged checkpoints
 def flip_bytes(path, count=200):
     """Change ``count`` bytes in the middle of a file (its size stays)."""

@@ -67,7 +67,16 @@ def register(subparsers) -> None:
                         help=f"tokens per text, longer ones are truncated (default: {d['max_length']})")
     parser.add_argument("--lr", type=float, default=d["lr"], help=f"default: {d['lr']}")
     parser.add_argument("--score-batches", type=int, default=d["score_batches"],
-                        help=f"training batches the method scores on (default: {d['score_batches']})")
+                        help=f"training batches methods other than laet, laet-cost score on (default: "
+                             f"{d['score_batches']})")
+    parser.add_argument("--probe-examples", type=int, default=d["probe_examples"],
+                        help=f"training texts LAET's probes (laet, laet-cost) learn from to choose the blocks; all "
+                             f"when there are fewer (default: {d['probe_examples']})")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-gb", type=float, default=None,
+                        help="laet-cost: the most GiB of predicted training memory (plan_memory) the blocks may take")
+    budget.add_argument("--budget-s", type=float, default=None,
+                        help="laet-cost: the most predicted seconds per step (laet_fast.cost) the blocks may take")
     parser.add_argument("--reselect-every", type=int, default=0, help="re-select every N steps (default: never)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant, on the blocks")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps, and at the end (default: end)")
@@ -126,6 +135,7 @@ def _run(args) -> int:
             max_steps=args.max_steps, epochs=args.epochs or 1.0, batch_size=args.batch_size,
             grad_accum=args.grad_accum, max_length=args.max_length, eval_every=args.eval_every,
             save_every=args.save_every, keep=args.keep, score_batches=args.score_batches,
+            probe_examples=args.probe_examples, budget_gb=args.budget_gb, budget_s=args.budget_s,
             reselect_every=args.reselect_every, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
             out=args.out, progress=not args.no_progress, resume=args.resume,
         )
@@ -163,7 +173,7 @@ def _run(args) -> int:
         raise UsageError(one_line(err)) from None
     # Rank 0 alone writes the run folder (under torchrun / accelerate launch), so it alone holds its lock. The
     # lock comes first: a run that holds it is named as such, whether or not it has logged a step yet.
-    with _run_folder_lock(args.out) if rank_and_world()[0] == 0 else contextlib.nullcontext():
+    with _run_folder_lock(args.out) if _launch_rank() == 0 else contextlib.nullcontext():
         if not args.resume and run_exists(args.out):
             raise UsageError(f"--out {args.out} holds another run (log.jsonl or checkpoints); resume it with "
                              f"--resume, or choose another --out folder.")
@@ -185,6 +195,12 @@ def _run(args) -> int:
         os.path.join(args.out, "report.png")) else "") + f", log.jsonl and the model in {report.export_dir}",
           file=sys.stderr)
     return 0
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun and accelerate launch give it (``RANK``; 0 alone). The process group is
+    joined later, in ``Trainer.fit``, so ``rank_and_world`` would say 0 on every rank here."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _fit(args, config, model, tokenizer, train, evaluation):

@@ -28,6 +28,7 @@ What the peers' users ran into, and what happens here instead:
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 
 import torch
@@ -35,10 +36,11 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from ..apply import apply_selection
-from ..distributed import broadcast_object
+from ..distributed import broadcast_object, rank_and_world
 from ..layers import find_layers
 from ..quantize import mode_name
-from ..train.methods import check_reselectable, choose_layers, parse_method, reselector_for, score_layers
+from ..train.methods import (PROBE_EXAMPLES, PROBE_METHODS, check_reselectable, choose_layers, parse_method,
+                             reselector_for, score_layers)
 
 
 class LaetCallback(TrainerCallback):
@@ -46,16 +48,21 @@ class LaetCallback(TrainerCallback):
 
     Args:
         method: a name from ``laet_fast.train.METHODS`` (``"grad_norm"``, ``"block_influence"``,
-            ``"relative_change"``, ``"last"``, ``"random"``, ``"all"``, ``"laet"``) or a list of block indices.
+            ``"relative_change"``, ``"last"``, ``"random"``, ``"all"``, ``"laet"``, ``"laet-cost"``) or a list of block
+            indices.
         k: how many blocks (see ``choose_layers``; ``grad_norm`` without k uses the variance split).
         reselect_every: re-score and re-select every this many optimizer steps (None: never), except after the
             last step, which no step follows. Only for ``laet_fast.train.RESELECTABLE`` methods: ``grad_norm``,
             ``block_influence``, ``relative_change`` and ``random`` (a new draw each time).
         quantize_frozen: ``"nf4"``, ``"fp4"``, ``"int8"`` or None: the frozen blocks' linear layers in
             bitsandbytes form (blocks that ever trained are never quantized).
-        score_batches: how many of the Trainer's first train batches (this rank's) to score on.
+        score_batches: how many of the Trainer's first train batches (this rank's) to score on, for every method
+            but ``"laet"`` and ``"laet-cost"``.
+        probe_examples: ``"laet"`` / ``"laet-cost"``: the probes learn from the pooled features of the Trainer's
+            first this many train examples (of all ranks), or of all of them when there are fewer.
         **select_kwargs: further ``choose_layers`` / ``select_layers`` arguments (``seed``, ``splits``,
-            ``low``, ``high``, ``margin``).
+            ``low``, ``high``, ``margin``; ``"laet-cost"``: ``budget_s`` or ``budget_gb``, costed for the
+            first batch's shape).
 
     Attributes:
         scores: the ``LayerScores`` of the last scoring (None for score-free methods).
@@ -63,13 +70,16 @@ class LaetCallback(TrainerCallback):
         history: ``(global_step, Selection)`` for the first selection and every re-selection.
 
     The Trainer's batches must hold ``input_ids`` and ``attention_mask``; ``"laet"`` also needs a
-    classification dataset (integer ``labels``, one class per row): its probes choose the blocks, and the
-    model's own task head (``score`` / ``classifier``) trains with them. The probes are not kept as heads,
-    as ``laet_fast.Trainer`` keeps them: the Trainer computes the model's own loss.
+    classification dataset (integer ``labels``, one class per row): its probes choose the blocks
+    (``"laet-cost"``: the cheapest set of LAET's kept blocks that holds the best probe's block,
+    ``laet_fast.cost.laet_cost_selection``), and the model's own task head (``score`` / ``classifier``) trains
+    with them. The probes are not kept as heads, as ``laet_fast.Trainer`` keeps them: the Trainer computes the
+    model's own loss.
     """
 
     def __init__(self, method="grad_norm", k: int | None = None, reselect_every: int | None = None,
-                 quantize_frozen: str | None = None, score_batches: int = 8, **select_kwargs):
+                 quantize_frozen: str | None = None, score_batches: int = 8, probe_examples: int = PROBE_EXAMPLES,
+                 **select_kwargs):
         self.method = parse_method(method)
         if reselect_every is not None:
             if not isinstance(reselect_every, int) or isinstance(reselect_every, bool) or reselect_every < 1:
@@ -78,10 +88,14 @@ class LaetCallback(TrainerCallback):
             check_reselectable(self.method)
         if not isinstance(score_batches, int) or isinstance(score_batches, bool) or score_batches < 1:
             raise ValueError(f"score_batches={score_batches!r}: score on an integer number >= 1 of batches.")
+        if not isinstance(probe_examples, int) or isinstance(probe_examples, bool) or probe_examples < 1:
+            raise ValueError(f"probe_examples={probe_examples!r}: train the probes on an integer number >= 1 of "
+                             f"examples.")
         self.k = k
         self.reselect_every = reselect_every
         self.quantize_frozen = mode_name(quantize_frozen)
         self.score_batches = score_batches
+        self.probe_examples = probe_examples
         self.select_kwargs = dict(select_kwargs)
         self.scores = None
         self.selection = None
@@ -96,11 +110,14 @@ class LaetCallback(TrainerCallback):
         self._refuse_sharding()
         num_layers = len(find_layers(model))
         batches = self._first_batches(train_dataloader, model)
-        if self.method == "laet":
+        select_kwargs = dict(self.select_kwargs)
+        if self.method in PROBE_METHODS:
             self.scores = self._score_laet(model, batches)
         else:  # gradient norms of the loss the Trainer trains on: the model's own, on the batch's own labels
             self.scores = score_layers(model, batches, self.method, own_loss=True)
-        selection = choose_layers(self.scores, self.method, k=self.k, num_layers=num_layers, **self.select_kwargs)
+        if self.method == "laet-cost":
+            select_kwargs["cost_model"] = _cost_model(model, batches[0], self.quantize_frozen)
+        selection = choose_layers(self.scores, self.method, k=self.k, num_layers=num_layers, **select_kwargs)
         # Every rank scored the same global statistics; rank 0's choice is handed to all, so that no rounding
         # difference between ranks can make them train different blocks.
         self.scores, selection = broadcast_object((self.scores, selection))
@@ -188,16 +205,18 @@ class LaetCallback(TrainerCallback):
             labels = batch.get("labels")
             if labels is None or labels.dim() != 1 or labels.is_floating_point():
                 shape = "none" if labels is None else f"{labels.dtype} {list(labels.shape)}"
-                raise ValueError("LaetCallback(method='laet') trains a probe per block on one class label per row; "
-                                 f"the Trainer's batches have labels {shape} (a causal-LM dataset has one label per "
-                                 "token). Use a classification dataset (e.g. AutoModelForSequenceClassification "
-                                 "with an integer 'labels' column), or another method.")
+                raise ValueError(f"LaetCallback(method={self.method!r}) trains a probe per block on one class label "
+                                 f"per row; the Trainer's batches have labels {shape} (a causal-LM dataset has one "
+                                 "label per token). Use a classification dataset (e.g. "
+                                 "AutoModelForSequenceClassification with an integer 'labels' column), or another "
+                                 "method.")
         texts = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
         labels = torch.cat([b["labels"].cpu() for b in batches])
         was_training = model.training
         model.eval()  # no dropout in the features the probes are trained on
         try:  # under DDP, score_layers gathers each batch's rows in rank order (methods.gather_batch_rows)
-            return score_layers(model, texts, "laet", labels=labels, seed=self.select_kwargs.get("seed", 0))
+            return score_layers(model, texts, self.method, labels=labels, seed=self.select_kwargs.get("seed", 0),
+                                probe_examples=self.probe_examples)
         finally:
             model.train(was_training)
 
@@ -208,13 +227,17 @@ class LaetCallback(TrainerCallback):
         # shard) is read instead, so the training epoch starts untouched.
         loader = getattr(dataloader, "base_dataloader", dataloader)
         device = next(model.parameters()).device
-        batches = []
+        # LAET's probes: this rank's share of probe_examples rows (score_layers keeps the first probe_examples of
+        # the gathered rows); the other methods: score_batches batches.
+        rows_wanted = math.ceil(self.probe_examples / rank_and_world()[1]) if self.method in PROBE_METHODS else None
+        batches, rows = [], 0
         for batch in loader:
             if "input_ids" not in batch or "attention_mask" not in batch:
                 raise ValueError("LaetCallback scores on batches with input_ids and attention_mask; the Trainer's "
                                  f"batches hold {sorted(batch)}.")
             batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            if len(batches) == self.score_batches:
+            rows += int(batch["input_ids"].shape[0])
+            if (rows >= rows_wanted) if rows_wanted is not None else len(batches) == self.score_batches:
                 break
         return batches
 
@@ -252,6 +275,17 @@ class LaetCallback(TrainerCallback):
             should_log = control.should_log
             handler.on_log(args, state, control, logs)
             control.should_log = should_log
+
+
+def _cost_model(model: nn.Module, batch: dict, quantize_frozen: str | None):
+    """The step of ``batch``'s shape (rows, tokens) on ``model`` in its dtype, as ``laet_fast.cost`` costs it."""
+    from ..cost import CostModel
+    from ..memory import dtype_label
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    rows, tokens = batch["input_ids"].shape
+    return CostModel(model.config, seq_len=int(tokens), batch_size=int(rows), quantize_frozen=quantize_frozen,
+                     dtype=dtype_label(dtype))
 
 
 def _keep_trainable(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

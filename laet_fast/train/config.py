@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .methods import METHODS, parse_method
+from .methods import METHODS, PROBE_EXAMPLES, PROBE_METHODS, parse_method
 
 TASKS = ("classify", "lm")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -30,7 +30,11 @@ class TrainConfig:
         max_length: tokens per text; longer texts are truncated (and counted in the log).
         eval_every, save_every, keep: evaluate / checkpoint every N optimizer steps; keep the last ``keep``.
         eval_fraction: share of the data held out (seeded, stratified for ``classify``) when no eval data is given.
-        score_batches: batches of training data the method scores on.
+        score_batches: batches of training data the method scores on (methods other than ``laet`` / ``laet-cost``).
+        probe_examples: training examples LAET's probes (``laet``, ``laet-cost``) learn from: the first this many
+            of the seeded training stream, or all when there are fewer.
+        budget_s, budget_gb: ``laet-cost`` only, at most one: the predicted seconds per step or GiB that cap its
+            set (``laet_fast.cost.laet_cost_selection``).
         reselect_every: re-select every N steps (IR-Tuning); 0 keeps the first selection.
         gradient_checkpointing: non-reentrant checkpointing on the trained blocks.
         max_nan_steps: stop after this many NaN losses in a row (each NaN step is skipped).
@@ -60,6 +64,9 @@ class TrainConfig:
     keep: int = 2
     eval_fraction: float = 0.2
     score_batches: int = 4
+    probe_examples: int = PROBE_EXAMPLES
+    budget_s: float | None = None
+    budget_gb: float | None = None
     reselect_every: int = 0
     gradient_checkpointing: bool = False
     max_nan_steps: int = 5
@@ -74,15 +81,26 @@ class TrainConfig:
             raise ValueError(f"task={self.task!r}: choose one of {', '.join(TASKS)}.")
         method = parse_method(self.method)
         self.method = method if isinstance(method, str) else ",".join(map(str, method))
-        if self.method == "laet" and self.task != "classify":
-            raise ValueError("method 'laet' trains classification heads; use task='classify', or another method "
-                             f"({', '.join(m for m in METHODS if m != 'laet')}) for task='lm'.")
+        if self.method in PROBE_METHODS and self.task != "classify":
+            raise ValueError(f"method {self.method!r} trains classification heads; use task='classify', or another "
+                             f"method ({', '.join(m for m in METHODS if m not in PROBE_METHODS)}) for task='lm'.")
+        budgets = [name for name in ("budget_s", "budget_gb") if getattr(self, name) is not None]
+        if budgets and self.method != "laet-cost":
+            raise ValueError(f"{budgets[0]} caps the blocks of method 'laet-cost' only; drop it, or use "
+                             f"method='laet-cost'.")
+        if len(budgets) > 1:
+            raise ValueError("give one of budget_s and budget_gb, not both.")
+        for name in budgets:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}={value!r} must be a finite number > 0.")
         self.quantize_frozen = _quantize_name(self.quantize_frozen)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
-        for name in ("batch_size", "grad_accum", "max_length", "max_nan_steps", "keep", "score_batches", "splits"):
+        for name in ("batch_size", "grad_accum", "max_length", "max_nan_steps", "keep", "score_batches", "splits",
+                     "probe_examples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")

@@ -6,6 +6,9 @@ A method is one of :data:`METHODS` or an explicit list of block indices:
 ``laet``                  LAET: a probe per block on its pooled output, trained on the labels; the
                           blocks whose probes classify best (``probe_acc``) are chosen, and their
                           probes become the training heads. Needs labels.
+``laet-cost``             LAET's kept blocks, cut to the cheapest set to train that still holds the
+                          best probe's block (``select_layers(strategy="laet_cost")``); a budget
+                          (``budget_s`` / ``budget_gb``) or ``k`` caps it.
 ``grad_norm``             IR-Tuning: per-block gradient norms of the next-token loss, sorted and cut
                           where var(low) + var(high) is smallest (``splits=`` splits again); with
                           ``k`` the k largest instead.
@@ -29,11 +32,18 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that the command lin
 
     from ..scores import LayerScores
 
-METHODS = ("laet", "grad_norm", "block_influence", "relative_change", "last", "random", "all")
+METHODS = ("laet", "laet-cost", "grad_norm", "block_influence", "relative_change", "last", "random", "all")
 # The metric each scored method ranks blocks by.
-METRIC_OF = {"laet": "probe_acc", "grad_norm": "grad_norm", "block_influence": "block_influence",
-             "relative_change": "relative_change"}
+METRIC_OF = {"laet": "probe_acc", "laet-cost": "probe_acc", "grad_norm": "grad_norm",
+             "block_influence": "block_influence", "relative_change": "relative_change"}
 SCORE_FREE = ("last", "random", "all")
+# The methods that choose from LAET's probes (trained on labelled pooled features) and keep them as heads.
+PROBE_METHODS = ("laet", "laet-cost")
+# LAET's probes are scored by stratified k-fold cross-validation, so that each block's accuracy comes with its
+# spread across folds (``probe_spread``); a class with fewer examples than this sets the number of folds.
+PROBE_FOLDS = 5
+# How many training examples LAET's probes learn from by default (all of them when there are fewer).
+PROBE_EXAMPLES = 1000
 # The methods that can choose again while training (``reselect_every``), in laet_fast.Trainer and LaetCallback
 # alike: the scored ones from the training steps' own hidden states or gradient norms, ``random`` by a new draw.
 RESELECTABLE = ("grad_norm", "block_influence", "relative_change", "random")
@@ -67,6 +77,7 @@ def score_layers(
     seed: int = 0,
     own_loss: bool = False,
     progress: bool = False,
+    probe_examples: int | None = None,
     **probe_kwargs,
 ):
     """Score every block of ``model`` for ``method`` on ``batches``; None for score-free methods.
@@ -75,20 +86,25 @@ def score_layers(
         model: a transformers model (its weights are not changed; gradients are not stored).
         batches: dicts with ``input_ids`` and ``attention_mask`` (int64 [B, T], 1 = real token).
         method: see :data:`METHODS` (an explicit block list needs no scores).
-        labels: ``laet`` only: one class id per row of ``batches``, in order (LongTensor [N] or list).
+        labels: ``laet`` / ``laet-cost`` only: one class id per row of ``batches``, in order (LongTensor [N] or
+            list).
         layers: dotted path of the block list when it is not found automatically.
-        return_probes: ``laet`` only: return ``(scores, BatchedProbe)``, the probes being the heads.
-        seed: ``laet`` only: seed of the probes' split and initialisation.
+        return_probes: ``laet`` / ``laet-cost`` only: return ``(scores, BatchedProbe)``, the probes being the heads.
+        seed: ``laet`` / ``laet-cost`` only: seed of the probes' folds and initialisation.
         own_loss: ``grad_norm`` only: measure the gradient of the loss the model computes on each batch as it
             is given (every key, its ``labels`` included: one class id per row for a classification model, -100
             on the tokens a completion-only loss skips), as a ``transformers.Trainer`` trains on it. Default: the
             next-token loss on every real token, from ``input_ids`` and ``attention_mask`` alone.
         progress: a progress bar on stderr over the texts (``laet``) or batches (other methods) scored.
-        **probe_kwargs: ``laet`` only: passed to ``laet_fast.embed.probe_layers`` (``hidden``, ``epochs``...).
+        probe_examples: ``laet`` / ``laet-cost`` only: the probes learn from the first this many rows of
+            ``batches`` (of every rank's, gathered in global order under several processes); None: all rows.
+        **probe_kwargs: ``laet`` / ``laet-cost`` only: passed to ``laet_fast.embed.probe_layers`` (``hidden``,
+            ``epochs``...). The probes are cross-validated on ``PROBE_FOLDS`` stratified folds (fewer when a
+            class has fewer examples; one split when a class has one), so ``probe_acc_std`` gives their spread.
 
     Returns:
         A ``LayerScores`` (one value per block for each metric), ``(LayerScores, BatchedProbe)`` with
-        ``return_probes`` for ``laet``, or None for ``last``, ``random``, ``all`` and explicit blocks.
+        ``return_probes`` for ``laet`` / ``laet-cost``, or None for ``last``, ``random``, ``all`` and explicit blocks.
     """
     import torch
 
@@ -98,8 +114,9 @@ def score_layers(
     batches = list(batches)
     if not batches:
         raise ValueError("score_layers: no batches to score on; give at least one batch of text.")
-    if method == "laet":
-        return _score_laet(model, batches, labels, layers, return_probes, seed, progress, probe_kwargs)
+    if method in PROBE_METHODS:
+        return _score_laet(model, batches, labels, layers, return_probes, seed, progress, probe_examples,
+                           probe_kwargs)
     import sys
 
     from tqdm.auto import tqdm
@@ -136,7 +153,7 @@ def score_layers(
     return probe.scores()
 
 
-def _score_laet(model, batches, labels, layers, return_probes, seed, progress, probe_kwargs):
+def _score_laet(model, batches, labels, layers, return_probes, seed, progress, probe_examples, probe_kwargs):
     import torch
 
     try:
@@ -155,7 +172,12 @@ def _score_laet(model, batches, labels, layers, return_probes, seed, progress, p
 
     if is_distributed():
         emb, labels = gather_batch_rows(emb.as_subclass(torch.Tensor), labels, batches)
-    return probe_layers(emb, labels, seed=seed, return_probes=return_probes, **probe_kwargs)
+    if probe_examples is not None and len(labels) > probe_examples:
+        emb, labels = emb[:probe_examples], labels[:probe_examples]
+    counts = torch.bincount(labels)
+    smallest_class = int(counts[counts > 0].min())
+    folds = min(PROBE_FOLDS, smallest_class) if smallest_class >= 2 else None
+    return probe_layers(emb, labels, seed=seed, folds=folds, return_probes=return_probes, **probe_kwargs)
 
 
 def gather_batch_rows(features: "torch.Tensor", labels: "torch.Tensor", batches: list[dict]):
@@ -186,6 +208,36 @@ def gather_batch_rows(features: "torch.Tensor", labels: "torch.Tensor", batches:
     return torch.cat(rows), torch.cat(gathered_labels)
 
 
+def probe_spread(scores: "LayerScores", margin: float = 0.5) -> dict | None:
+    """How far apart LAET's probes tell the blocks, from their cross-validated accuracies.
+
+    Args:
+        scores: ``score_layers``' LAET scores, with ``probe_acc`` and ``probe_acc_std`` (mean and sample std
+            over the folds, per block) and ``metadata["folds"]``.
+        margin: LAET's margin (``laet_keep``).
+
+    Returns:
+        None without folds (one split has no spread); else ``{"folds", "examples", "mean", "std"`` (per block),
+        ``"uncertainty"``, ``"gap"``, ``"too_wide"}``.
+    """
+    import math
+    import statistics
+
+    folds = scores.metadata.get("folds") if scores is not None else None
+    if not folds or "probe_acc_std" not in scores:
+        return None
+    mean, std = [float(v) for v in scores["probe_acc"]], [float(v) for v in scores["probe_acc_std"]]
+    finite = [i for i in range(len(mean)) if math.isfinite(mean[i]) and math.isfinite(std[i])]
+    # Too wide: LAET drops a block only when another beats its mean probe accuracy by the gap, margin x the
+    # population sd of the blocks' means. A block's mean over k folds is uncertain by about std / sqrt(k) (its
+    # standard error; the median over blocks, so that one odd block does not decide). When that uncertainty is
+    # as large as the gap, which blocks are kept or dropped follows the sample of examples, not the blocks.
+    uncertainty = statistics.median(std[i] for i in finite) / math.sqrt(folds)
+    gap = margin * statistics.pstdev(mean[i] for i in finite)
+    return {"folds": folds, "examples": scores.metadata.get("examples"), "mean": mean, "std": std,
+            "uncertainty": uncertainty, "gap": gap, "too_wide": uncertainty >= gap}
+
+
 def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None, num_layers: int, seed: int = 0,
                   **select_kwargs) -> Selection:
     """The blocks to train for ``method``, from ``score_layers``' scores.
@@ -196,10 +248,12 @@ def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None,
         method: see :data:`METHODS`, or an explicit list of block indices.
         k: how many blocks; needed by ``block_influence``, ``relative_change``, ``last`` and
             ``random``. ``grad_norm`` without k uses the variance split, ``laet`` without k its
-            margin rule (``select_layers(strategy="laet")``); with k both take the k best.
+            margin rule (``select_layers(strategy="laet")``); with k both take the k best. ``laet-cost``
+            takes at most k blocks.
         num_layers: the model's number of blocks.
         seed: seed of ``random``.
-        **select_kwargs: further ``select_layers`` arguments (``splits``, ``low``, ``high``, ``margin``).
+        **select_kwargs: further ``select_layers`` arguments (``splits``, ``low``, ``high``, ``margin``;
+            ``laet-cost``: ``cost_model`` and at most one of ``budget_s`` / ``budget_gb``).
 
     Returns:
         A ``Selection`` whose ``strategy`` names the method (``params`` says how it was chosen).
@@ -215,6 +269,8 @@ def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None,
         return select_layers(None, strategy=method, k=k, seed=seed, num_layers=num_layers, **select_kwargs)
     if scores is None:
         raise ValueError(f"method {method!r} chooses from scores; run score_layers first.")
+    if method == "laet-cost":
+        return select_layers(scores, strategy="laet_cost", k=k, num_layers=num_layers, **select_kwargs)
     metric = METRIC_OF[method]
     if k is not None:
         strategy = "top"

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .methods import PROBE_METHODS, probe_spread
+
 GIB = 2**30
 
 
@@ -25,6 +27,12 @@ class TrainReport:
         time_per_step: mean seconds per optimizer step; ``scoring_time`` and ``training_time`` in seconds.
         cpu_threads: torch's CPU thread count during the run (``--threads``); None on CUDA.
         metrics: the final evaluation.
+        probe_baseline: ``classify``: the evaluation split's ``accuracy`` and ``macro_f1`` before any training step:
+            LAET's methods: ``best_probe`` (the frozen probe of highest cross-validated accuracy, its ``block``)
+            and ``probe_vote`` (the vote of the frozen probes on the trained ``blocks``); other methods:
+            ``last_block_head`` (untrained). None for ``lm``.
+        probe_spread: LAET's methods: the probes' per-block accuracy across folds (``methods.probe_spread``:
+            ``mean``, ``std``, ``folds``, ``examples``, and whether it is ``too_wide`` to separate the blocks).
     """
 
     model: str
@@ -50,6 +58,8 @@ class TrainReport:
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     cpu_threads: int | None = None
+    probe_baseline: dict | None = None
+    probe_spread: dict | None = None
 
     @classmethod
     def build(cls, trainer, task_model, selection, apply_report, metrics, step_times, steps, skipped, peak, cuda,
@@ -61,6 +71,15 @@ class TrainReport:
                          "included); the plan counts training tensors only")
         if planned is not None and cfg.task == "classify":
             notes.append("the plan assumes a full forward pass to the LM head; classify stops at the highest head")
+        spread = None
+        if cfg.method in PROBE_METHODS:
+            margin = {"margin": selection.params["margin"]} if "margin" in selection.params else {}  # top-k: none
+            spread = probe_spread(trainer.scores, **margin)
+            if spread is not None and spread["too_wide"]:
+                notes.append(f"the probes' spread is too wide to separate the blocks: a block's mean probe accuracy "
+                             f"is uncertain by {spread['uncertainty']:.4f} (median std over {spread['folds']} folds / "
+                             f"sqrt({spread['folds']})), as much as LAET's gap between kept and dropped blocks "
+                             f"({spread['gap']:.4f}); more examples (--probe-examples) narrow it")
         _, non_finite = finite_or_null(metrics)
         if non_finite:
             notes.append(f"the final evaluation's {', '.join(non_finite)} {'is' if len(non_finite) == 1 else 'are'} "
@@ -75,7 +94,8 @@ class TrainReport:
             planned_memory=planned, forward=_forward_share(task_model), steps=steps, skipped_steps=skipped,
             time_per_step=sum(step_times) / max(len(step_times), 1), scoring_time=scoring_time,
             training_time=training_time, metrics=metrics, export_dir=export_dir, classes=trainer.classes, notes=notes,
-            cpu_threads=None if cuda else torch.get_num_threads(),
+            cpu_threads=None if cuda else torch.get_num_threads(), probe_baseline=trainer.probe_baseline,
+            probe_spread=spread,
         )
 
     def text(self) -> str:
@@ -97,10 +117,35 @@ class TrainReport:
             + (f" ({self.skipped_steps} skipped)" if self.skipped_steps else "")
             + f"; scoring {self.scoring_time:.1f} s, training {self.training_time:.1f} s",
             "  final metrics      " + ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()),
+            *self._probe_lines(),
             f"  model              {self.export_dir}",
         ]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+    def _probe_lines(self) -> list[str]:
+        """The probe baseline and spread lines of ``text()``."""
+        lines = []
+        baseline = self.probe_baseline or {}
+
+        def scored(entry):
+            return f"accuracy {entry['accuracy']:.4f}, macro_f1 {entry['macro_f1']:.4f}"
+
+        if "best_probe" in baseline:
+            best, voted = baseline["best_probe"], baseline["probe_vote"]
+            lines.append(f"  before training    best frozen probe (block {best['block']}) {scored(best)}; probe vote "
+                         f"(blocks {voted['blocks']}) {scored(voted)}")
+        elif "last_block_head" in baseline:
+            head = baseline["last_block_head"]
+            lines.append(f"  before training    last-block head (block {head['block']}, untrained) {scored(head)}")
+        spread = self.probe_spread
+        if spread is not None:
+            per_block = ", ".join(f"{i} {mean:.3f}±{std:.3f}"
+                                  for i, (mean, std) in enumerate(zip(spread["mean"], spread["std"])))
+            lines.append(f"  probe accuracy     per block, mean±std over {spread['folds']} folds of "
+                         f"{spread['examples']} examples: {per_block}"
+                         + ("; too wide to separate the blocks" if spread["too_wide"] else ""))
+        return lines
 
     def __str__(self) -> str:
         return self.text()

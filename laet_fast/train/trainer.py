@@ -34,7 +34,7 @@ from ..distributed import all_reduce_sum, broadcast_object, is_distributed, rank
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import Batches, TextData, encode_labels, split
 from .heads import ProbeHead, TaskModel, pool, vote
-from .methods import choose_layers, reselector_for, score_layers
+from .methods import PROBE_METHODS, choose_layers, reselector_for, score_layers
 from .report import finite_or_null
 
 LOG = "log.jsonl"
@@ -142,6 +142,7 @@ class Trainer:
         self.layers = layers
         self.scores = None
         self.log_path = os.path.join(config.out, LOG)
+        self.probe_baseline = None  # fit(): the evaluation before any training step (_probe_baseline)
         self._weights = None
 
     # ------------------------------------------------------------------ set-up
@@ -173,24 +174,33 @@ class Trainer:
         return max(1, math.ceil(cfg.epochs * len(self.train_data) / global_batch))
 
     def _choose(self, batches: Batches, device):
-        """Score on the first ``score_batches`` (global) training batches, choose, and build the heads.
+        """Score, choose, and build the heads.
 
-        Under several processes each rank scores its slices and the scores are formed from every rank's
-        (see ``laet_fast.distributed``); rank 0's scores, selection and heads are handed to every rank.
+        LAET's methods (``PROBE_METHODS``) train their probes on the pooled features of the first
+        ``probe_examples`` texts of the seeded training stream (all of them when there are fewer); the other
+        methods score on the first ``score_batches`` (global) training batches. Under several processes each
+        rank scores its slices and the scores are formed from every rank's (see ``laet_fast.distributed``);
+        rank 0's scores, selection and heads are handed to every rank.
         """
         cfg = self.config
         rank, world = rank_and_world()
         num_layers = len(TaskModel(self.model, "lm", layers=self.layers).stack)
-        score_data = [{k: v.to(device) for k, v in batches.at(i * cfg.batch_size * world, rank, world).items()}
-                      for i in range(cfg.score_batches)]
+        probes_choose = cfg.method in PROBE_METHODS
+        global_batch = cfg.batch_size * world
+        probe_examples = min(cfg.probe_examples, len(self.train_data))
+        count = math.ceil(probe_examples / global_batch) if probes_choose else cfg.score_batches
+        score_data = [{k: v.to(device) for k, v in batches.at(i * global_batch, rank, world).items()}
+                      for i in range(count)]
         labels = torch.cat([b["labels"] for b in score_data]) if cfg.task == "classify" else None
-        extra = {"hidden": cfg.head_hidden} if cfg.method == "laet" else {}
+        extra = {"hidden": cfg.head_hidden, "probe_examples": probe_examples} if probes_choose else {}
         scored = score_layers(self.model, score_data, cfg.method, labels=labels, layers=self.layers,
-                              return_probes=cfg.method == "laet", seed=cfg.seed, progress=cfg.progress and rank == 0,
+                              return_probes=probes_choose, seed=cfg.seed, progress=cfg.progress and rank == 0,
                               **extra)
-        scores, probes = scored if cfg.method == "laet" else (scored, None)
+        scores, probes = scored if probes_choose else (scored, None)
         self.scores = scores
         select_kwargs = {"splits": cfg.splits} if cfg.method == "grad_norm" and cfg.k is None else {}
+        if cfg.method == "laet-cost":
+            select_kwargs = {"cost_model": self._cost_model(), "budget_s": cfg.budget_s, "budget_gb": cfg.budget_gb}
         selection = choose_layers(scores, cfg.method, k=cfg.k, num_layers=num_layers, seed=cfg.seed, **select_kwargs)
         heads = {}
         if cfg.task == "classify":
@@ -202,6 +212,16 @@ class Trainer:
                 heads = {num_layers - 1: self._last_block_head(score_data, num_layers - 1)}
         self.scores, selection, heads = broadcast_object((self.scores, selection, heads))
         return selection, heads
+
+    def _cost_model(self):
+        """The run's step (batch, length, frozen storage, optimizer, dtype) as ``laet_fast.cost`` costs it."""
+        from ..cost import CostModel
+        from ..memory import dtype_label
+
+        cfg = self.config
+        dtype = dtype_label(next(self.model.parameters()).dtype)
+        return CostModel(self.model.config, seq_len=cfg.max_length, batch_size=cfg.batch_size,
+                         quantize_frozen=cfg.quantize_frozen, dtype=dtype, optimizer=cfg.optimizer)
 
     def _last_block_head(self, score_data, index: int) -> ProbeHead:
         """A linear head on the last block, standardized by the scoring batches' pooled features."""
@@ -306,6 +326,10 @@ class Trainer:
         # The scheduler stays ours: accelerate's would step world-size times per optimizer step (it assumes each
         # rank's loader is the 1/world shard of one epoch), while total_steps already counts global steps.
         module, accel_optimizer = accelerator.prepare(task_model, optimizer)
+        if saved is not None:
+            self.probe_baseline = saved.get("probe_baseline")
+        elif cfg.task == "classify":
+            self.probe_baseline = self._probe_baseline(task_model, eval_batches, device, accelerator)
         module.train()
         trainable = [p for p in task_model.parameters() if p.requires_grad]
 
@@ -449,9 +473,11 @@ class Trainer:
         return reselector, probe.attach()
 
     @torch.no_grad()
-    def evaluate(self, module, batches: Batches, device, accelerator=None, probe=None) -> dict:
+    def evaluate(self, module, batches: Batches, device, accelerator=None, probe=None,
+                 head: int | None = None) -> dict:
         """``classify``: accuracy and macro-F1 of the heads' vote, loss (sum of the heads' mean cross-entropies);
-        ``lm``: loss per real token and perplexity.
+        ``lm``: loss per real token and perplexity. ``head`` (a block carrying a head): also ``"head"``, the
+        accuracy and macro-F1 of that block's head alone.
 
         Under several processes each rank evaluates every ``world``-th batch of ``module`` (the unwrapped
         model) and the sums and predictions are combined, so every rank returns the metrics of the whole set.
@@ -461,7 +487,7 @@ class Trainer:
         module.eval()
         if probe is not None:
             probe.detach()  # evaluation passes are no part of the re-selection window
-        total_loss, count, preds, golds = 0.0, 0, [], []
+        total_loss, count, preds, golds, head_preds = 0.0, 0, [], [], []
         try:
             for batch in batches.in_order(rank, world):
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -475,6 +501,8 @@ class Trainer:
                     total_loss, count = total_loss + float(loss) * n, count + n
                     preds.append(vote(logits).cpu())
                     golds.append(batch["labels"].cpu())
+                    if head is not None:
+                        head_preds.append(logits[module.head_layers.index(head)].argmax(-1).cpu())
         finally:
             module.train(was_training)
             if probe is not None:
@@ -486,12 +514,37 @@ class Trainer:
             if self.config.task == "classify":
                 empty = torch.zeros(0, dtype=torch.long)  # a rank with no evaluation batch still takes part
                 preds, golds = [gather_rows(torch.cat(preds or [empty]))], [gather_rows(torch.cat(golds or [empty]))]
+                if head is not None:
+                    head_preds = [gather_rows(torch.cat(head_preds or [empty]))]
         mean_loss = total_loss / max(count, 1)
         if self.config.task == "lm":
             return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0))}
-        pred, gold = torch.cat(preds), torch.cat(golds)
-        return {"accuracy": float((pred == gold).float().mean()), "macro_f1": macro_f1(pred, gold, len(self.classes)),
-                "loss": mean_loss}
+        gold = torch.cat(golds)
+
+        def scored(pred):
+            return {"accuracy": int((pred == gold).sum()) / len(gold),
+                    "macro_f1": macro_f1(pred, gold, len(self.classes))}
+
+        metrics = {**scored(torch.cat(preds)), "loss": mean_loss}
+        if head is not None:
+            metrics["head"] = scored(torch.cat(head_preds))
+        return metrics
+
+    def _probe_baseline(self, task_model, eval_batches: Batches, device, accelerator) -> dict:
+        """The evaluation split's accuracy and macro-F1 before any training step: the heads are then exactly the
+        frozen probes LAET trained to choose the blocks (for the other methods, the last-block head as it was
+        initialised). ``best_probe``: the head of the block whose probe scored best; ``probe_vote``: the heads'
+        vote (``heads.vote``)."""
+        heads = task_model.head_layers
+        if self.config.method not in PROBE_METHODS:
+            metrics = self.evaluate(task_model, eval_batches, device, accelerator)
+            return {"last_block_head": {"block": heads[-1], "accuracy": metrics["accuracy"],
+                                        "macro_f1": metrics["macro_f1"]}}
+        acc = [float(v) for v in self.scores["probe_acc"]]
+        best = max(heads, key=lambda i: (acc[i], -i))  # LAET always keeps the best probe's block
+        metrics = self.evaluate(task_model, eval_batches, device, accelerator, head=best)
+        return {"best_probe": {"block": best, **metrics["head"]},
+                "probe_vote": {"blocks": heads, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}}
 
     # ------------------------------------------------------------------ checkpoints
     def _check_finished(self, main: bool) -> None:
@@ -545,6 +598,7 @@ class Trainer:
             "optimizer": {"groups": groups, "extra": opt_extra}, "scheduler": scheduler.state_dict(),
             "python_rng": _json_rng(random.getstate()),
             "scores": None if self.scores is None else _strict(self.scores.to_dict()),
+            "probe_baseline": _strict(self.probe_baseline),
         }
         try:
             checkpoints.save(self.config.out, step, {"trained": trained, "optimizer": opt_tensors, "rng": rng}, meta,
