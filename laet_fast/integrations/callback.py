@@ -189,8 +189,9 @@ class LaetCallback(TrainerCallback):
     def _refuse_sharding(self) -> None:
         wrapped = getattr(self._trainer, "model_wrapped", None)
         name = type(wrapped).__name__
-        if "FSDP" in name or "FullyShardedDataParallel" in name or "DeepSpeed" in name or \
-                getattr(self._trainer, "is_deepspeed_enabled", False) or getattr(self._trainer, "is_fsdp_enabled", False):
+        sharded_by_trainer = (getattr(self._trainer, "is_deepspeed_enabled", False)
+                              or getattr(self._trainer, "is_fsdp_enabled", False))
+        if "FSDP" in name or "FullyShardedDataParallel" in name or "DeepSpeed" in name or sharded_by_trainer:
             raise NotImplementedError("LaetCallback works on one device and under DDP; FSDP and DeepSpeed shard "
                                       "the blocks it freezes and quantizes (see the README's Integrations).")
 

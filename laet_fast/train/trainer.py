@@ -33,7 +33,7 @@ from . import checkpoints
 from ..distributed import all_reduce_sum, broadcast_object, is_distributed, rank_and_world
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import Batches, TextData, encode_labels, split
-from .heads import ProbeHead, TaskModel, pool, vote
+from .heads import ProbeHead, TaskModel, vote
 from .methods import PROBE_METHODS, choose_layers, reselector_for, score_layers
 from .report import finite_or_null
 
@@ -359,7 +359,8 @@ class Trainer:
                     losses.append(global_loss)
                     tokens += batch_tokens
                 loss_value = sum(losses) / len(losses)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM) if math.isfinite(loss_value) else None
+                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM) if math.isfinite(loss_value)
+                             else None)
                 entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0]}
                 if grad_norm is None or not _finite(grad_norm):
                     accel_optimizer.zero_grad(set_to_none=True)
@@ -660,7 +661,8 @@ class Trainer:
         if torch.cuda.is_available():
             estimate += f" (the GPU has {torch.cuda.get_device_properties(0).total_memory / GIB:.1f} GiB)"
         return (f"CUDA out of memory at step {step + 1} (batch {cfg.batch_size} x {cfg.max_length} tokens, "
-                f"{len(selection)} trained blocks, frozen blocks {cfg.quantize_frozen or 'not quantized'}); {estimate}. "
+                f"{len(selection)} trained blocks, frozen blocks {cfg.quantize_frozen or 'not quantized'}); "
+                f"{estimate}. "
                 f"Lower --batch-size or --max-length, train fewer blocks (--k), or use --quantize-frozen nf4 and "
                 f"--optimizer adamw8bit; the last checkpoint is kept.")
 
