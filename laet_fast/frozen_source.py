@@ -157,13 +157,17 @@ def restore_frozen(model: nn.Module, dtype: torch.dtype | None, source: str | No
         try:
             reader = _Reloaded(source, pretrained) if os.path.isfile(source) else _Safetensors(source, pretrained)
             result.source = source
-        except (ImportError, OSError, ValueError) as err:
-            reason = f"its source {source} cannot be read ({err})"
+        except Exception as err:  # a source cut or changed since loading fails in any way inside its reader
+            reason = f"its source {source} cannot be read ({type(err).__name__}: {err})"
     loaded_dtype = _loaded_dtype(pretrained)
     modules = dict(pretrained.named_modules())
     for name, layer in layers:
         plain = dequantize_linear(layer, dtype)
-        weight = reader.read(f"{name}.weight") if reader is not None else None
+        try:
+            weight = reader.read(f"{name}.weight") if reader is not None else None
+        except Exception as err:  # as above: this and every later layer keep their dequantized weights
+            reason = reason or f"its source {source} cannot be read ({type(err).__name__}: {err})"
+            reader = weight = None
         as_loaded = False
         if weight is not None and tuple(weight.shape) == tuple(plain.weight.shape):
             dequantized = plain.weight

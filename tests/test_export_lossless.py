@@ -135,6 +135,26 @@ def test_a_source_changed_since_loading_is_not_taken_for_the_weights_as_loaded(t
     assert exported.read(name).shape == (72, 72) and not torch.equal(exported.read(name)[:36], stored.read(name))
 
 
+def test_a_source_cut_since_loading_leaves_the_export_dequantized_and_says_why(tmp_path):
+    """Training is never lost to a source that cannot be read any more: the export is written, dequantized."""
+    source = save_source(tmp_path / "source", torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    apply_selection(model, [3], quantize_frozen="nf4")
+    path = os.path.join(source, "model.safetensors")
+    with open(path, "rb") as handle:  # a new, cut file in its place (the loaded model may still map the old one)
+        half = handle.read(os.path.getsize(path) // 2)
+    with open(path + ".cut", "wb") as handle:
+        handle.write(half)
+    os.replace(path + ".cut", path)
+    with pytest.warns(UserWarning, match=r"\d+ linear layers of the frozen blocks hold nf4-rounded weights, not the "
+                                         r"weights as loaded: its source .* cannot be read \(ValueError: .*truncated"):
+        export_model(model, str(tmp_path / "export"))
+    recorded = json.loads((tmp_path / "export" / "laet_export.json").read_text())["frozen_blocks"]
+    # The layers read before the cut are as loaded; the one it cuts and every later one stay dequantized.
+    assert recorded["weights"] == "dequantized" and len(recorded["dequantized_layers"]) >= 1
+    assert recorded["restored_layers"] + len(recorded["dequantized_layers"]) == 21
+
+
 def test_a_base_model_source_is_read_through_its_prefix(tmp_path):
     """A model with a head loaded from a base model's folder: the source names lack the ``model.`` prefix."""
     source = str(tmp_path / "source")
