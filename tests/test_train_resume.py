@@ -531,7 +531,8 @@ def test_a_finished_run_is_never_replaced_by_a_shorter_one(files, finished_run, 
 
 
 # ---------------------------------------------------------------- a full disk
-def test_a_full_disk_during_a_save_is_one_line(files, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_full_disk_during_a_save_is_one_line(files, tmp_path, capsys, monkeypatch, code):
     """The second file of the step-8 save hits ENOSPC: one line naming the folder and the bytes it needs (the
     tensors being written, and their meta data), step 4 intact, the .tmp folder removed."""
     import errno
@@ -541,7 +542,7 @@ def test_a_full_disk_during_a_save_is_one_line(files, tmp_path, capsys, monkeypa
 
     def full(path, write):
         if "step-00000008.tmp" in path and not path.endswith("trained.safetensors"):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
         real_write(path, write)
 
     def save(run_dir, step, tensors, meta, keep):
@@ -593,3 +594,40 @@ def test_a_full_disk_during_the_export_is_one_line_and_resume_finishes(files, tm
     assert train_in_process(args_of(files, out, resume=True)) == 0
     assert (out / "model").is_dir() and (out / "report.json").is_file()
     assert_same_run(read_log(out), straight_run(files, "plain"))
+
+
+def test_another_os_error_during_a_save_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """A write the system refuses for another reason (permissions, I/O) ends in one line, never a traceback."""
+    import errno
+
+    real_write = checkpoints._write_file
+
+    def refused(path, write):
+        if "step-00000008.tmp" in path:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        real_write(path, write)
+
+    monkeypatch.setattr(checkpoints, "_write_file", refused)
+    assert train_in_process(args_of(files, tmp_path / "run")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("laet-fast train: error: [Errno 13] Permission denied: "), err
+
+
+def test_a_checkpoint_file_that_cannot_be_read_is_damage(files, tmp_path, capsys, monkeypatch):
+    """An I/O error while verifying the newest checkpoint names the file; the run resumes from the one before."""
+    out = tmp_path / "run"
+    assert train_in_process(args_of(files, out)) == 0
+    shutil.rmtree(out / "checkpoints" / "finished")  # as if killed after the step-8 save
+    real_digest = checkpoints._file_digest
+
+    def unreadable(path):
+        if f"step-00000008{os.sep}trained.safetensors" in path:  # the saved one, not the next save's .tmp
+            raise OSError(5, "Input/output error", path)
+        return real_digest(path)
+
+    monkeypatch.setattr(checkpoints, "_file_digest", unreadable)
+    capsys.readouterr()
+    assert train_in_process(args_of(files, out, resume=True)) == 0
+    err = capsys.readouterr().err
+    assert "step-00000008/trained.safetensors cannot be read (Input/output error)" in err
+    assert "resuming from" in err and "step-00000004" in err

@@ -226,7 +226,7 @@ def _fit(args, config, model, tokenizer, train, evaluation):
         if rank_and_world()[0] == 0:
             print(f"laet-fast train: {done}", file=sys.stderr)
         return None
-    except (ValueError, TrainError) as err:
+    except (ValueError, TrainError, OSError) as err:  # OSError: a file of the run that cannot be read or written
         raise UsageError(one_line(err)) from None
 
 

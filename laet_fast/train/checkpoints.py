@@ -30,6 +30,8 @@ import torch
 from ..atomic import fsync_path
 
 FOLDER = "checkpoints"
+# The errors of a write that found no room: the disk is full, or the user's quota on it is.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 META = "meta.json"
 MANIFEST = "manifest.json"
 FINISHED = "finished"
@@ -108,7 +110,7 @@ def _write_folder(final: str, tensors: dict[str, dict[str, torch.Tensor]], meta:
         _write_file(os.path.join(tmp, MANIFEST), lambda path: _write_text(path, manifest_text))
         fsync_path(tmp)
     except OSError as err:
-        if err.errno != errno.ENOSPC:
+        if err.errno not in DISK_FULL:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         needed = sum(t.numel() * t.element_size() for group in tensors.values() for t in group.values())
@@ -189,7 +191,10 @@ def verify(path: str) -> dict:
         file = os.path.join(path, name)
         if os.path.basename(name) != name or not os.path.isfile(file):
             raise Damaged(f"{file} is missing")
-        got_size, got_digest = _file_digest(file)
+        try:
+            got_size, got_digest = _file_digest(file)
+        except OSError as err:
+            raise Damaged(f"{file} cannot be read ({err.strerror or err})") from None
         if got_size != size:
             raise Damaged(f"{file} has {got_size} bytes, {size} when it was saved (cut or changed since)")
         if got_digest != digest:

@@ -14,7 +14,6 @@ checkpoints, export and report, so a run folder looks the same at any world size
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -55,7 +54,7 @@ def _no_space_is_one_line(what: str, path: str, model: "nn.Module | None"):
     try:
         yield
     except OSError as err:
-        if err.errno != errno.ENOSPC:
+        if err.errno not in checkpoints.DISK_FULL:
             raise
         needed = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 2**20
         raise TrainError(str(checkpoints.no_space(what, path, needed))) from None
