@@ -79,7 +79,8 @@ def register(subparsers) -> None:
     budget.add_argument("--budget-gb", type=float, default=None,
                         help="laet-cost: the most GiB of predicted training memory (plan_memory) the blocks may take")
     budget.add_argument("--budget-s", type=float, default=None,
-                        help="laet-cost: the most predicted seconds per step (laet_fast.cost) the blocks may take")
+                        help="laet-cost: the most predicted seconds per step the blocks may take (laet_fast.cost's "
+                             "reference CPU calibration, cost.CPU_DEFAULT: seconds on that machine, not this device)")
     parser.add_argument("--reselect-every", type=int, default=0, help="re-select every N steps (default: never)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant, on the blocks")
     parser.add_argument("--eval-every", type=int, default=0,

@@ -10,8 +10,9 @@ into place (a rename within one file system is atomic) and the parent fsynced. A
 leaves a ``*.tmp`` folder that is never read, and the last complete checkpoint stays as it was.
 Reads verify: a flipped byte, a cut or missing file, an edited ``meta.json``, a file the manifest
 does not list, or a step that is not the folder's make the checkpoint ``Damaged``, and ``newest``
-goes back to the newest one that verifies. Nothing damaged is deleted: a later save of the same step
-sets it aside as ``step-N.damaged``.
+goes back to the newest one that verifies. A resume deletes nothing: a later save of the same step
+sets the damaged folder aside as ``step-N.damaged``. Only ``keep`` prunes, the oldest step folders
+first, as it always does.
 
 A finished run writes ``RUN/checkpoints/finished/`` the same way (its step and fingerprint, no
 tensors), so that a resume of a finished run can say so instead of training again.

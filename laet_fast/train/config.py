@@ -34,7 +34,8 @@ class TrainConfig:
         probe_examples: training examples LAET's probes (``laet``, ``laet-cost``) learn from: the first this many
             of the seeded training stream, or all when there are fewer.
         budget_s, budget_gb: ``laet-cost`` only, at most one: the predicted seconds per step or GiB that cap its
-            set (``laet_fast.cost.laet_cost_selection``).
+            set (``laet_fast.cost.laet_cost_selection``). Seconds are predicted with ``cost.CPU_DEFAULT``, the
+            calibration of the reference CPU, whatever the run's device.
         reselect_every: re-select every N steps (IR-Tuning); 0 keeps the first selection.
         gradient_checkpointing: non-reentrant checkpointing on the trained blocks.
         max_nan_steps: stop after this many NaN losses in a row (each NaN step is skipped).
