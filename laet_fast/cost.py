@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from laet_fast.memory import GIB, _extra_parts, _layers_of, block_shape, plan_memory
-from laet_fast.selection import Selection
+from laet_fast.selection import Selection, laet_keep
 
 PARTS = ("forward", "backward_input", "backward_weight", "dequant", "optimizer")
 UNITS = {"forward": "FLOP", "backward_input": "FLOP", "backward_weight": "FLOP", "dequant": "element",
@@ -548,7 +548,6 @@ def laet_cost_selection(acc: Sequence[float], f1: Sequence[float], cost_model: C
     Raises:
         ValueError: no cost model, both budgets, a bad k or budget, or a budget that even ``[best]`` exceeds.
     """
-    from laet_fast.selection import laet_keep
 
     if cost_model is None or not isinstance(cost_model, CostModel):
         raise ValueError("strategy='laet_cost' needs cost_model=CostModel(config, seq_len=..., batch_size=...), "

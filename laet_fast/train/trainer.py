@@ -29,12 +29,13 @@ import torch
 import torch.nn as nn
 
 from . import checkpoints
+from ..atomic import write_text
 from ..distributed import all_reduce_sum, broadcast_object, is_distributed, rank_and_world
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import Batches, TextData, encode_labels, split
 from .heads import ProbeHead, TaskModel, vote
 from .methods import PROBE_METHODS, choose_layers, reselector_for, score_layers
-from .report import finite_or_null
+from .report import GIB, TrainReport, _planned, finite_or_null
 
 LOG = "log.jsonl"
 MAX_GRAD_NORM = 1.0
@@ -249,7 +250,6 @@ class Trainer:
 
         from ..apply import apply_selection, build_optimizer, export_model
         from ..selection import Selection
-        from .report import TrainReport
 
         cfg = self.config
         cuda = torch.cuda.is_available()
@@ -643,15 +643,9 @@ class Trainer:
                     if entry.get("step", 0) > step:
                         break
                     kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.log_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.log_path)
+        write_text(self.log_path, "".join(kept))
 
     def _oom_message(self, step: int, selection) -> str:
-        from .report import GIB, _planned
 
         cfg = self.config
         planned = _planned(self, selection)
