@@ -31,6 +31,10 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.8",
         "tqdm>=4.60",
+        # datasets reads sft's .json/.jsonl/.parquet/.csv rows and takes Dataset objects (5.2: the release tested).
+        "datasets>=5.2",
+        # laet-fast train --config / --print-config (YAML); transformers needs it too.
+        "pyyaml>=6.0",
     ],
     extras_require={
         # `kernels` is Hugging Face's hub-kernel package: the suite checks that our kernels/ folder

@@ -104,13 +104,13 @@ class ApplyReport:
         return "\n".join(lines)
 
 
-def _logical_numel(param: torch.Tensor) -> int:
+def logical_numel(param: torch.Tensor) -> int:
     """Element count of the matrix a parameter stands for (a packed 4-bit weight holds two per byte)."""
     quant_state = getattr(param, "quant_state", None)
     return math.prod(quant_state.shape) if quant_state is not None else param.numel()
 
 
-def _state(model: nn.Module) -> _ApplyState | None:
+def applied_state(model: nn.Module) -> _ApplyState | None:
     return getattr(model, STATE_ATTR, None)
 
 
@@ -246,7 +246,7 @@ def suspend_backward_cut(model: nn.Module):
     Used to score frozen blocks by their gradient norms. A model without a selection applied is
     left as it is. Nests.
     """
-    state = _state(model)
+    state = applied_state(model)
     if state is None:
         yield model
         return
@@ -321,7 +321,7 @@ def apply_selection(
         quantize_frozen = mode_name(quantize_frozen)
     except ValueError as err:
         raise ValueError(f"quantize_frozen: {err}") from None
-    state = _state(model)
+    state = applied_state(model)
     stack = find_layers(model, layers if layers is not None else (state.layers_path if state else None))
     selection = _as_selection(selection, len(stack))
     if not selection.layers:
@@ -385,7 +385,7 @@ def apply_selection(
 
     after = _group_bytes(model, _classifier(model, stack.path, set(selection.layers), head_paths))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(_logical_numel(p) for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())
     return ApplyReport({g: (before[g], after[g]) for g in GROUPS}, trainable, total, selection, quantize, dtype)
 
 
@@ -428,7 +428,7 @@ def export_model(model: nn.Module, path: str | None = None, tokenizer=None, sour
             os.path.join(path, EXPORT_FILE)):
         raise ValueError(f"export_model: {path} holds files but no {EXPORT_FILE}, so it is not an earlier export "
                          f"to replace; give a new or empty folder.")
-    state = _state(model)
+    state = applied_state(model)
     dtype = state.dtype if state is not None else None
     frozen = restore_frozen(model, dtype, source)
     if not frozen.lossless:

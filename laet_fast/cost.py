@@ -37,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
-from laet_fast.memory import GIB, _extra_parts, _layers_of, block_shape, plan_memory
+from laet_fast.memory import GIB, extra_parts, layers_of, block_shape, plan_memory
 from laet_fast.selection import Selection, laet_keep
 
 PARTS = ("forward", "backward_input", "backward_weight", "dequant", "optimizer")
@@ -233,8 +233,8 @@ def plan_step_time(
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    layers = _layers_of(selection_or_k, shape.num_layers)
-    extra = _extra_parts(train_extra)
+    layers = layers_of(selection_or_k, shape.num_layers)
+    extra = extra_parts(train_extra)
     if shape.tied and "lm_head" in extra:
         extra = (extra - {"lm_head"}) | {"embeddings"}  # a tied head is the embedding matrix
     tokens, n = batch_size * seq_len, shape.num_layers

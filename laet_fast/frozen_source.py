@@ -113,12 +113,12 @@ class _Reloaded:
     def __init__(self, gguf_path: str, pretrained: nn.Module):
         import copy
 
-        from .loading import _shared_gguf_reader
+        from .loading import shared_gguf_reader
 
         config = copy.deepcopy(pretrained.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the GGUF quantizer that loading set; loading again sets it anew
-        with _shared_gguf_reader():
+        with shared_gguf_reader():
             self.model = type(pretrained).from_pretrained(
                 os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), config=config, dtype=config.dtype)
         self.tensors = self.model.state_dict()

@@ -96,7 +96,7 @@ def _resolve_path(path: str | None) -> tuple[str, str | None]:
 
 
 @contextlib.contextmanager
-def _shared_gguf_reader():
+def shared_gguf_reader():
     """Parse a GGUF file once while loading its config, tokenizer and weights.
 
     transformers builds a fresh ``gguf.GGUFReader`` for each of these, and parsing the metadata
@@ -212,7 +212,7 @@ def load_config(path: str | None = None):
     from transformers import AutoConfig
 
     folder, gguf_file = _resolve_path(path)
-    with _readable_gguf(folder, gguf_file), _shared_gguf_reader():
+    with _readable_gguf(folder, gguf_file), shared_gguf_reader():
         return AutoConfig.from_pretrained(folder, **_gguf_kwargs(gguf_file))
 
 
@@ -227,7 +227,7 @@ def load_tokenizer(path: str | None = None):
     folder, gguf_file = _resolve_path(path)
     if gguf_file is None and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
         raise _missing_tokenizer_error(folder)
-    with _readable_gguf(folder, gguf_file), _shared_gguf_reader():
+    with _readable_gguf(folder, gguf_file), shared_gguf_reader():
         tokenizer = AutoTokenizer.from_pretrained(folder, **_gguf_kwargs(gguf_file))
     return _ensure_pad_token(tokenizer)
 
@@ -281,7 +281,7 @@ def load_model_and_tokenizer(
     }[task]
     # One shared GGUF reader for the config, the tokenizer and the weights (the nested ones in
     # load_config / load_tokenizer reuse it).
-    with _shared_gguf_reader():
+    with shared_gguf_reader():
         config = load_config(path)
         if "num_labels" in model_kwargs:
             config.num_labels = model_kwargs.pop("num_labels")
@@ -302,7 +302,7 @@ def load_model_and_tokenizer(
 _TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
 
 
-def _split_suffix(path: str) -> tuple[str, str | None]:
+def split_suffix(path: str) -> tuple[str, str | None]:
     """("".csv", "bz2") for data.csv.bz2; the format suffix and the compression, if any."""
     name = path.lower()
     compression = None
@@ -446,7 +446,7 @@ def load_texts(
         path, column, label_column, encoding = demo_data_path(), "text", "category", "utf-8"
     path = os.path.expanduser(str(path))
     check_data_file(path)
-    fmt, compression = _split_suffix(path)
+    fmt, compression = split_suffix(path)
     if fmt not in _TEXT_SUFFIXES:
         raise ValueError(
             f"data file {path} has an unknown format; use .txt, .csv, .tsv or .jsonl (optionally .bz2/.gz)."

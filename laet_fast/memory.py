@@ -358,7 +358,7 @@ _EXTRA_NAMES = {"embed_tokens": "embeddings", "embeddings": "embeddings", "wte":
                 "ln_f": "final_norm", "lm_head": "lm_head"}
 
 
-def _extra_parts(train_extra: Sequence[str]) -> set[str]:
+def extra_parts(train_extra: Sequence[str]) -> set[str]:
     parts = set()
     for name in train_extra:
         key = _EXTRA_NAMES.get(str(name).rsplit(".", 1)[-1])
@@ -369,7 +369,7 @@ def _extra_parts(train_extra: Sequence[str]) -> set[str]:
     return parts
 
 
-def _layers_of(selection_or_k: Any, num_layers: int) -> tuple[int, ...]:
+def layers_of(selection_or_k: Any, num_layers: int) -> tuple[int, ...]:
     if isinstance(selection_or_k, Selection):
         selection_or_k.check_model(num_layers)
         return selection_or_k.layers
@@ -444,8 +444,8 @@ def plan_memory(
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    layers = _layers_of(selection_or_k, shape.num_layers)
-    extra = _extra_parts(train_extra)
+    layers = layers_of(selection_or_k, shape.num_layers)
+    extra = extra_parts(train_extra)
     trained_set = set(layers)
     tokens = batch_size * seq_len
     h, vocab = shape.hidden, shape.vocab

@@ -30,7 +30,7 @@ def _mask_position(model: nn.Module) -> int | None:
     return None
 
 
-def _first_tensor(value):
+def first_tensor(value):
     """A block returns a tensor, a tuple whose first element is the hidden states, or a ModelOutput."""
     if isinstance(value, torch.Tensor):
         return value
@@ -156,7 +156,7 @@ class LayerProbe:
             if in_backward():
                 return
             h_in = args[0] if args else kwargs.get("hidden_states")
-            h_out = _first_tensor(output)
+            h_out = first_tensor(output)
             if not isinstance(h_in, torch.Tensor) or h_out is None:
                 raise ValueError(
                     f"LayerProbe: block {self.stack.names[index]} ({type(module).__name__}) was not called with the "

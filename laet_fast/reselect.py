@@ -175,11 +175,11 @@ class Reselector:
             raise ValueError(f"Reselector: {err}") from None
 
     def _apply(self, selection: Selection) -> None:
-        from .apply import _state, apply_selection
+        from .apply import applied_state, apply_selection
 
         before = {id(p): p for p in self.model.parameters() if p.requires_grad}
         kwargs = dict(self.apply_kwargs)
-        if _state(self.model) is None:
+        if applied_state(self.model) is None:
             if "dtype" not in kwargs:
                 # A first apply_selection would cast the whole model to its default dtype (bfloat16
                 # on CUDA), re-rounding the weights trained so far: keep the dtype training runs in.

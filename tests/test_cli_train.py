@@ -266,7 +266,8 @@ def no_model_load(monkeypatch):
     (["--method", "laet", "--budget-gb", "1"], "budget_gb caps the blocks of method 'laet-cost' only; drop it, or "
                                                "use method='laet-cost'."),
     (["--method", "laet-cost", "--budget-s", "0"], "budget_s=0.0 must be a finite number > 0."),
-    (["--method", "laet-cost", "--task", "lm"], "method 'laet-cost' trains classification heads; use task='classify'"),
+    (["--method", "laet-cost", "--task", "lm"], "method 'laet-cost' trains probes on class labels, which task='lm' "
+                                                "has none of"),
     (["--probe-examples", "0"], "probe_examples=0 must be an integer >= 1."),
 ])
 def test_what_the_config_refuses_is_refused_before_the_model_loads(model_dir, data_csv, tmp_path, capsys, no_model_load,

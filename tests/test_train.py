@@ -231,7 +231,7 @@ def test_quantized_frozen_blocks_and_gradient_checkpointing(model_dir, tmp_path)
 
 
 def test_config_refusals():
-    with pytest.raises(ValueError, match="task='classify'"):
+    with pytest.raises(ValueError, match="which task='lm' has none of; choose another method"):
         TrainConfig(task="lm", method="laet")
     with pytest.raises(ValueError, match="multiple of reselect_every"):
         TrainConfig(reselect_every=3, save_every=4)

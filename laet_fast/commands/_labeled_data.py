@@ -9,7 +9,7 @@ def read_labeled(path: str | None, text_column: str, label_column: str, limit: i
     """(texts, labels) from a .csv/.tsv/.jsonl file (optionally .bz2/.gz) in ``encoding``; labels stay strings
     unless every one is an integer. None reads the demo data, labelled "fresh" / "rotten". Errors are
     ``UsageError``s."""
-    from laet_fast.loading import DEMO_LABELS, _split_suffix, check_data_file, load_texts, read_rows
+    from laet_fast.loading import DEMO_LABELS, split_suffix, check_data_file, load_texts, read_rows
 
     if path is None:
         texts, ids = load_texts(None, labels=True, limit=limit)
@@ -19,7 +19,7 @@ def read_labeled(path: str | None, text_column: str, label_column: str, limit: i
         check_data_file(path)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    fmt, compression = _split_suffix(path)
+    fmt, compression = split_suffix(path)
     if fmt not in (".csv", ".tsv", ".jsonl"):
         raise UsageError(f"data file {path}: labelled data must be .csv, .tsv or .jsonl (optionally .bz2/.gz).")
     texts, labels = [], []

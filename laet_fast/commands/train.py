@@ -11,12 +11,16 @@ import shlex
 import sys
 
 from laet_fast.cli import UsageError
+from laet_fast.commands._config_file import add_config_arguments, config_text, with_config_file
 from laet_fast.commands._options import (add_encoding_argument, check_at_least_one, model_blocks, one_line,
                                          transformers_bars_off)
 
 # The demo run: a seeded subset of the corpus, short texts, one pass over the training part.
 DEMO_SUBSET = 400
 DEMO_K = 3
+# The options a run folder was made with, as a file --config reads.
+CONFIG_FILE = "config.yaml"
+_PARSER = None  # this command's parser (register), which --config parses the command line again with
 
 
 def register(subparsers) -> None:
@@ -37,7 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("--model", metavar="PATH", default=None,
                         help="save_pretrained folder or .gguf file (default: the demo SmolLM2-135M-Instruct)")
     parser.add_argument("--data", metavar="FILE", default=None,
-                        help=".csv/.tsv/.jsonl (text and label) for classify, also .txt for lm; optionally .bz2/.gz "
+                        help=".csv/.tsv/.jsonl (text and label) for classify, also .txt for lm; .jsonl/.json/.parquet/"
+                             ".csv rows for sft; optionally .bz2/.gz "
                              "(default: the demo Rotten Tomatoes sentences, fresh/rotten)")
     parser.add_argument("--eval-data", metavar="FILE", default=None,
                         help="evaluation file (default: a seeded, stratified 20%% of --data)")
@@ -47,7 +52,11 @@ def register(subparsers) -> None:
     add_encoding_argument(parser)
     parser.add_argument("--subset", type=int, default=None,
                         help=f"use a seeded random sample of this many texts (default: all; the demo: {DEMO_SUBSET})")
-    parser.add_argument("--task", choices=TASKS, default=d["task"], help="classify (default) or lm")
+    parser.add_argument("--task", choices=TASKS, default=d["task"],
+                        help="classify (default); lm (next-token loss on every token); sft (chat messages, "
+                             "prompt/completion or instruction/input/output rows: the loss on the answers only)")
+    parser.add_argument("--packing", action="store_true",
+                        help="sft: pack examples into full rows of --max-length tokens, attention kept per example")
     parser.add_argument("--method", default=d["method"],
                         help=f"{', '.join(METHODS)}, or blocks as 3,7,12 (default: {d['method']})")
     parser.add_argument("--k", type=int, default=None,
@@ -95,10 +104,17 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads torch computes with (default: torch's own, one per core unless "
                              "OMP_NUM_THREADS says otherwise); on a CPU shared with other jobs, 1 can be faster")
+    add_config_arguments(parser)
     parser.set_defaults(func=run)
+    global _PARSER
+    _PARSER = parser
 
 
 def run(args) -> int:
+    args = with_config_file(_PARSER, args, "train")
+    if args.print_config:
+        print(config_text(_PARSER, args), end="")
+        return 0
     if args.threads is not None:
         check_at_least_one(threads=args.threads)
     with _torch_threads(args.threads):
@@ -137,7 +153,7 @@ def _run(args) -> int:
         config = TrainConfig(
             task=args.task, method=args.method, k=k, splits=args.splits, quantize_frozen=args.quantize_frozen,
             optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
-            max_steps=args.max_steps, epochs=args.epochs or 1.0, batch_size=args.batch_size,
+            max_steps=args.max_steps, epochs=args.epochs or 1.0, batch_size=args.batch_size, packing=args.packing,
             grad_accum=args.grad_accum, max_length=args.max_length, eval_every=args.eval_every,
             save_every=args.save_every, keep=args.keep, score_batches=args.score_batches,
             probe_examples=args.probe_examples, budget_gb=args.budget_gb, budget_s=args.budget_s,
@@ -220,6 +236,7 @@ def _fit(args, config, model, tokenizer, train, evaluation):
     name = os.path.abspath(args.model) if args.model else "SmolLM2-135M-Instruct (demo)"
     try:
         trainer = Trainer(model, tokenizer, config, train, evaluation, model_name=name, layers=args.layers)
+        trainer.run_files[CONFIG_FILE] = config_text(_PARSER, args)
         return trainer.fit()
     except RunComplete as done:
         from laet_fast.distributed import rank_and_world

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import find_layers
-from ..probe import _first_tensor
+from ..probe import first_tensor
 from .embeddings import LayerEmbeddings, fingerprint_texts
 
 # Where the final norm (the one transformers applies to the last entry of ``hidden_states``) sits,
@@ -50,7 +50,7 @@ def final_norm_of(model: nn.Module, stack_path: str) -> nn.Module | None:
                      f"{', '.join(_FINAL_NORM_NAMES)} beside {stack_path}); use final_norm=False.")
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
+def accepts_argument(model: nn.Module, name: str) -> bool:
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -125,7 +125,7 @@ class _PoolingHooks:
         last_block = index == len(self.stack) - 1
 
         def hook(module, args, output):
-            hidden = _first_tensor(output)
+            hidden = first_tensor(output)
             if hidden is None or hidden.dim() != 3:
                 raise ValueError(f"block {self.stack.names[index]} returned no [batch, seq, hidden] tensor; pass "
                                  f"the block list's path explicitly (layers_path=).")
@@ -201,8 +201,8 @@ def layer_embeddings(model: nn.Module, data, *, pooling: str = "mean", tokenizer
     hidden_size = None
     store = None  # numpy memmap (out=) or a list of (indices, [B, L, H]) parts
     parts = []
-    call_kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}
-    with_positions = _accepts(model, "position_ids")
+    call_kwargs = {"use_cache": False} if accepts_argument(model, "use_cache") else {}
+    with_positions = accepts_argument(model, "position_ids")
     bar = tqdm(total=count, unit="text", desc="layer embeddings", disable=not progress)
     try:
         with _PoolingHooks(stack, chosen, pooling, norm) as hooks:

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .methods import METHODS, PROBE_EXAMPLES, PROBE_METHODS, parse_method
 
-TASKS = ("classify", "lm")
+TASKS = ("classify", "lm", "sft")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
 QUANTIZE = ("nf4", "fp4", "int8")
@@ -18,7 +18,9 @@ class TrainConfig:
     """A training run.
 
     Attributes:
-        task: ``"classify"`` (text + label, heads on pooled block outputs) or ``"lm"`` (next-token loss).
+        task: ``"classify"`` (text + label, heads on pooled block outputs), ``"lm"`` (next-token loss on every
+            token) or ``"sft"`` (chat, prompt/completion or Alpaca rows; the loss on the answers only:
+            ``laet_fast.train.sft``).
         method: one of ``laet_fast.train.METHODS`` or an explicit list of blocks (``"3,7,12"``).
         k: number of blocks for methods that need one (``laet`` and ``grad_norm`` choose without it).
         splits: ``grad_norm``'s variance splits (IR-Tuning's ``split_num``).
@@ -28,6 +30,8 @@ class TrainConfig:
         max_steps / epochs: length of training (``max_steps`` wins when both are set).
         batch_size, grad_accum: sequences per forward pass, forward passes per optimizer step.
         max_length: tokens per text; longer texts are truncated (and counted in the log).
+        packing: ``sft`` only: lay examples end to end in rows of ``max_length`` tokens, attention kept inside
+            each example (refused for a model whose attention does not).
         eval_every, save_every, keep: evaluate / checkpoint every N optimizer steps; keep the last ``keep``.
         eval_fraction: share of the data held out (seeded, stratified for ``classify``) when no eval data is given.
         score_batches: batches of training data the method scores on (methods other than ``laet`` / ``laet-cost``).
@@ -60,6 +64,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 64
+    packing: bool = False
     eval_every: int = 0
     save_every: int = 0
     keep: int = 2
@@ -83,8 +88,11 @@ class TrainConfig:
         method = parse_method(self.method)
         self.method = method if isinstance(method, str) else ",".join(map(str, method))
         if self.method in PROBE_METHODS and self.task != "classify":
-            raise ValueError(f"method {self.method!r} trains classification heads; use task='classify', or another "
-                             f"method ({', '.join(m for m in METHODS if m not in PROBE_METHODS)}) for task='lm'.")
+            others = ", ".join(m for m in METHODS if m not in PROBE_METHODS)
+            raise ValueError(f"method {self.method!r} trains probes on class labels, which task={self.task!r} has "
+                             f"none of; choose another method ({others}), e.g. method='grad_norm'.")
+        if self.packing and self.task != "sft":
+            raise ValueError(f"packing lays sft examples end to end; task={self.task!r} does not pack. Drop packing.")
         budgets = [name for name in ("budget_s", "budget_gb") if getattr(self, name) is not None]
         if budgets and self.method != "laet-cost":
             raise ValueError(f"{budgets[0]} caps the blocks of method 'laet-cost' only; drop it, or use "

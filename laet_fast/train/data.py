@@ -26,7 +26,10 @@ DEMO_TEXT_COLUMN, DEMO_LABEL_COLUMN = "text", "category"
 
 @dataclass
 class TextData:
-    """Texts and, for classification, their label ids (``classes[i]`` is the label of id ``i``)."""
+    """Texts and, for classification, their label ids (``classes[i]`` is the label of id ``i``).
+
+    For ``sft`` each item of ``texts`` is one example row, a dict (``laet_fast.train.sft``), and there are no labels.
+    """
 
     texts: list[str]
     labels: list[int] | None = None
@@ -88,6 +91,13 @@ def read_data(path: str | None, task: str, text_column: str = "text", label_colu
         ValueError: missing file or column, no texts, missing labels or a single class, and what
         ``laet_fast.loading.read_rows`` refuses (a line that does not decode, a row with extra fields).
     """
+    if task == "sft":
+        if path is None:
+            raise ValueError("task 'sft' needs instruction or chat data: give --data FILE (.jsonl, .json, .parquet "
+                             "or .csv rows of messages, prompt/completion, or instruction/input/output).")
+        from .sft import read_rows
+
+        return read_rows(path, subset, seed)
     demo = path is None
     if demo:
         path, text_column, label_column = loading.demo_data_path(), DEMO_TEXT_COLUMN, DEMO_LABEL_COLUMN
@@ -97,7 +107,7 @@ def read_data(path: str | None, task: str, text_column: str = "text", label_colu
         texts = loading.load_texts(path, column=text_column, encoding=encoding)
         return _sample(TextData(texts), subset, seed)
     loading.check_data_file(path)
-    fmt, compression = loading._split_suffix(path)
+    fmt, compression = loading.split_suffix(path)
     if fmt not in (".csv", ".tsv", ".jsonl"):
         raise ValueError(f"data file {path}: classification needs a .csv, .tsv or .jsonl file with a text and a "
                          f"label column (a .txt file has no labels).")
@@ -161,7 +171,11 @@ class Batches:
             raise ValueError("the dataset is empty; give at least one text.")
         self.data, self.tokenizer = data, tokenizer
         self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
+        self.size = len(data)  # the units the stream shuffles and batches (sft's packing makes fewer)
         self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.size
 
     def truncated(self) -> int:
         """How many texts are longer than ``max_length`` tokens (and are cut to it)."""
@@ -171,13 +185,13 @@ class Batches:
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._orders = {epoch: torch.randperm(len(self.data), generator=gen).tolist()}
+            self._orders = {epoch: torch.randperm(self.size, generator=gen).tolist()}
         return self._orders[epoch]
 
     def indices_at(self, position: int, rank: int = 0, world: int = 1) -> list[int]:
         """Rank ``rank``'s slice of the global batch at ``position`` (``world * batch_size`` stream items,
         crossing epochs as needed): items ``position + rank * batch_size ..`` (``batch_size`` of them)."""
-        n = len(self.data)
+        n = self.size
         start = position + rank * self.batch_size
         return [self._order(p // n)[p % n] for p in range(start, start + self.batch_size)]
 
@@ -196,5 +210,5 @@ class Batches:
 
     def in_order(self, rank: int = 0, world: int = 1):
         """Every text once, in file order (evaluation); rank ``rank`` of ``world`` takes every ``world``-th batch."""
-        for start in range(rank * self.batch_size, len(self.data), world * self.batch_size):
-            yield self.encode(range(start, min(start + self.batch_size, len(self.data))))
+        for start in range(rank * self.batch_size, self.size, world * self.batch_size):
+            yield self.encode(range(start, min(start + self.batch_size, self.size)))

@@ -67,7 +67,8 @@ class Predictor:
     def logits(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """float32 [heads, N, C]: each head's logits for each text."""
         if self.task_model.task != "classify":
-            raise ValueError("this model was trained with task 'lm'; it has no classification heads to predict with.")
+            raise ValueError(f"this model was trained with task {self.task_model.task!r}; it has no classification "
+                             f"heads to predict with.")
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(texts), batch_size):

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..embed.extract import _accepts
+from ..embed.extract import accepts_argument
 from ..embed.probes import ProbeHead
 from ..layers import find_layers
-from ..probe import _first_tensor
+from ..probe import first_tensor
 
 POOLING = "mean"
 
@@ -61,7 +61,7 @@ class TaskModel(nn.Module):
 
     Args:
         model: a transformers model (causal LM or base model).
-        task: ``"classify"`` or ``"lm"``.
+        task: ``"classify"``, ``"lm"`` or ``"sft"`` (the model's own loss on the labels given).
         heads: ``classify``: block index -> head mapping pooled [B, H] features to logits [B, C].
         layers: dotted path of the block list inside ``model``.
 
@@ -77,7 +77,7 @@ class TaskModel(nn.Module):
         self.stack = find_layers(model, layers)
         self.layers_path = "model." + self.stack.path
         self.classifier = nn.ModuleDict({str(i): head for i, head in sorted((heads or {}).items())})
-        self._with_positions = _accepts(model, "position_ids")
+        self._with_positions = accepts_argument(model, "position_ids")
 
     @property
     def head_layers(self) -> list[int]:
@@ -88,13 +88,19 @@ class TaskModel(nn.Module):
         """The highest block the forward pass runs."""
         return max(self.head_layers) if self.task == "classify" else len(self.stack) - 1
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
         """Returns (loss or None, logits): ``classify``: logits float32 [heads, B, C], loss the sum of the heads'
-        cross-entropies; ``lm``: the model's next-token loss over real tokens and its logits."""
+        cross-entropies; ``lm`` / ``sft``: the model's next-token loss over ``labels`` (int64 [B, T], -100 where
+        none is taken) and its logits. ``position_ids`` (int64 [B, T], packed sft rows): given to the model with
+        no attention mask, so that ``transformers`` keeps attention inside each packed example."""
         kwargs = {"use_cache": False}
+        if position_ids is not None:
+            out = self.model(input_ids=input_ids, position_ids=position_ids, labels=labels, **kwargs)
+            return out.loss, out.logits
         if self._with_positions:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        if self.task == "lm":
+        if self.task != "classify":
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             return out.loss, out.logits
         outputs: dict[int, torch.Tensor] = {}
@@ -102,7 +108,7 @@ class TaskModel(nn.Module):
 
         def capture(index):
             def hook(module, args, output):
-                outputs[index] = _first_tensor(output)
+                outputs[index] = first_tensor(output)
                 if index == top:
                     raise _StopForward
 

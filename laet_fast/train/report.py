@@ -65,7 +65,7 @@ class TrainReport:
     def build(cls, trainer, task_model, selection, apply_report, metrics, step_times, steps, skipped, peak, cuda,
               scoring_time, training_time, export_dir) -> "TrainReport":
         cfg = trainer.config
-        planned, notes = _planned(trainer, selection), []
+        planned, notes = plan_for_run(trainer, selection), []
         if not cuda:
             notes.append("peak memory on CPU is the whole process's peak RSS (Python, libraries, model loading "
                          "included); the plan counts training tensors only")
@@ -185,7 +185,7 @@ def finite_or_null(value, name: str = "") -> tuple[object, list[str]]:
     return value, []
 
 
-def _planned(trainer, selection) -> int | None:
+def plan_for_run(trainer, selection) -> int | None:
     from ..memory import dtype_label, plan_memory
 
     cfg = trainer.config
@@ -193,7 +193,7 @@ def _planned(trainer, selection) -> int | None:
     try:
         plan = plan_memory(trainer.model.config, selection, seq_len=cfg.max_length, batch_size=cfg.batch_size,
                            quantize_frozen=cfg.quantize_frozen, optimizer=cfg.optimizer, dtype=dtype_label(dtype),
-                           keep_logits=cfg.task == "lm")
+                           keep_logits=cfg.task != "classify")
     except ValueError:
         return None
     return plan.peak_allocated
@@ -201,13 +201,13 @@ def _planned(trainer, selection) -> int | None:
 
 def _forward_share(task_model) -> dict:
     """The blocks and LM head the forward pass runs, and the share of the forward's matmul weights it skips."""
-    from ..apply import _logical_numel
+    from ..apply import logical_numel
 
-    blocks = [sum(_logical_numel(p) for p in block.parameters()) for block in task_model.stack]
+    blocks = [sum(logical_numel(p) for p in block.parameters()) for block in task_model.stack]
     head = task_model.model.get_output_embeddings()
     head_numel = head.weight.numel() if head is not None else 0
     run = task_model.top_block + 1
-    lm_head_run = task_model.task == "lm"
+    lm_head_run = task_model.task != "classify"
     full = sum(blocks) + head_numel
     used = sum(blocks[:run]) + (head_numel if lm_head_run else 0)
     return {"blocks_run": run, "lm_head_run": lm_head_run, "saved_share": 1.0 - used / max(full, 1)}

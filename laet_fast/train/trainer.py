@@ -35,7 +35,7 @@ from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import Batches, TextData, encode_labels, split
 from .heads import ProbeHead, TaskModel, vote
 from .methods import PROBE_METHODS, choose_layers, reselector_for, score_layers
-from .report import GIB, TrainReport, _planned, finite_or_null
+from .report import GIB, TrainReport, plan_for_run, finite_or_null
 
 LOG = "log.jsonl"
 MAX_GRAD_NORM = 1.0
@@ -62,7 +62,10 @@ def _no_space_is_one_line(what: str, path: str, model: "nn.Module | None"):
 
 
 def as_text_data(data, task: str, classes=None) -> TextData:
-    """A ``TextData`` from a TextData, ``(texts, labels)``, ``{"text": ..., "label": ...}`` or a list of texts."""
+    """A ``TextData`` from a TextData, ``(texts, labels)``, ``{"text": ..., "label": ...}`` or a list of texts;
+    for ``sft``, from a list of example rows or a ``datasets.Dataset`` of them (``laet_fast.train.sft``)."""
+    if task == "sft":
+        return _sft_rows(data)
     if isinstance(data, TextData):
         texts, labels = data.texts, (None if data.labels is None else [data.classes[i] for i in data.labels])
         classes = classes or data.classes
@@ -87,6 +90,22 @@ def as_text_data(data, task: str, classes=None) -> TextData:
     return TextData(texts, ids, classes)
 
 
+def _sft_rows(data) -> TextData:
+    from .sft import row_format, without_nulls
+
+    if isinstance(data, TextData):
+        return data
+    if hasattr(data, "to_list") and hasattr(data, "column_names"):  # a datasets.Dataset
+        rows = [without_nulls(row) for row in data.to_list()]
+    else:
+        rows = list(data or [])
+    if not rows:
+        raise ValueError("the dataset is empty; give at least one example.")
+    for row in rows:
+        row_format(row)
+    return TextData(rows)
+
+
 def run_exists(out: str) -> bool:
     return os.path.isfile(os.path.join(out, LOG)) or bool(checkpoints.complete(out))
 
@@ -94,6 +113,7 @@ def run_exists(out: str) -> bool:
 def _digest(data: TextData) -> str:
     hasher = hashlib.sha256()
     for i, text in enumerate(data.texts):
+        text = text if isinstance(text, str) else json.dumps(text, sort_keys=True, ensure_ascii=False)  # sft rows
         hasher.update(text.encode("utf-8") + b"\0" + (b"" if data.labels is None else str(data.labels[i]).encode()))
     return hasher.hexdigest()[:16]
 
@@ -126,6 +146,9 @@ class Trainer:
             stratified by label).
         model_name: names the model in the fingerprint and report (default: its config's name).
         layers: dotted path of the block list when it is not found automatically.
+
+    ``run_files`` (name -> text, empty by default) are written into ``config.out`` once ``fit()`` has accepted the
+    run (the command line puts its effective options there as ``config.yaml``).
     """
 
     def __init__(self, model, tokenizer, config: TrainConfig, train_data, eval_data=None, *,
@@ -144,6 +167,9 @@ class Trainer:
         self.log_path = os.path.join(config.out, LOG)
         self.probe_baseline = None  # fit(): the evaluation before any training step (_probe_baseline)
         self._weights = None
+        self._train_units = None  # what an epoch counts: examples, or sft's packed rows
+        # name -> text, written into the run folder once the run is accepted (the command line's options)
+        self.run_files: dict[str, str] = {}
 
     # ------------------------------------------------------------------ set-up
     def fingerprint(self) -> dict:
@@ -166,12 +192,25 @@ class Trainer:
             **cfg,
         }
 
+    def batches(self, data: TextData, packing: bool | None = None) -> Batches:
+        """``data``'s batches: of texts, or for ``sft`` of tokenized examples (packed as the config says, unless
+        ``packing`` says otherwise)."""
+        cfg = self.config
+        if cfg.task != "sft":
+            return Batches(data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
+        from .sft import SFTBatches
+
+        return SFTBatches(data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
+                          packing=cfg.packing if packing is None else packing)
+
     def _total_steps(self) -> int:
         cfg = self.config
         if cfg.max_steps is not None:
             return cfg.max_steps
+        if self._train_units is None:  # packed sft rows are known once tokenized
+            self._train_units = len(self.batches(self.train_data)) if cfg.packing else len(self.train_data)
         global_batch = cfg.batch_size * cfg.grad_accum * rank_and_world()[1]
-        return max(1, math.ceil(cfg.epochs * len(self.train_data) / global_batch))
+        return max(1, math.ceil(cfg.epochs * self._train_units / global_batch))
 
     def _choose(self, batches: Batches, device):
         """Score, choose, and build the heads.
@@ -189,10 +228,14 @@ class Trainer:
         global_batch = cfg.batch_size * world
         probe_examples = min(cfg.probe_examples, len(self.train_data))
         count = math.ceil(probe_examples / global_batch) if probes_choose else cfg.score_batches
+        if cfg.packing:  # scored example by example: a packed batch's model call would need its own mask
+            batches = self.batches(self.train_data, packing=False)
         score_data = [{k: v.to(device) for k, v in batches.at(i * global_batch, rank, world).items()}
                       for i in range(count)]
         labels = torch.cat([b["labels"] for b in score_data]) if cfg.task == "classify" else None
         extra = {"hidden": cfg.head_hidden, "probe_examples": probe_examples} if probes_choose else {}
+        if cfg.task == "sft":
+            extra["own_loss"] = True  # grad_norm: the gradient of the completion-only loss the run trains on
         scored = score_layers(self.model, score_data, cfg.method, labels=labels, layers=self.layers,
                               return_probes=probes_choose, seed=cfg.seed, progress=cfg.progress and rank == 0,
                               **extra)
@@ -274,12 +317,21 @@ class Trainer:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
-        train_batches = Batches(self.train_data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
-        eval_batches = Batches(self.eval_data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
+        train_batches, eval_batches = self.batches(self.train_data), self.batches(self.eval_data)
+        self._train_units = len(train_batches)
         truncated = train_batches.truncated() + eval_batches.truncated()
         if truncated and main:
             print(f"note: {truncated} of {len(self.train_data) + len(self.eval_data)} texts are longer than "
                   f"max_length={cfg.max_length} tokens and were truncated.", file=sys.stderr)
+        if cfg.task == "sft":
+            dropped = train_batches.units.dropped + eval_batches.units.dropped
+            if dropped and main:
+                print(f"note: {dropped} of {len(self.train_data) + len(self.eval_data)} examples were left out: "
+                      f"max_length={cfg.max_length} cut away all of their answer.", file=sys.stderr)
+            if cfg.packing:
+                from .sft import check_packing
+
+                check_packing(self.model)
 
         t_start = time.perf_counter()
         saved = None
@@ -318,6 +370,8 @@ class Trainer:
             step, position, nan_run, skipped = saved["step"], saved["position"], saved["nan_run"], saved["skipped"]
         if main:
             self._truncate_log(step)
+            for name, text in self.run_files.items():  # the run is accepted: a refused one writes nothing
+                write_text(os.path.join(cfg.out, name), text)
 
         reselector, probe = self._reselector(task_model, optimizer)
         if reselector is not None:
@@ -448,13 +502,22 @@ class Trainer:
         hold different numbers of tokens. One all-reduce of three numbers; alone, nothing is reduced.
         """
         mask = batch["attention_mask"]
-        units = int(mask[:, 1:].sum()) if self.config.task == "lm" else int(mask.shape[0])
+        units = self._loss_units(batch)
         tokens = int(mask.sum())
         if world == 1:
             return float(loss), 1.0, tokens
         totals = all_reduce_sum(torch.tensor([float(loss) * units, units, tokens], dtype=torch.float64))
         global_units = float(totals[1])
         return float(totals[0]) / global_units, world * units / global_units, int(totals[2])
+
+    def _loss_units(self, batch: dict) -> int:
+        """What the batch's loss is a mean over: rows (``classify``), predicted tokens (``lm``), learned answer
+        tokens (``sft``; the model's loss predicts ``labels[:, 1:]``)."""
+        if self.config.task == "classify":
+            return int(batch["attention_mask"].shape[0])
+        if self.config.task == "sft":
+            return int((batch["labels"][:, 1:] != -100).sum())
+        return int(batch["attention_mask"][:, 1:].sum())
 
     def _loss_inputs(self, batch: dict) -> dict:
         if self.config.task == "lm":
@@ -493,8 +556,8 @@ class Trainer:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
                     loss, logits = module(**self._loss_inputs(batch))
-                if self.config.task == "lm":
-                    n = int(batch["attention_mask"][:, 1:].sum())
+                if self.config.task != "classify":
+                    n = self._loss_units(batch)
                     total_loss, count = total_loss + float(loss) * n, count + n
                 else:
                     n = int(batch["labels"].numel())
@@ -517,7 +580,7 @@ class Trainer:
                 if head is not None:
                     head_preds = [gather_rows(torch.cat(head_preds or [empty]))]
         mean_loss = total_loss / max(count, 1)
-        if self.config.task == "lm":
+        if self.config.task != "classify":
             return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0))}
         gold = torch.cat(golds)
 
@@ -648,7 +711,7 @@ class Trainer:
     def _oom_message(self, step: int, selection) -> str:
 
         cfg = self.config
-        planned = _planned(self, selection)
+        planned = plan_for_run(self, selection)
         estimate = ("the planner cannot model this architecture" if planned is None else
                     f"the planner predicts {planned / GIB:.3f} GiB peak allocated for it")
         if torch.cuda.is_available():

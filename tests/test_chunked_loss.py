@@ -1,0 +1,60 @@
+"""laet_fast.chunked_loss: the chunked LM-head cross-entropy equals the plain one, loss and gradients, to 2x
+PyTorch's own error against a float64 reference."""
+import pytest
+import torch
+
+from laet_fast.chunked_loss import chunked_loss, reference_loss
+
+
+def _case(dtype, n=37, h=24, v=101, seed=0, bias=True, ignored=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen) * 2
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    b = torch.randn(v, generator=gen) if bias else None
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignored] = -100
+    return hidden.to(dtype), weight.to(dtype), None if b is None else b.to(dtype), labels
+
+
+def _grads(fn, hidden, weight, bias, labels):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    loss = fn(leaves[0], leaves[1], labels, leaves[2] if bias is not None else None)
+    loss.backward()
+    return [loss.detach().double()] + [t.grad.double() for t in leaves]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_loss_and_gradients_match_the_plain_path(dtype, atol, chunk, bias):
+    hidden, weight, b, labels = _case(dtype, bias=bias, seed=chunk)
+    exact = _grads(reference_loss, hidden.double(), weight.double(), None if b is None else b.double(), labels)
+    plain = _grads(reference_loss, hidden, weight, b, labels)
+    ours = _grads(lambda *a: chunked_loss(*a, chunk_size=chunk), hidden, weight, b, labels)
+    for name, e, p, o in zip(("loss", "hidden", "weight", "bias"), exact, plain, ours):
+        torch_error = (p - e).abs().max().item()
+        assert (o - e).abs().max().item() <= 2 * torch_error + atol, name
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_gradient_is_still_right():
+    hidden, weight, _, labels = _case(torch.float32, bias=False)
+    h = hidden.clone().requires_grad_(True)
+    chunked_loss(h, weight, labels, chunk_size=5).backward()
+    ref = hidden.clone().requires_grad_(True)
+    reference_loss(ref, weight, labels).backward()
+    assert weight.grad is None
+    torch.testing.assert_close(h.grad, ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_counted_token_is_nan_as_in_the_plain_path():
+    hidden, weight, _, labels = _case(torch.float32, bias=False)
+    labels[:] = -100
+    assert torch.isnan(chunked_loss(hidden, weight, labels)) and torch.isnan(reference_loss(hidden, weight, labels))
+
+
+def test_shapes_are_checked():
+    hidden, weight, _, labels = _case(torch.float32, bias=False)
+    with pytest.raises(ValueError, match="hidden \\[N, H\\]"):
+        chunked_loss(hidden[None], weight, labels)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_loss(hidden, weight, labels, chunk_size=0)
