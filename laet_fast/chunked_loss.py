@@ -36,13 +36,23 @@ def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index):
+        # The head runs in the hidden states' dtype (what autocast would cast it to), autocast itself off so that
+        # each matmul's dtype is the one written here.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index):
+        head_weight, head_bias = weight, bias
+        weight = weight.detach().to(hidden.dtype)
+        bias = None if bias is None else bias.detach().to(hidden.dtype)
         counted = labels != ignore_index
         n = int(counted.sum())
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if weight.requires_grad else None
+            if head_weight.requires_grad else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
-            if bias is not None and bias.requires_grad else None
+            if head_bias is not None and head_bias.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y, keep = (t[start:start + chunk_size] for t in (hidden, labels, counted))
@@ -66,8 +76,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         ctx.grads = (grad_hidden,
-                     None if grad_weight is None else grad_weight.to(weight.dtype),
-                     None if grad_bias is None else grad_bias.to(bias.dtype))
+                     None if grad_weight is None else grad_weight.to(head_weight.dtype),
+                     None if grad_bias is None else grad_bias.to(head_bias.dtype))
         # No counted token: 0/0, as torch's mean cross-entropy gives (NaN), never a silent 0.
         return total / n if n else total * float("nan")
 
@@ -100,3 +110,38 @@ def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, ignore_index)
+
+
+def lm_loss(model, hidden_states: torch.Tensor, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
+            ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """A causal LM's next-token loss from its final hidden states ``[B, T, H]`` and ``labels`` int64 ``[B, T]``
+    (position t predicts ``labels[:, t + 1]``, as ``transformers`` shifts them), through its output embedding,
+    chunk by chunk."""
+    head = model.get_output_embeddings()
+    hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
+    return chunked_loss(hidden, head.weight, labels[:, 1:].reshape(-1), getattr(head, "bias", None),
+                        chunk_size=chunk_size, ignore_index=ignore_index)
+
+
+@torch.no_grad()
+def agrees_with_model(model, chunk_size: int = DEFAULT_CHUNK) -> bool:
+    """Whether :func:`lm_loss` on the trunk's hidden states gives ``model``'s own loss, on a short random batch.
+
+    A model whose logits are not ``hidden @ W^T + b`` (soft-capped, scaled, a head that is not a linear layer)
+    disagrees, and then keeps its own loss.
+    """
+    head = model.get_output_embeddings()
+    trunk = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or trunk is None or trunk is model:
+        return False
+    device = head.weight.device
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        own = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
+        hidden = trunk(input_ids=ids, use_cache=False).last_hidden_state
+        ours = lm_loss(model, hidden, ids, chunk_size)
+    finally:
+        model.train(was_training)
+    return bool(torch.isfinite(own)) and abs(float(ours) - float(own)) <= 1e-3 * max(1.0, abs(float(own)))

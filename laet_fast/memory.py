@@ -397,6 +397,7 @@ def plan_memory(
     train_extra: Sequence[str] = (),
     attn_implementation: str = "sdpa",
     keep_logits: bool = True,
+    loss_chunk: int = 0,
     cuda_context_gb: float = 0.5,
     allocator_slack: float = 0.05,
 ) -> MemoryPlan:
@@ -419,6 +420,9 @@ def plan_memory(
         attn_implementation: "sdpa" (default of transformers) or "eager".
         keep_logits: the caller keeps the model output (and so the ``dtype`` logits) alive during backward,
             as ``out = model(...); out.loss.backward()`` does.
+        loss_chunk: the LM head and its loss run this many tokens at a time (``laet_fast.chunked_loss``, as
+            ``TrainConfig.loss_chunk`` does for ``lm`` / ``sft``): one chunk's logits and their gradient at a
+            time, plus the hidden states' gradient, computed in the forward pass; 0: the plain loss.
         cuda_context_gb, allocator_slack: the overhead term: a fixed CUDA context size (GiB) plus this
             fraction of the allocated peak for the caching allocator's fragmentation.
 
@@ -511,8 +515,12 @@ def plan_memory(
     # Logits: dtype logits (kept by the caller), fp32 log-softmax saved by cross-entropy; at the first
     # backward node also the gradient of the log-softmax and the logits' fp32 gradient.
     upcast = 4 if b != 4 else 0  # logits.float() is a copy unless the logits already are fp32
-    held = b * tokens * vocab if keep_logits else 0
-    if any_grad:
+    held = b * tokens * vocab if keep_logits and not loss_chunk else 0  # chunked, no logits exist to keep
+    if loss_chunk and any_grad:
+        # One chunk's dtype logits, their fp32 copy and their fp32 gradient; the final hidden states, their
+        # shifted copy and its gradient (made in the forward pass).
+        logits = min(loss_chunk, tokens) * vocab * (b + upcast + 4) + 3 * b * tokens * h
+    elif any_grad:
         logits = held + 12 * tokens * vocab
     else:
         logits = b * tokens * vocab + upcast * tokens * vocab + 4 * tokens * vocab

@@ -58,3 +58,61 @@ def test_shapes_are_checked():
         chunked_loss(hidden[None], weight, labels)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_loss(hidden, weight, labels, chunk_size=0)
+
+
+def test_the_config_default_is_the_modules():
+    from laet_fast.chunked_loss import DEFAULT_CHUNK
+    from laet_fast.train.config import LOSS_CHUNK
+
+    assert LOSS_CHUNK == DEFAULT_CHUNK
+
+
+def _tiny(tmp_path):
+    from train_fixtures import save_model
+
+    from laet_fast.loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(save_model(tmp_path / "m", layers=3, vocab_size=211), dtype="float32",
+                                    device="cpu")[0]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_task_model_chunked_loss_and_gradients_equal_the_models_own(tmp_path, packed):
+    from laet_fast.train.heads import TaskModel
+
+    model = _tiny(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 211, (3, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, :4] = -100  # a prompt, as sft masks it
+    extra = {"position_ids": torch.tensor([list(range(5)) + list(range(6))] * 3)} if packed else {}
+    results = []
+    for chunk in (0, 4):
+        model.zero_grad(set_to_none=True)
+        loss, _ = TaskModel(model, "sft", loss_chunk=chunk)(ids, mask, labels, **extra)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}))
+    (plain, plain_grads), (ours, our_grads) = results
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == our_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(our_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_model_whose_logits_are_not_the_heads_keeps_its_own_loss(tmp_path, monkeypatch, capsys):
+    from laet_fast.chunked_loss import agrees_with_model
+
+    model = _tiny(tmp_path)
+    assert agrees_with_model(model)
+    forward = model.forward
+
+    def soft_capped(*args, **kwargs):  # as Gemma 2's final_logit_softcapping changes the loss
+        out = forward(*args, **kwargs)
+        out.loss = out.loss * 1.01
+        return out
+
+    monkeypatch.setattr(model, "forward", soft_capped)
+    assert not agrees_with_model(model)

@@ -132,3 +132,18 @@ def test_version(capsys):
 
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"laet-fast {laet_fast.__version__}"
+
+
+def test_loss_chunk_plans_the_chunked_lm_head_loss(capsys):
+    argv = ["plan", "--model", "llama-3.1-8b", "--k", "4", "--quantize", "nf4", "--optimizer", "adamw8bit", "--json"]
+    assert cli.main([*argv, "--loss-chunk", "256"]) == 0
+    chunked = json.loads(capsys.readouterr().out)["plan"]
+    assert cli.main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["plan"]
+    config = shape_config("llama-3.1-8b")
+    expected = plan_memory(config, 4, 1024, quantize_frozen="nf4", optimizer="adamw8bit", loss_chunk=256)
+    assert chunked["total"] == expected.total < plain["total"]
+    # The README's figures: logits 1.71 -> 0.33 GiB, total 11.68 -> 10.84 GiB.
+    assert (round(plain["logits"] / GIB, 2), round(chunked["logits"] / GIB, 2)) == (1.71, 0.33)
+    assert (round(plain["total"] / GIB, 2), round(chunked["total"] / GIB, 2)) == (11.68, 10.84)
+    assert cli.main([*argv, "--loss-chunk", "-1"]) == 2

@@ -199,7 +199,9 @@ def test_the_trainer_trains_sft_and_scores_grad_norm_on_the_completion_only_loss
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device="cpu")
     cfg = TrainConfig(task="sft", method="grad_norm", max_steps=2, batch_size=4, max_length=32, packing=packing,
                       score_batches=1, out=str(tmp_path / "run"), progress=False)
-    report = Trainer(model, tokenizer, cfg, Dataset.from_list(_rows(24, 0)), _rows(6, 1)).fit()
+    trainer = Trainer(model, tokenizer, cfg, Dataset.from_list(_rows(24, 0)), _rows(6, 1))
+    report = trainer.fit()
+    assert trainer.loss_chunk == cfg.loss_chunk > 0  # the chunked LM-head loss, checked against the model's own
     assert seen["own_loss"] is True
     batch = seen["batches"][0]
     assert "position_ids" not in batch  # scored example by example

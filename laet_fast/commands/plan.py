@@ -53,6 +53,9 @@ def register(subparsers) -> None:
                         help="training dtype (default: bf16)")
     parser.add_argument("--attn", type=str.lower, default="sdpa", choices=ATTENTION,
                         help="attention implementation (default: sdpa)")
+    parser.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS",
+                        help="the LM head's loss this many tokens at a time, as laet-fast train --task lm/sft does "
+                             "(256 there); default 0: the full logits a plain transformers loop keeps")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.set_defaults(func=run)
 
@@ -85,8 +88,11 @@ def run(args) -> int:
         raise UsageError(f"--budget-gb must be a finite positive number of GiB, got {args.budget_gb}.")
     layers = _block_list(args.layers) if args.layers is not None else None
     config = _config(args.model)
+    if args.loss_chunk < 0:
+        raise UsageError(f"--loss-chunk must be >= 0 tokens (0: the plain loss), got {args.loss_chunk}.")
     options = dict(seq_len=args.seq_len, batch_size=args.batch_size, quantize_frozen=args.quantize,
-                   optimizer=args.optimizer, dtype=args.dtype, attn_implementation=args.attn)
+                   optimizer=args.optimizer, dtype=args.dtype, attn_implementation=args.attn,
+                   loss_chunk=args.loss_chunk)
     try:
         num_layers = block_shape(config).num_layers
         if args.k is not None and not 1 <= args.k <= num_layers:

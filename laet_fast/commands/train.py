@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     parser.add_argument("--task", choices=TASKS, default=d["task"],
                         help="classify (default); lm (next-token loss on every token); sft (chat messages, "
                              "prompt/completion or instruction/input/output rows: the loss on the answers only)")
+    parser.add_argument("--loss-chunk", type=int, default=d["loss_chunk"],
+                        help=f"lm, sft: the LM head's loss this many tokens at a time, so the full logits never "
+                             f"exist; 0: the model's own loss (default: {d['loss_chunk']})")
     parser.add_argument("--packing", action="store_true",
                         help="sft: pack examples into full rows of --max-length tokens, attention kept per example")
     parser.add_argument("--method", default=d["method"],
@@ -154,6 +157,7 @@ def _run(args) -> int:
             task=args.task, method=args.method, k=k, splits=args.splits, quantize_frozen=args.quantize_frozen,
             optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
             max_steps=args.max_steps, epochs=args.epochs or 1.0, batch_size=args.batch_size, packing=args.packing,
+            loss_chunk=args.loss_chunk,
             grad_accum=args.grad_accum, max_length=args.max_length, eval_every=args.eval_every,
             save_every=args.save_every, keep=args.keep, score_batches=args.score_batches,
             probe_examples=args.probe_examples, budget_gb=args.budget_gb, budget_s=args.budget_s,

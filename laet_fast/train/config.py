@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from .methods import METHODS, PROBE_EXAMPLES, PROBE_METHODS, parse_method
 
 TASKS = ("classify", "lm", "sft")
+# Tokens per chunk of the chunked LM-head loss (laet_fast.chunked_loss.DEFAULT_CHUNK, kept here torch-free).
+LOSS_CHUNK = 256
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
 QUANTIZE = ("nf4", "fp4", "int8")
@@ -32,6 +34,9 @@ class TrainConfig:
         max_length: tokens per text; longer texts are truncated (and counted in the log).
         packing: ``sft`` only: lay examples end to end in rows of ``max_length`` tokens, attention kept inside
             each example (refused for a model whose attention does not).
+        loss_chunk: ``lm`` / ``sft``: the LM head and its cross-entropy run this many tokens at a time
+            (``laet_fast.chunked_loss``), so that the ``[tokens, vocab]`` logits and their gradient never exist
+            whole; 0 uses the model's own loss (as does a model whose logits are not its head's plain output).
         eval_every, save_every, keep: evaluate / checkpoint every N optimizer steps; keep the last ``keep``.
         eval_fraction: share of the data held out (seeded, stratified for ``classify``) when no eval data is given.
         score_batches: batches of training data the method scores on (methods other than ``laet`` / ``laet-cost``).
@@ -65,6 +70,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 64
     packing: bool = False
+    loss_chunk: int = LOSS_CHUNK
     eval_every: int = 0
     save_every: int = 0
     keep: int = 2
@@ -113,10 +119,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-        for name in ("eval_every", "save_every", "reselect_every", "warmup_steps"):
+        for name in ("eval_every", "save_every", "reselect_every", "warmup_steps", "loss_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} must be an integer >= 0 (0 = never).")
+                raise ValueError(f"{name}={value!r} must be an integer >= 0 (0 turns it off).")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"max_steps={self.max_steps!r} must be an integer >= 1.")
         if not self.epochs > 0:

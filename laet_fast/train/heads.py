@@ -64,16 +64,19 @@ class TaskModel(nn.Module):
         task: ``"classify"``, ``"lm"`` or ``"sft"`` (the model's own loss on the labels given).
         heads: ``classify``: block index -> head mapping pooled [B, H] features to logits [B, C].
         layers: dotted path of the block list inside ``model``.
+        loss_chunk: ``lm`` / ``sft``: compute the LM head and its loss this many tokens at a time
+            (``laet_fast.chunked_loss``; the logits are then not returned); 0: the model's own loss.
 
     The heads sit in ``self.classifier`` (an ``nn.ModuleDict`` keyed by block index), a name that
     ``apply_selection`` keeps trainable as a task head.
     """
 
     def __init__(self, model: nn.Module, task: str, heads: dict[int, nn.Module] | None = None,
-                 layers: str | None = None):
+                 layers: str | None = None, loss_chunk: int = 0):
         super().__init__()
         self.model = model
         self.task = task
+        self.loss_chunk = loss_chunk
         self.stack = find_layers(model, layers)
         self.layers_path = "model." + self.stack.path
         self.classifier = nn.ModuleDict({str(i): head for i, head in sorted((heads or {}).items())})
@@ -96,10 +99,14 @@ class TaskModel(nn.Module):
         no attention mask, so that ``transformers`` keeps attention inside each packed example."""
         kwargs = {"use_cache": False}
         if position_ids is not None:
-            out = self.model(input_ids=input_ids, position_ids=position_ids, labels=labels, **kwargs)
-            return out.loss, out.logits
-        if self._with_positions:
+            kwargs["position_ids"], attention_mask = position_ids, None
+        elif self._with_positions:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if self.task != "classify" and self.loss_chunk and labels is not None:
+            from ..chunked_loss import lm_loss
+
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return lm_loss(self.model, hidden.last_hidden_state, labels, self.loss_chunk), None
         if self.task != "classify":
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             return out.loss, out.logits

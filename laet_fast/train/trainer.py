@@ -168,6 +168,7 @@ class Trainer:
         self.probe_baseline = None  # fit(): the evaluation before any training step (_probe_baseline)
         self._weights = None
         self._train_units = None  # what an epoch counts: examples, or sft's packed rows
+        self.loss_chunk = 0  # fit(): the chunk of the LM-head loss in use (0: the model's own loss)
         # name -> text, written into the run folder once the run is accepted (the command line's options)
         self.run_files: dict[str, str] = {}
 
@@ -256,6 +257,21 @@ class Trainer:
         self.scores, selection, heads = broadcast_object((self.scores, selection, heads))
         return selection, heads
 
+    def _chunked_loss_check(self, main: bool) -> int:
+        """The chunk the LM-head loss runs in: ``loss_chunk`` for ``lm`` / ``sft`` when the chunked loss gives the
+        model's own loss on a short random batch (``chunked_loss.agrees_with_model``), else 0 (said once)."""
+        cfg = self.config
+        if cfg.task == "classify" or not cfg.loss_chunk:
+            return 0
+        from ..chunked_loss import agrees_with_model
+
+        if agrees_with_model(self.model, cfg.loss_chunk):
+            return cfg.loss_chunk
+        if main:
+            print(f"note: {type(self.model).__name__}'s logits are not its LM head's plain output (or it has no "
+                  f"separate head); its own loss is used, with the full logits (loss_chunk off).", file=sys.stderr)
+        return 0
+
     def _cost_model(self):
         """The run's step (batch, length, frozen storage, optimizer, dtype) as ``laet_fast.cost`` costs it."""
         from ..cost import CostModel
@@ -323,6 +339,7 @@ class Trainer:
         if truncated and main:
             print(f"note: {truncated} of {len(self.train_data) + len(self.eval_data)} texts are longer than "
                   f"max_length={cfg.max_length} tokens and were truncated.", file=sys.stderr)
+        self.loss_chunk = self._chunked_loss_check(main)
         if cfg.task == "sft":
             dropped = train_batches.units.dropped + eval_batches.units.dropped
             if dropped and main:
@@ -349,7 +366,7 @@ class Trainer:
             selection, heads = self._choose(train_batches, device)
         t_scored = time.perf_counter()
 
-        task_model = TaskModel(self.model, cfg.task, heads, layers=self.layers).to(device)
+        task_model = TaskModel(self.model, cfg.task, heads, layers=self.layers, loss_chunk=self.loss_chunk).to(device)
         apply_kwargs = {"quantize_frozen": cfg.quantize_frozen, "layers": task_model.layers_path}
         if saved is not None and set(saved["ever_trained"]) - set(selection.layers):
             # Blocks trained earlier and frozen since hold trained weights: mark them trained first so that
