@@ -194,3 +194,10 @@ def test_the_finished_mark_verifies_like_a_checkpoint(tmp_path):
         checkpoints.finished(str(tmp_path))
     shutil.rmtree(path)
     assert checkpoints.finished(str(tmp_path)) is None
+
+
+def test_a_checkpoint_from_before_a_key_was_added_resumes_with_the_value_that_reproduces_it():
+    older = {"lr": 0.001}  # written before packing and loss_chunk existed: the plain loss, no packing
+    checkpoints.check_same_run(older, {"lr": 0.001, "packing": False, "loss_chunk": 0}, "CKPT")
+    with pytest.raises(ValueError, match="loss_chunk: checkpoint 0, this run 256"):
+        checkpoints.check_same_run(older, {"lr": 0.001, "packing": False, "loss_chunk": 256}, "CKPT")

@@ -262,9 +262,16 @@ def finished(run_dir: str) -> tuple[str, dict] | None:
     return (path, verify(path)) if os.path.isdir(path) else None
 
 
+# Fingerprint keys added after checkpoints were first written, with the value that gives what a run made before
+# them did: an older checkpoint lacking one resumes when this run sets that value (and is refused, saying so,
+# when it does not).
+ADDED_KEYS = {"packing": False, "loss_chunk": 0}
+
+
 def check_same_run(saved: dict, current: dict, path: str) -> None:
     """Refuse a checkpoint whose fingerprint differs from this run's, naming every difference (a key that one
-    side lacks is a difference)."""
+    side lacks is a difference, but for :data:`ADDED_KEYS`)."""
+    saved = {**{key: value for key, value in ADDED_KEYS.items() if key in current}, **saved}
     diffs = []
     for key in sorted(set(saved) | set(current)):
         if saved.get(key, _ABSENT) != current.get(key, _ABSENT):

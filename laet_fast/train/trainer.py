@@ -337,7 +337,8 @@ class Trainer:
         self._train_units = len(train_batches)
         truncated = train_batches.truncated() + eval_batches.truncated()
         if truncated and main:
-            print(f"note: {truncated} of {len(self.train_data) + len(self.eval_data)} texts are longer than "
+            what = "examples" if cfg.task == "sft" else "texts"
+            print(f"note: {truncated} of {len(self.train_data) + len(self.eval_data)} {what} are longer than "
                   f"max_length={cfg.max_length} tokens and were truncated.", file=sys.stderr)
         self.loss_chunk = self._chunked_loss_check(main)
         if cfg.task == "sft":
