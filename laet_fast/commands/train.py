@@ -24,7 +24,7 @@ _PARSER = None  # this command's parser (register), which --config parses the co
 
 
 def register(subparsers) -> None:
-    from laet_fast.train.config import OPTIMIZERS, SCHEDULES, TASKS, TrainConfig
+    from laet_fast.train.config import OPTIMIZERS, REPORT_TO, SCHEDULES, TASKS, TrainConfig
     from laet_fast.train.methods import METHODS
 
     d = TrainConfig.defaults()
@@ -103,7 +103,10 @@ def register(subparsers) -> None:
     parser.add_argument("--layers", metavar="PATH", default=None, help="dotted path of the block list, if not found")
     parser.add_argument("--out", default=d["out"], help=f"run folder (default: {d['out']})")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--report-to", choices=REPORT_TO, default=d["report_to"],
+                        help="also log losses, evaluations, per-block scores and selections to this experiment "
+                             "tracker (through accelerate; its package must be installed) (default: none)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads torch computes with (default: torch's own, one per core unless "
                              "OMP_NUM_THREADS says otherwise); on a CPU shared with other jobs, 1 can be faster")
@@ -162,7 +165,7 @@ def _run(args) -> int:
             save_every=args.save_every, keep=args.keep, score_batches=args.score_batches,
             probe_examples=args.probe_examples, budget_gb=args.budget_gb, budget_s=args.budget_s,
             reselect_every=args.reselect_every, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-            out=args.out, progress=not args.no_progress, resume=args.resume,
+            out=args.out, progress=not args.no_progress, resume=args.resume, report_to=args.report_to,
         )
         if config.reselect_every:
             check_reselectable(config.method)

@@ -11,8 +11,10 @@ LOSS_CHUNK = 256
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
 QUANTIZE = ("nf4", "fp4", "int8")
+# Experiment trackers a run can log to, through accelerate's (``none``: log.jsonl only).
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio", "aim", "comet_ml", "dvclive", "swanlab")
 # Fields a resumed run may change without changing the run (where to write, how often to report).
-RESUMABLE_CHANGES = ("out", "keep", "progress", "eval_every", "resume")
+RESUMABLE_CHANGES = ("out", "keep", "progress", "eval_every", "resume", "report_to")
 
 
 @dataclass
@@ -50,7 +52,10 @@ class TrainConfig:
         max_nan_steps: stop after this many NaN losses in a row (each NaN step is skipped).
         seed: seed of the split, the shuffling, the heads and ``random``.
         out: the run folder (log.jsonl, checkpoints/, model/, report.*).
-        progress: show the progress bar; resume: continue from the newest checkpoint in ``out``.
+        progress: show the progress bars; resume: continue from the newest checkpoint in ``out``.
+        report_to: also log what ``log.jsonl`` holds (losses, evaluations, per-block scores, selections) to an
+            experiment tracker through accelerate (``"tensorboard"``, ``"wandb"``, ``"mlflow"``...; the tracker's
+            package must be installed); ``"none"``: ``log.jsonl`` only.
         head_hidden: hidden sizes of LAET's probe heads.
     """
 
@@ -86,6 +91,7 @@ class TrainConfig:
     out: str = "laet-run"
     progress: bool = True
     resume: bool = False
+    report_to: str = "none"
     head_hidden: tuple[int, ...] = field(default=(128, 64))
 
     def __post_init__(self):
@@ -110,6 +116,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name}={value!r} must be a finite number > 0.")
         self.quantize_frozen = _quantize_name(self.quantize_frozen)
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to={self.report_to!r}: choose one of {', '.join(REPORT_TO)}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
         if self.schedule not in SCHEDULES:

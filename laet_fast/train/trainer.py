@@ -171,6 +171,8 @@ class Trainer:
         self.loss_chunk = 0  # fit(): the chunk of the LM-head loss in use (0: the model's own loss)
         # name -> text, written into the run folder once the run is accepted (the command line's options)
         self.run_files: dict[str, str] = {}
+        # accelerate GeneralTracker instances to log to, besides config.report_to's (Python API)
+        self.trackers: list = []
 
     # ------------------------------------------------------------------ set-up
     def fingerprint(self) -> dict:
@@ -257,6 +259,20 @@ class Trainer:
         self.scores, selection, heads = broadcast_object((self.scores, selection, heads))
         return selection, heads
 
+    def _trackers(self) -> list:
+        """What accelerate logs to: ``self.trackers`` and ``config.report_to``'s tracker, which must be installed."""
+        chosen = list(self.trackers)
+        name = self.config.report_to
+        if name != "none":
+            from accelerate.tracking import get_available_trackers
+
+            if name not in {str(t) for t in get_available_trackers()}:
+                package = {"comet_ml": "comet-ml"}.get(name, name)
+                raise ValueError(f"report_to={name!r} logs through the {package} package, which is not installed: "
+                                 f"pip install {package}.")
+            chosen.append(name)
+        return chosen
+
     def _chunked_loss_check(self, main: bool) -> int:
         """The chunk the LM-head loss runs in: ``loss_chunk`` for ``lm`` / ``sft`` when the chunked loss gives the
         model's own loss on a short random batch (``chunked_loss.agrees_with_model``), else 0 (said once)."""
@@ -315,8 +331,9 @@ class Trainer:
         # Under torchrun / accelerate launch this joins the process group (DDP, one rank per process). Told
         # that there is no accelerator, accelerate takes gloo for several CPU processes (else it ignores them).
         on_cpu = not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else cuda)
+        trackers = self._trackers()
         accelerator = Accelerator(mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
-                                  cpu=on_cpu)
+                                  cpu=on_cpu, log_with=trackers or None, project_dir=cfg.out)
         device, main = accelerator.device, accelerator.is_main_process
         rank, world = accelerator.process_index, accelerator.num_processes
         if not cfg.resume and run_exists(cfg.out):
@@ -390,6 +407,13 @@ class Trainer:
             self._truncate_log(step)
             for name, text in self.run_files.items():  # the run is accepted: a refused one writes nothing
                 write_text(os.path.join(cfg.out, name), text)
+        if trackers:
+            accelerator.init_trackers("laet_fast", config=tracker_scalars(cfg.to_dict(), keep_text=True))
+            if saved is None:  # the first choice, at step 0: the scores it was made from and the blocks
+                first = {"selection": list(selection.layers)}
+                if self.scores is not None:
+                    first["layer_scores"] = self.scores.to_dict()["metrics"]
+                accelerator.log(tracker_scalars(first, num_layers=selection.num_layers), step=0)
 
         reselector, probe = self._reselector(task_model, optimizer)
         if reselector is not None:
@@ -473,6 +497,8 @@ class Trainer:
                         line["note"] = f"non-finite {', '.join(non_finite)} written as null"
                     log.write(json.dumps(line, allow_nan=False) + "\n")
                     log.flush()
+                if trackers:
+                    accelerator.log(tracker_scalars(entry, num_layers=selection.num_layers), step=step)
                 bar.update(1)
                 bar.set_postfix(loss="nan" if entry["loss"] is None else f"{loss_value:.4f}",
                                 tok_s=f"{tokens / step_times[-1]:.0f}", mem=_memory_text(cuda))
@@ -508,6 +534,8 @@ class Trainer:
                 checkpoints.mark_finished(cfg.out, step, self.fingerprint())  # last: the run's outputs are complete
             except checkpoints.NoSpace as err:
                 raise TrainError(str(err)) from None
+        if trackers:
+            accelerator.end_training()
         accelerator.wait_for_everyone()  # the run folder is complete when fit() returns, on every rank
         return result
 
@@ -569,8 +597,13 @@ class Trainer:
         if probe is not None:
             probe.detach()  # evaluation passes are no part of the re-selection window
         total_loss, count, preds, golds, head_preds = 0.0, 0, [], [], []
+        from tqdm.auto import tqdm
+
+        shown = self.config.progress and rank == 0
         try:
-            for batch in batches.in_order(rank, world):
+            for batch in tqdm(batches.in_order(rank, world), desc="evaluating", unit="batch", file=sys.stderr,
+                              total=math.ceil(len(batches) / (batches.batch_size * world)), disable=not shown,
+                              leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
                     loss, logits = module(**self._loss_inputs(batch))
@@ -739,6 +772,40 @@ class Trainer:
                 f"{estimate}. "
                 f"Lower --batch-size or --max-length, train fewer blocks (--k), or use --quantize-frozen nf4 and "
                 f"--optimizer adamw8bit; the last checkpoint is kept.")
+
+
+def tracker_scalars(entry: dict, num_layers: int | None = None, keep_text: bool = False) -> dict:
+    """A ``log.jsonl`` entry as the flat ``{name: number}`` a tracker takes: nested dicts joined by ``/``, a list of
+    numbers one value per index (per-block scores: ``layer_scores/grad_norm/3``), a selection as its size, its
+    lowest block and a 0/1 per block; None and non-finite values are left out (``keep_text``: strings, and lists
+    as text, are kept, for a run's configuration)."""
+    flat: dict = {}
+
+    def put(name: str, value) -> None:
+        if isinstance(value, bool):
+            flat[name] = int(value)
+        elif isinstance(value, (int, float)):
+            if math.isfinite(value):
+                flat[name] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                put(f"{name}/{key}" if name else str(key), item)
+        elif isinstance(value, (list, tuple)):
+            if name.split("/")[-1] == "selection" and num_layers is not None:
+                chosen = set(value)
+                flat[f"{name}/count"], flat[f"{name}/lowest"] = len(chosen), min(chosen, default=-1)
+                for block in range(num_layers):
+                    flat[f"{name}/block_{block}"] = int(block in chosen)
+            elif keep_text:
+                flat[name] = json.dumps(value)
+            else:
+                for index, item in enumerate(value):
+                    put(f"{name}/{index}", item)
+        elif isinstance(value, str) and keep_text:
+            flat[name] = value
+
+    put("", entry)
+    return flat
 
 
 def _say(line: str) -> None:
