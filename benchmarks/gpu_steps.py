@@ -109,13 +109,6 @@ def time_call(fn, device: torch.device, target_s: float = 0.2, min_reps: int = 3
             "reps": reps}
 
 
-def _bench_module(name: str):
-    """A suite of benchmarks/ as a module (this folder is on sys.path in the step processes and the tests)."""
-    import importlib
-
-    return importlib.import_module(name)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 1. Environment
 

@@ -41,13 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import RESULTS_DIR, write_result  # noqa: E402
 
 from laet_fast import export_model  # noqa: E402
-from laet_fast.loading import _package_folder, iter_batches, load_model_and_tokenizer, load_texts  # noqa: E402
+from laet_fast.loading import package_folder, iter_batches, load_model_and_tokenizer, load_texts  # noqa: E402
 from laet_fast.merge import POLICIES, layer_impact, restore  # noqa: E402
 from laet_fast.merge.impact import mean_token_nll  # noqa: E402
 
 
 def general_texts() -> list[str]:
-    folder = _package_folder("gensim")
+    folder = package_folder("gensim")
     path = folder and os.path.join(folder, "test", "test_data", "lee_background.cor")
     if not path or not os.path.isfile(path):
         raise SystemExit("the general-English corpus ships with gensim: pip install --no-deps gensim")

