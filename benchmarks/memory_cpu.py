@@ -99,7 +99,7 @@ def measure(shape: str, task: str, k: int, seq_len: int, optimizer_name: str, lo
     step_s = time.perf_counter() - t0
     plan = plan_memory(config, trained, seq_len=seq_len, batch_size=1, quantize_frozen="nf4",
                        optimizer=optimizer_name, dtype="bf16", keep_logits=False,
-                       loss_chunk=loss_chunk if task == "lm" else 0)
+                       loss_chunk=loss_chunk if task == "lm" else 0, lm_head=task == "lm")
     measured = resident + peak_above
     return {"task": task, "k": k, "seq_len": seq_len, "optimizer": optimizer_name,
             "loss_chunk": loss_chunk if task == "lm" else 0,
@@ -108,9 +108,7 @@ def measure(shape: str, task: str, k: int, seq_len: int, optimizer_name: str, lo
             "planned_peak_allocated_gib": plan.peak_allocated / GIB, "planned_total_gib": plan.total / GIB,
             "planned_overhead_gib": plan.overhead / GIB, "planned_peak_phase": plan.peak_phase,
             "planned_terms_gib": {term: getattr(plan, term) / GIB for term in plan.TERMS},
-            "plan_error": plan.peak_allocated / measured - 1.0, "build_s": built, "step_s": step_s,
-            "note_classify": "classify plans the LM head's logits too (plan_memory has no classify task), so its "
-                             "plan is an upper bound" if task == "classify" else None}
+            "plan_error": plan.peak_allocated / measured - 1.0, "build_s": built, "step_s": step_s}
 
 
 def _tensors(task_model, optimizer):

@@ -398,6 +398,7 @@ def plan_memory(
     attn_implementation: str = "sdpa",
     keep_logits: bool = True,
     loss_chunk: int = 0,
+    lm_head: bool = True,
     cuda_context_gb: float = 0.5,
     allocator_slack: float = 0.05,
 ) -> MemoryPlan:
@@ -423,6 +424,10 @@ def plan_memory(
         loss_chunk: the LM head and its loss run this many tokens at a time (``laet_fast.chunked_loss``, as
             ``TrainConfig.loss_chunk`` does for ``lm`` / ``sft``): one chunk's logits and their gradient at a
             time, plus the hidden states' gradient, computed in the forward pass; 0: the plain loss.
+        lm_head: the LM head and its loss run (``lm``, ``sft``). False: a classification run
+            (``laet_fast.Trainer``'s ``classify``), whose heads read pooled block outputs and whose forward
+            pass never reaches the LM head, so there are no logits (the blocks above the highest head, which
+            do not run either, are still counted: an upper bound there).
         cuda_context_gb, allocator_slack: the overhead term: a fixed CUDA context size (GiB) plus this
             fraction of the allocated peak for the caching allocator's fragmentation.
 
@@ -515,8 +520,10 @@ def plan_memory(
     # Logits: dtype logits (kept by the caller), fp32 log-softmax saved by cross-entropy; at the first
     # backward node also the gradient of the log-softmax and the logits' fp32 gradient.
     upcast = 4 if b != 4 else 0  # logits.float() is a copy unless the logits already are fp32
-    held = b * tokens * vocab if keep_logits and not loss_chunk else 0  # chunked, no logits exist to keep
-    if loss_chunk and any_grad:
+    held = b * tokens * vocab if keep_logits and lm_head and not loss_chunk else 0  # chunked: none to keep
+    if not lm_head:
+        logits = 0  # the heads' [batch, classes] logits and pooled features are negligible
+    elif loss_chunk and any_grad:
         # One chunk's dtype logits, their fp32 copy and their fp32 gradient; the final hidden states, their
         # shifted copy and its gradient (made in the forward pass).
         logits = min(loss_chunk, tokens) * vocab * (b + upcast + 4) + 3 * b * tokens * h

@@ -385,3 +385,35 @@ def test_model_shapes_table():
     assert (eight.hidden, eight.intermediate, eight.num_layers, eight.heads, eight.kv_heads, eight.tied) == \
         (4096, 14336, 32, 32, 8, False)
     assert math.isclose(plan_memory(shape_config("llama-3.2-1b"), 0, 8).frozen_weights / 2, 1_235_814_400)
+
+
+def test_a_classification_step_has_no_logits_in_its_plan_and_matches_the_allocation_trace():
+    """laet_fast.Trainer's classify: a head on the last block's pooled output; the LM head never runs
+    (``lm_head=False``). A large vocabulary makes the difference plain: planned with logits, the plan would be
+    several times the measured peak."""
+    from laet_fast.apply import apply_selection, build_optimizer
+    from laet_fast.train.heads import ProbeHead, TaskModel
+
+    vocab, batch, seq, layers = 30000, 2, 24, [2, 3]
+    model = tiny_model("llama", seed=0, **{**SMALL, "hidden_size": 256, "intermediate_size": 768,
+                                           "vocab_size": vocab}).train()
+    model.config._attn_implementation = "sdpa"
+    task_model = TaskModel(model, "classify", {3: ProbeHead(256, 2, ())})
+    apply_selection(task_model, layers, dtype=torch.bfloat16, layers=task_model.layers_path)
+    opt = build_optimizer(task_model, "adamw", lr=1e-3, foreach=True)
+    ids = _ids(vocab, batch, seq)
+    mask, labels = torch.ones_like(ids), torch.tensor([0, 1])
+
+    def forward_backward():
+        task_model(ids, mask, labels)[0].backward()
+
+    forward_backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    measured = measure_cpu_peak(forward_backward)
+    config = tiny_config("llama", **{**SMALL, "hidden_size": 256, "intermediate_size": 768, "vocab_size": vocab})
+    plan = plan_memory(config, layers, seq, batch, optimizer="adamw", dtype="bf16", lm_head=False)
+    with_logits = plan_memory(config, layers, seq, batch, optimizer="adamw", dtype="bf16", keep_logits=False)
+    assert plan.logits == 0 and with_logits.logits > 0
+    assert max(plan.phases["loss"], plan.phases["backward"]) == pytest.approx(measured, rel=0.05)
+    assert max(with_logits.phases["loss"], with_logits.phases["backward"]) > 2 * measured

@@ -194,7 +194,7 @@ def plan_for_run(trainer, selection) -> int | None:
         plan = plan_memory(trainer.model.config, selection, seq_len=cfg.max_length, batch_size=cfg.batch_size,
                            quantize_frozen=cfg.quantize_frozen, optimizer=cfg.optimizer, dtype=dtype_label(dtype),
                            keep_logits=cfg.task != "classify" and not trainer.loss_chunk,
-                           loss_chunk=trainer.loss_chunk)
+                           loss_chunk=trainer.loss_chunk, lm_head=cfg.task != "classify")
     except ValueError:
         return None
     return plan.peak_allocated
