@@ -643,9 +643,12 @@ def summarize(parts: list[dict]) -> dict:
     return out
 
 
-def _pm(mean, std, digits=3, scale=1.0):
+def _pm(mean, std, digits=3, scale=1.0, seeds=2):
+    """``mean ± std``; one seed has no spread to show, so it is the value alone."""
     if mean is None:
         return "-"
+    if seeds < 2:
+        return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
@@ -674,11 +677,14 @@ def markdown(summary: dict) -> str:
             low = r["lowest_block_range"]
             low_text = "-" if low is None else (str(low[0]) if low[0] == low[1] else f"{low[0]}-{low[1]}")
             params = "0" if not r["trainable_params"] else f"{r['trainable_params'] / 1e6:.2f} M"
+            n = len(r["seeds"])
             lines.append(
-                f"| {r['title']} | {_pm(r['test_accuracy'], r['test_accuracy_std'])} | "
-                f"{_pm(r['test_macro_f1'], r['test_macro_f1_std'])} | {r['lr'] if r['lr'] is not None else '-'} | "
-                f"{params} | {_pm(r['peak_memory'], r['peak_memory_std'], 2, 1 / 2**30)} | "
-                f"{_pm(r['time_per_step'], r['time_per_step_std'], 2)} | {_pm(r['total_time'], r['total_time_std'], 0)}"
+                f"| {r['title']} | {_pm(r['test_accuracy'], r['test_accuracy_std'], seeds=n)} | "
+                f"{_pm(r['test_macro_f1'], r['test_macro_f1_std'], seeds=n)} | "
+                f"{r['lr'] if r['lr'] is not None else '-'} | "
+                f"{params} | {_pm(r['peak_memory'], r['peak_memory_std'], 2, 1 / 2**30, seeds=n)} | "
+                f"{_pm(r['time_per_step'], r['time_per_step_std'], 2, seeds=n)} | "
+                f"{_pm(r['total_time'], r['total_time_std'], 0, seeds=n)}"
                 f" | {low_text} | {len(r['seeds'])}{'' if len(r['seeds']) >= 3 else ' (incomplete)'} |")
         lines.append("")
     return "\n".join(lines)

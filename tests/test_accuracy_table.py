@@ -197,3 +197,10 @@ def test_vader_labels_come_from_the_mean_rating_with_a_neutral_band(tmp_path):
     texts, labels = accuracy.read_vader("tweets_GroundTruth.txt", sdist)
     assert texts == ["a\tb", "c", "d", "e"]
     assert labels == ["negative", "neutral", "neutral", "positive"]
+
+
+def test_a_row_with_one_seed_shows_no_spread_and_is_marked_incomplete():
+    rng = random.Random(9)
+    summary = accuracy.summarize([_part("last", [0], rng), _part("laet", [0, 1, 2], rng)])
+    lines = [line for line in accuracy.markdown(summary).splitlines() if line.startswith("| last-k")]
+    assert len(lines) == 1 and "±" not in lines[0] and lines[0].endswith("| 1 (incomplete) |")
