@@ -375,3 +375,14 @@ def test_the_probe_baseline_is_the_frozen_heads_on_the_evaluation_split(model_di
     assert f"best frozen probe (block {best}) accuracy {baseline['best_probe']['accuracy']:.4f}" in report.text()
     saved = json.load(open(os.path.join(cfg.out, "report.json")))
     assert saved["probe_baseline"] == baseline
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_report_says_when_classify_stops_below_the_last_block(model_dir, tmp_path, k):
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device="cpu")
+    cfg = TrainConfig(method="laet", k=k, max_steps=1, batch_size=4, out=str(tmp_path / "run"), progress=False)
+    report = Trainer(model, tokenizer, cfg, labelled_texts(24, 0), labelled_texts(8, 1)).fit()
+    top = max(report.head_layers)
+    said = [note for note in report.notes if "stops at the highest head" in note]
+    assert said == ([f"the plan counts the forward pass of every block; classify stops at the highest head "
+                     f"(block {top}), so the blocks above it cost nothing"] if top < 3 else [])

@@ -69,8 +69,10 @@ class TrainReport:
         if not cuda:
             notes.append("peak memory on CPU is the whole process's peak RSS (Python, libraries, model loading "
                          "included); the plan counts training tensors only")
-        if planned is not None and cfg.task == "classify":
-            notes.append("the plan assumes a full forward pass to the LM head; classify stops at the highest head")
+        top = max(task_model.head_layers, default=None) if cfg.task == "classify" else None
+        if planned is not None and top is not None and top < len(task_model.stack) - 1:
+            notes.append(f"the plan counts the forward pass of every block; classify stops at the highest head "
+                         f"(block {top}), so the blocks above it cost nothing")
         spread = None
         if cfg.method in PROBE_METHODS:
             margin = {"margin": selection.params["margin"]} if "margin" in selection.params else {}  # top-k: none
