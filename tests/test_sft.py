@@ -249,3 +249,12 @@ def test_cli_trains_sft_from_a_jsonl_file(model_dir, tmp_path, capsys):  # noqa:
     code = main(["train", "--model", model_dir, "--data", str(data), "--task", "sft", "--max-steps", "1",
                  "--out", str(tmp_path / "r2")])
     assert code == 2 and "choose another method" in capsys.readouterr().err
+
+
+def test_a_template_that_renders_nothing_for_the_answers_is_refused_in_one_line():
+    template = ("{% for m in messages %}{% if m['role'] != 'assistant' %}<|im_start|> {{ m['role'] }} "
+                "{{ m['content'] }} <|im_end|> {% endif %}{% endfor %}")  # drops the assistant's turns
+    tok = chat_tokenizer(template)
+    chat = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+    with pytest.raises(ValueError, match="renders no tokens for this chat's assistant turns"):
+        tokenize_example(tok, {"messages": chat})

@@ -123,6 +123,9 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
             raise ValueError("the tokenizer's chat template renders a chat differently once more turns follow, so "
                              "the assistant's tokens cannot be told apart; give prompt/completion rows instead.")
         learned[len(before): len(upto)] = [True] * (len(upto) - len(before))
+    if not any(learned):
+        raise ValueError("the tokenizer's chat template renders no tokens for this chat's assistant turns (empty "
+                         "answers?), so there is nothing to learn; give each assistant turn some content.")
     eos = _eos_id(tokenizer)
     last = max(i for i, flag in enumerate(learned) if flag)
     if eos not in [ids[i] for i, flag in enumerate(learned) if flag]:
