@@ -258,3 +258,22 @@ def test_a_template_that_renders_nothing_for_the_answers_is_refused_in_one_line(
     chat = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
     with pytest.raises(ValueError, match="renders no tokens for this chat's assistant turns"):
         tokenize_example(tok, {"messages": chat})
+
+
+def test_a_template_that_refuses_a_chat_is_one_line_naming_the_fix():
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                "supported') }}{% endif %}{{ m['content'] }} {% endfor %}")
+    chat = [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2"},
+            {"role": "assistant", "content": "w3"}]
+    with pytest.raises(ValueError, match="System role not supported; fold a system message into the first user"):
+        tokenize_example(chat_tokenizer(template), {"messages": chat})
+
+
+def test_packing_is_refused_for_a_model_without_position_ids(tmp_path, monkeypatch):
+    from laet_fast.loading import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(save_model(tmp_path / "m", layers=2), dtype="float32", device="cpu")
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda input_ids=None, **kwargs: forward(input_ids=input_ids))
+    with pytest.raises(ValueError, match="takes no position_ids, so packed examples cannot be kept apart"):
+        check_packing(model)

@@ -265,7 +265,7 @@ def finished(run_dir: str) -> tuple[str, dict] | None:
 # Fingerprint keys added after checkpoints were first written, with the value that gives what a run made before
 # them did: an older checkpoint lacking one resumes when this run sets that value (and is refused, saying so,
 # when it does not).
-ADDED_KEYS = {"packing": False, "loss_chunk": 0}
+ADDED_KEYS = {"packing": False}
 
 
 def check_same_run(saved: dict, current: dict, path: str) -> None:

@@ -14,7 +14,8 @@ QUANTIZE = ("nf4", "fp4", "int8")
 # Experiment trackers a run can log to, through accelerate's (``none``: log.jsonl only).
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio", "aim", "comet_ml", "dvclive", "swanlab")
 # Fields a resumed run may change without changing the run (where to write, how often to report).
-RESUMABLE_CHANGES = ("out", "keep", "progress", "eval_every", "resume", "report_to")
+# loss_chunk: the chunked loss computes the same loss and gradients as the plain one (to rounding).
+RESUMABLE_CHANGES = ("out", "keep", "progress", "eval_every", "resume", "report_to", "loss_chunk")
 
 
 @dataclass

@@ -90,7 +90,13 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as err:  # the template's own refusal (a system turn it lacks, turns out of order)
+        raise ValueError(f"the tokenizer's chat template refused a chat: {err}; fold a system message into the first "
+                         f"user turn, make the turns alternate, or give prompt/completion rows.") from None
     return _ids(tokenizer, text)
 
 
@@ -249,6 +255,11 @@ def check_packing(model) -> None:
     Two short random sequences are run packed in one row (position ids restarting, no attention mask) and
     apart; their logits must agree, as they do when the attention keeps each example to itself.
     """
+    from ..embed.extract import accepts_argument
+
+    if not accepts_argument(model, "position_ids"):
+        raise ValueError(f"this model ({type(model).__name__}) takes no position_ids, so packed examples cannot be "
+                         f"kept apart; drop --packing.")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     first, second = (torch.randint(0, vocab, (1, n), generator=gen) for n in (5, 4))
