@@ -41,3 +41,22 @@ def test_unknown_names_and_bad_files_are_one_line_errors(tmp_path, capsys):
     assert "must hold a mapping" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_group_of_exclusive_options_takes_the_command_lines_member(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 100\n")
+    options = printed(capsys, "--config", str(path), "--epochs", "3")
+    assert options["epochs"] == 3 and options["max_steps"] is None  # --epochs replaces the file's max_steps
+    path.write_text("max_steps: 100\nepochs: 2\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert "sets max_steps and epochs; give one of them" in capsys.readouterr().err
+
+
+def test_an_on_off_option_in_the_file_must_be_true_or_false(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text('packing: "false"\n')
+    assert main(["train", "--config", str(path)]) == 2
+    assert "'packing' is on or off: write true or false, not 'false'" in capsys.readouterr().err
+    path.write_text("packing: false\n")
+    assert printed(capsys, "--config", str(path))["packing"] is False

@@ -31,8 +31,9 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     return [action.dest for action in parser._actions if action.dest not in _NOT_OPTIONS]
 
 
-def read_config_file(path: str, valid: list[str]) -> dict:
-    """The file's options, keyed by destination name; UsageError for a bad file or an unknown name."""
+def read_config_file(path: str, valid: list[str], flags: tuple[str, ...] = ()) -> dict:
+    """The file's options, keyed by destination name; UsageError for a bad file, an unknown name, or a flag
+    (``flags``: the on/off options) whose value is not true or false."""
     import yaml
 
     if not os.path.isfile(path):
@@ -56,6 +57,8 @@ def read_config_file(path: str, valid: list[str]) -> dict:
             near = difflib.get_close_matches(dest, valid, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; valid names: {', '.join(valid)}."
             raise UsageError(f"--config {path}: unknown option {key!r}{hint}")
+        if dest in flags and not isinstance(value, bool):
+            raise UsageError(f"--config {path}: {key!r} is on or off: write true or false, not {value!r}.")
         options[dest] = value
     return options
 
@@ -64,8 +67,21 @@ def with_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     """``args`` parsed again with the config file's values as defaults (the command line still wins)."""
     if args.config is None:
         return args
-    parser.set_defaults(**read_config_file(args.config, _options(parser)))
+    flags = tuple(a.dest for a in parser._actions if isinstance(a, (argparse._StoreTrueAction,
+                                                                    argparse._StoreFalseAction)))
+    from_file = read_config_file(args.config, _options(parser), flags)
     own = args.argv[args.argv.index(command) + 1:] if command in args.argv else args.argv
+    given = {a.dest for a in parser._actions if any(option in own or any(word.startswith(option + "=")
+                                                                            for word in own)
+                                                     for option in a.option_strings)}
+    for group in parser._mutually_exclusive_groups:  # argparse checks these on the command line only
+        members = [a.dest for a in group._group_actions]
+        in_file = [dest for dest in members if from_file.get(dest) is not None]  # None: unset, as --print-config writes
+        if len(in_file) > 1:
+            raise UsageError(f"--config {args.config} sets {' and '.join(in_file)}; give one of them.")
+        if in_file and any(dest in given for dest in members):
+            del from_file[in_file[0]]  # the command line's choice of the group wins
+    parser.set_defaults(**from_file)
     try:
         parsed = parser.parse_args(own)
     except SystemExit:  # argparse printed why
