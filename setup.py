@@ -35,6 +35,8 @@ setup(
         "datasets>=5.2",
         # laet-fast train --config / --print-config (YAML); transformers needs it too.
         "pyyaml>=6.0",
+        # sft renders chats with the tokenizer's chat template (and names its errors).
+        "jinja2>=3.1",
     ],
     extras_require={
         # `kernels` is Hugging Face's hub-kernel package: the suite checks that our kernels/ folder
