@@ -137,19 +137,19 @@ def load_split(name: str, n_train: int, n_val: int, n_test: int):
 
     The split is the same for every row and seed.
     """
-    from laet_fast.train.data import TextData, encode_labels, read_data, split
+    from laet_fast.data import TextData, encode_labels, read_examples, split_examples
 
     total = n_train + n_val + n_test
     if DATASETS[name] is None:
-        data = read_data(None, "classify", subset=total, seed=0)
+        data = read_examples(None, "classify", subset=total, seed=0)
     else:
         texts, labels = read_vader(DATASETS[name])
         if len(texts) < total:
             raise SystemExit(f"dataset {name!r} has {len(texts)} examples, fewer than the {total} asked for.")
         ids, classes = encode_labels(labels)
         data = TextData(texts, ids, classes).subset(sorted(random.Random(0).sample(range(len(texts)), total)))
-    rest, test = split(data, n_test / len(data), 0)
-    train, val = split(rest, n_val / len(rest), 0)
+    rest, test = split_examples(data, n_test / len(data), 0)
+    train, val = split_examples(rest, n_val / len(rest), 0)
     return train, val, test
 
 
@@ -193,7 +193,7 @@ def reset_peak() -> bool:
 
 # ---------------------------------------------------------------------------------------------- one run
 def _trainer_class():
-    from laet_fast.train.data import Batches
+    from laet_fast.train.batches import Batches
     from laet_fast.train.trainer import Trainer
 
     class TableTrainer(Trainer):
@@ -247,7 +247,7 @@ def laet_choice(model, tokenizer, cfg, train, held_out):
     import torch
 
     from laet_fast.train.config import TrainConfig
-    from laet_fast.train.data import Batches
+    from laet_fast.train.batches import Batches
 
     key = (id(train), cfg.seed, cfg.batch_size, cfg.max_length, cfg.probe_examples)
     if key not in _LAET_CHOICES:
@@ -301,7 +301,7 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
     import laet_fast.apply as apply_module
     import laet_fast.train.export as export_module
     from laet_fast.train.config import TrainConfig
-    from laet_fast.train.data import Batches
+    from laet_fast.train.batches import Batches
 
     release_free_memory()
     rss_before = _rss_kib("VmRSS") * 1024
@@ -414,7 +414,7 @@ def _probe_vote(trainer, model, tokenizer, cfg, test, rss_before) -> dict:
 
     import torch
 
-    from laet_fast.train.data import Batches
+    from laet_fast.train.batches import Batches
     from laet_fast.train.heads import TaskModel
 
     reset_peak()

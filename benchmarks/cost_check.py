@@ -32,7 +32,8 @@ from bench_utils import RESULTS_DIR, device_info, write_result  # noqa: E402
 
 from laet_fast.apply import apply_selection, build_optimizer  # noqa: E402
 from laet_fast.cost import CPU_DEFAULT, PARTS, StepTimeCalibration, fit_calibration, plan_step_time  # noqa: E402
-from laet_fast.loading import load_model_and_tokenizer, load_texts  # noqa: E402
+from laet_fast.data import load_texts  # noqa: E402
+from laet_fast.loading import load_model_and_tokenizer  # noqa: E402
 
 # (name, trained blocks of SmolLM2's 30, frozen-block quantization, role): cuts from 0 to 29, one to
 # thirty trained blocks, contiguous sets and sets with gaps. "holdout" rows are never fitted on.

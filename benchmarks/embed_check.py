@@ -39,8 +39,8 @@ from bench_utils import RESULTS_DIR, write_result  # noqa: E402
 from laet_fast import select_layers  # noqa: E402
 from laet_fast.embed import BatchedProbe, FusionClassifier, LayerEmbeddings, ProbeConfig, layer_embeddings  # noqa: E402
 from laet_fast.embed import fingerprint_texts, probe_layers  # noqa: E402
-from laet_fast.embed.split import stratified_split  # noqa: E402
-from laet_fast.loading import package_folder, demo_model_path, load_model_and_tokenizer, load_texts  # noqa: E402
+from laet_fast.data import read_examples, stratified_split  # noqa: E402
+from laet_fast.loading import package_folder, demo_model_path, load_model_and_tokenizer  # noqa: E402
 
 SEEDS = (0, 1, 2, 3, 4)
 
@@ -196,11 +196,11 @@ def main() -> None:
     if args.cache:
         os.makedirs(args.cache, exist_ok=True)
 
-    texts, labels = load_texts(None, labels=True)
-    picked = sorted(random.Random(0).sample(range(len(texts)), args.examples))
-    texts, y = [texts[i] for i in picked], torch.tensor([labels[i] for i in picked])
-    train, test = stratified_split(y, 0.2, seed=0)
-    log(f"{len(texts)} texts ({int(y.sum())} fresh), {len(train)} train / {len(test)} test")
+    demo = read_examples(None)  # classes fresh (0) and rotten (1)
+    picked = sorted(random.Random(0).sample(range(len(demo)), args.examples))
+    texts, y = [demo.texts[i] for i in picked], torch.tensor([demo.labels[i] for i in picked])
+    train, test = (torch.tensor(rows) for rows in stratified_split(y, 0.2, seed=0))
+    log(f"{len(texts)} texts ({int((y == 0).sum())} fresh), {len(train)} train / {len(test)} test")
 
     embs, extraction = {}, {}
     for name, path in (("SmolLM2-135M", demo_model_path()), ("MiniLM-L6", minilm_path())):

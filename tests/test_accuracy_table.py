@@ -104,7 +104,7 @@ def _tiny_setup(tmp_path):
     from train_fixtures import labelled_texts, save_model
 
     from laet_fast.loading import load_model_and_tokenizer
-    from laet_fast.train.data import TextData, encode_labels
+    from laet_fast.data import TextData, encode_labels
 
     folder = save_model(tmp_path / "model", layers=4, seed=0)
     model, tokenizer = load_model_and_tokenizer(folder, dtype="float32", device="cpu")

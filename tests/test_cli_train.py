@@ -60,7 +60,7 @@ def test_a_text_without_its_label(model_dir, tmp_path, capsys):
     texts, labels = labelled_texts(20, 2)
     labels[4] = ""
     assert train(model_dir, write_csv(tmp_path / "d.csv", texts, labels), tmp_path / "run") == 2
-    assert "1 texts have no label (first: row 5)" in error_line(capsys)
+    assert "row 5: a text without a label in 'label'" in error_line(capsys)
 
 
 def test_one_class_only(model_dir, tmp_path, capsys):

@@ -167,7 +167,8 @@ def test_bad_input_gives_one_clear_error(tokenizer):
 @pytest.mark.slow
 def test_gguf_loaded_smollm2_matches_output_hidden_states(monkeypatch):
     pytest.importorskip("gguf")
-    from laet_fast.loading import load_model_and_tokenizer, load_texts
+    from laet_fast.data import load_texts
+    from laet_fast.loading import load_model_and_tokenizer
 
     monkeypatch.setenv("LAET_FAST_BACKEND", "torch")  # 30 full-size blocks: the interpreter would time Python
     model, tokenizer = load_model_and_tokenizer(None, device="cpu")

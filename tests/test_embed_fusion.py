@@ -120,7 +120,7 @@ def test_bad_input():
         model.predict(b)
     with pytest.raises(ValueError, match="not seen in fit"):
         model.score(a, [7] * 40)
-    with pytest.raises(ValueError, match="single class"):
+    with pytest.raises(ValueError, match="at least two classes"):
         FusionClassifier([(0, 0)]).fit(a, [1] * 40)
     with pytest.raises(ValueError, match="no embeddings"):
         FusionClassifier().fit([], y)

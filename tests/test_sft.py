@@ -9,8 +9,8 @@ import torch
 from train_fixtures import WORDS, model_dir, save_model, torch_kernels  # noqa: F401
 
 from laet_fast.train.config import TrainConfig
-from laet_fast.train.data import TextData
-from laet_fast.train.sft import IGNORE, SFTBatches, check_packing, read_rows, tokenize_example, tokenize_rows
+from laet_fast.data import TextData, read_examples
+from laet_fast.train.sft import IGNORE, SFTBatches, check_packing, tokenize_example, tokenize_rows
 
 # A ChatML-like template: every token is a word of the vocabulary (the tokenizer splits on whitespace).
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
@@ -213,22 +213,22 @@ def test_the_trainer_trains_sft_and_scores_grad_norm_on_the_completion_only_loss
     assert all(math.isfinite(entry["loss"]) for entry in log)
 
 
-def test_read_rows_takes_jsonl_and_parquet_through_datasets_and_names_a_bad_row(tmp_path):
+def test_sft_rows_are_read_from_jsonl_and_parquet_and_a_bad_row_is_named(tmp_path):
     from datasets import Dataset
 
     rows = _rows(5, 2)
     with open(tmp_path / "d.jsonl", "w") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in rows)
     Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
-    assert read_rows(str(tmp_path / "d.jsonl")).texts == rows
-    assert read_rows(str(tmp_path / "d.parquet")).texts == rows
+    assert read_examples(str(tmp_path / "d.jsonl"), "sft").texts == rows
+    assert read_examples(str(tmp_path / "d.parquet"), "sft").texts == rows
     with open(tmp_path / "bad.jsonl", "w") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in rows[:2] + [{"question": "w1"}])
     with pytest.raises(ValueError, match="row 3: an sft example needs"):
-        read_rows(str(tmp_path / "bad.jsonl"))
+        read_examples(str(tmp_path / "bad.jsonl"), "sft")
     (tmp_path / "d.xml").write_text("")
-    with pytest.raises(ValueError, match="task 'sft' reads"):
-        read_rows(str(tmp_path / "d.xml"))
+    with pytest.raises(ValueError, match="unknown format"):
+        read_examples(str(tmp_path / "d.xml"), "sft")
 
 
 def test_cli_trains_sft_from_a_jsonl_file(model_dir, tmp_path, capsys):  # noqa: F811

@@ -7,6 +7,7 @@ import torch
 import laet_fast.cli as cli
 import laet_fast.loading as loading
 from laet_fast import LayerProbe, LayerScores
+from laet_fast.data import load_texts
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def smollm2():
 
 def test_probe_on_demo_sentences(smollm2):
     model, tokenizer = smollm2
-    texts = loading.load_texts(limit=6)
+    texts = load_texts(limit=6)
     batches = list(loading.iter_batches(tokenizer, texts, batch_size=3, max_length=24))
     hidden_per_batch = []
     with LayerProbe(model) as probe, torch.no_grad():

@@ -12,7 +12,8 @@ from train_fixtures import CLASSES, labelled_texts, model_dir, save_model, torch
 from laet_fast.layers import find_layers
 from laet_fast.loading import load_model_and_tokenizer
 from laet_fast.train import TrainConfig, Trainer, load_trained
-from laet_fast.train.data import Batches, TextData, encode_labels, split
+from laet_fast.data import TextData, encode_labels, split_examples
+from laet_fast.train.batches import Batches
 from laet_fast.train.heads import ProbeHead, TaskModel, vote
 from laet_fast.train.trainer import TrainError
 
@@ -56,7 +57,7 @@ def test_classify_run_logs_reports_and_exports(model_dir, tmp_path):
     predictor = load_trained(report.export_dir, device="cpu")
     assert predictor.classes == sorted(CLASSES) and predictor.head_layers == [3]
     # The eval split is the trainer's: the predictor's accuracy on it is the report's.
-    _, held = split(TextData(texts, *encode_labels(labels)), cfg.eval_fraction, cfg.seed)
+    _, held = split_examples(TextData(texts, *encode_labels(labels)), cfg.eval_fraction, cfg.seed)
     predicted = predictor.predict(held.texts)
     accuracy = sum(p == held.classes[y] for p, y in zip(predicted, held.labels)) / len(held)
     assert accuracy == pytest.approx(report.metrics["accuracy"], abs=1e-9)
@@ -110,25 +111,6 @@ def test_lm_task_masks_padding(model_dir, tmp_path):
     assert set(report.metrics) == {"loss", "perplexity"}
     assert report.metrics["perplexity"] == pytest.approx(math.exp(report.metrics["loss"]))
     assert report.forward["lm_head_run"] and report.forward["blocks_run"] == 4
-
-
-def test_labels_are_mapped_and_bad_labels_refused():
-    assert encode_labels(["pos", "neg", "pos"]) == ([1, 0, 1], ["neg", "pos"])
-    assert encode_labels(["10", "9", 10]) == ([1, 0, 1], ["9", "10"])  # numeric order, "10" and 10 alike
-    with pytest.raises(ValueError, match="at least two classes"):
-        encode_labels(["a", "a"])
-    with pytest.raises(ValueError, match="no label"):
-        encode_labels(["a", "", "b"])
-    with pytest.raises(ValueError, match="not among the trained classes"):
-        encode_labels(["c"], classes=["a", "b"])
-
-
-def test_split_is_seeded_and_stratified():
-    labels = [0] * 30 + [1] * 10
-    data = TextData([str(i) for i in range(40)], labels, ["a", "b"])
-    train, held = split(data, 0.2, seed=3)
-    assert sorted(held.labels) == [0] * 6 + [1] * 2 and len(train) == 32
-    assert split(data, 0.2, seed=3)[1].texts == held.texts != split(data, 0.2, seed=4)[1].texts
 
 
 def test_batches_are_a_function_of_the_position(model_dir):

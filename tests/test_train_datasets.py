@@ -40,9 +40,9 @@ def test_datasets_for_lm_and_sft_and_the_errors_name_the_fix(tmp_path):
     sft = Trainer(_Model(), None, TrainConfig(task="sft", method="last", k=1, out=str(tmp_path)),
                   DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:2])))
     assert sft.train_data.texts == rows and sft.eval_data.texts == rows[:2]
-    with pytest.raises(ValueError, match="no 'text' column .*rename_column"):
+    with pytest.raises(ValueError, match="no text column 'text'.*rename_column"):
         Trainer(_Model(), None, TrainConfig(out=str(tmp_path)), Dataset.from_dict({"sentence": texts}))
     with pytest.raises(ValueError, match="no 'train' split"):
         Trainer(_Model(), None, TrainConfig(out=str(tmp_path)), DatasetDict(validation=_classified(4, 0)))
-    with pytest.raises(ValueError, match="needs a label per text"):
+    with pytest.raises(ValueError, match="no label column 'label'; columns found: 'text'"):
         Trainer(_Model(), None, TrainConfig(out=str(tmp_path)), Dataset.from_dict({"text": texts}))

@@ -39,7 +39,7 @@ VARIANTS = {
 # steps) and, with LAET_TEST_HANG_SAVE=N, hanging in save N after its first file is written.
 WRAPPER = r"""
 import os, sys, time
-import laet_fast.train.data as data
+import laet_fast.train.batches as data
 import laet_fast.train.checkpoints as checkpoints
 
 delay = float(os.environ.get("LAET_TEST_DELAY", "0"))
@@ -185,7 +185,7 @@ def test_sigkilled_run_resumes_exactly_with_reselection_and_nf4(files, variant):
 
 def crash_at(step, argv, monkeypatch, scoring_batches=2):
     """Run ``laet-fast train argv`` in this process until an exception in the batch stream at ``step``."""
-    import laet_fast.train.data as data
+    import laet_fast.train.batches as data
 
     real_at, calls = data.Batches.at, []
 

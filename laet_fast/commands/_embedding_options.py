@@ -14,8 +14,8 @@ FUSION_CHOICES = ("concat", "mean", "weighted", "gated")
 def add_embedding_arguments(parser, model_help: str) -> None:
     add_model_and_data_arguments(
         parser, model_help=model_help, repeat_model=True, labels=True,
-        data_help=".csv/.tsv/.jsonl with a text and a label column, optionally .bz2/.gz (default: the demo Rotten "
-                  "Tomatoes sentences, labelled fresh/rotten)")
+        data_help=".csv, .tsv, .json, .jsonl or .parquet with a text and a label column, compressed too, or a hub "
+                  "dataset name (default: the demo Rotten Tomatoes sentences, labelled fresh/rotten)")
     parser.add_argument("--limit", type=int, default=2000, help="use at most this many examples (default: 2000)")
     parser.add_argument("--pooling", default="mean", choices=POOLING_CHOICES,
                         help="mean over real tokens (default), last real token, or first (CLS)")

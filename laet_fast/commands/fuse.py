@@ -73,10 +73,10 @@ def run(args) -> int:
     if args.save is not None and os.path.isfile(args.save):
         raise UsageError(f"--save {args.save} is a file; give a folder.")
 
-    from laet_fast.embed import FusionClassifier, encode_labels, probe_layers
-    from laet_fast.embed.split import stratified_split
+    from laet_fast.data import encode_labels, stratified_split
+    from laet_fast.embed import FusionClassifier, probe_layers
 
-    texts, labels = read_labeled(args.data, args.text_column, args.label_column, args.limit, args.encoding)
+    texts, labels = read_labeled(args)
     try:
         ids, classes = encode_labels(labels)
         train, test = stratified_split(ids, args.test_fraction, args.seed)
@@ -85,8 +85,8 @@ def run(args) -> int:
     embs = [embed(path, texts, args) for path in models]
     train_parts = [e.subset(train) for e in embs]
     test_parts = [e.subset(test) for e in embs]
-    train_labels = [labels[i] for i in train.tolist()]
-    test_labels = [labels[i] for i in test.tolist()]
+    train_labels = [labels[i] for i in train]
+    test_labels = [labels[i] for i in test]
     head = dict(epochs=args.epochs, seed=args.seed)
 
     def single_layer_accuracy(m: int, layer: int) -> float:

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
                     "and, when the file has labels, the accuracy.",
     )
     parser.add_argument("--model-dir", required=True, metavar="DIR", help="the model/ folder of a train run")
-    parser.add_argument("--data", required=True, metavar="FILE", help=".csv/.tsv/.jsonl (optionally .bz2/.gz) or .txt")
+    parser.add_argument("--data", required=True, metavar="FILE", 
+                        help=".csv, .tsv, .json, .jsonl, .parquet or .txt (compressed too)")
     parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
     parser.add_argument("--label-column", default="label", help="column / key of the labels, if any (default: label)")
     add_encoding_argument(parser)
@@ -29,33 +30,28 @@ def run(args) -> int:
     check_at_least_one(batch_size=args.batch_size)
     if not os.path.isdir(args.model_dir):
         raise UsageError(f"--model-dir {args.model_dir} is not a folder; pass the model/ folder of a train run.")
-    from laet_fast.loading import check_data_file
+    from laet_fast.data.examples import source_table
 
     try:
-        check_data_file(args.data)
+        table, name, _ = source_table(args.data, encoding=args.encoding)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(one_line(err)) from None
     # stderr holds the accuracy and errors, not transformers' loading bars.
     with transformers_bars_off():
-        return _predict(args)
+        return _predict(args, table, name)
 
 
-def _predict(args) -> int:
-    from laet_fast.loading import load_texts
-    from laet_fast.train.data import read_data
+def _predict(args, table, name: str) -> int:
+    from laet_fast.data import to_text_data
     from laet_fast.train.export import load_trained
 
     try:
         predictor = load_trained(args.model_dir, device=args.device)
-        labels = None
-        try:
-            data = read_data(args.data, "classify", args.text_column, args.label_column, classes=predictor.classes,
-                             encoding=args.encoding)
-            texts, labels = data.texts, [predictor.classes[i] for i in data.labels]
-        except ValueError as err:
-            if "label column" not in str(err) and "classification needs" not in str(err):
-                raise
-            texts = load_texts(args.data, column=args.text_column, encoding=args.encoding)
+        labelled = args.label_column in table.column_names
+        data = to_text_data(table, "classify" if labelled else "lm", args.text_column, args.label_column,
+                            classes=predictor.classes if labelled else None, name=name)
+        texts = data.texts
+        labels = [predictor.classes[i] for i in data.labels] if labelled else None
         predictions = predictor.predict(texts, batch_size=args.batch_size)
     except ValueError as err:
         raise UsageError(one_line(err)) from None

@@ -45,14 +45,10 @@ def run(args) -> int:
     check_output(args.json, "--json")
     check_plot(args.plot)
 
-    from laet_fast.embed import encode_labels, probe_layers
+    from laet_fast.embed import probe_layers
     from laet_fast.selection import select_layers
 
-    texts, labels = read_labeled(args.data, args.text_column, args.label_column, args.limit, args.encoding)
-    try:
-        encode_labels(labels)
-    except ValueError as err:
-        raise UsageError(one_line(err)) from None
+    texts, labels = read_labeled(args)
     model_path = args.model[0] if args.model else None
     emb = embed(model_path, texts, args)
     try:

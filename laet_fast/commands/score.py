@@ -25,8 +25,8 @@ def register(subparsers) -> None:
     )
     add_model_and_data_arguments(
         parser, model_help="save_pretrained folder or .gguf file (default: the demo SmolLM2-135M)",
-        data_help=".txt (one text per line), .csv/.tsv, .jsonl, optionally .bz2/.gz (default: the demo Rotten "
-                  "Tomatoes sentences)")
+        data_help=".csv, .tsv, .json, .jsonl, .parquet or .txt (one text per line), compressed too, or a hub "
+                  "dataset name (default: the demo Rotten Tomatoes sentences)")
     parser.add_argument("--batches", type=int, default=8, help="number of batches to run (default: 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per batch (default: 8)")
     parser.add_argument("--max-length", type=int, default=64,
@@ -73,7 +73,8 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from laet_fast.loading import iter_batches, load_texts
+    from laet_fast.data import load_texts
+    from laet_fast.loading import iter_batches
     from laet_fast.probe import LayerProbe
 
     try:

@@ -41,9 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--model", metavar="PATH", default=None,
                         help="save_pretrained folder or .gguf file (default: the demo SmolLM2-135M-Instruct)")
     parser.add_argument("--data", metavar="FILE", default=None,
-                        help=".csv/.tsv/.jsonl (text and label) for classify, also .txt for lm; .jsonl/.json/.parquet/"
-                             ".csv rows for sft; optionally .bz2/.gz "
-                             "(default: the demo Rotten Tomatoes sentences, fresh/rotten)")
+                        help=".csv, .tsv, .json, .jsonl or .parquet (text and label) for classify, also .txt for lm; "
+                             "rows of messages, prompt/completion or instruction/input/output for sft; compressed "
+                             "too, or a hub dataset name (default: the demo Rotten Tomatoes sentences, fresh/rotten)")
     parser.add_argument("--eval-data", metavar="FILE", default=None,
                         help="evaluation file (default: a seeded, stratified 20%% of --data)")
     parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
@@ -186,17 +186,17 @@ def _run(args) -> int:
 
     from laet_fast.distributed import rank_and_world
     from laet_fast.loading import load_model_and_tokenizer
-    from laet_fast.train.data import read_data
+    from laet_fast.data import read_examples
     from laet_fast.train.trainer import run_exists
 
     subset = args.subset if args.subset is not None else (DEMO_SUBSET if demo_data else None)
     try:
-        train = read_data(args.data, args.task, args.text_column, args.label_column, subset=subset, seed=args.seed,
-                          encoding=args.encoding)
+        train = read_examples(args.data, args.task, args.text_column, args.label_column, subset=subset,
+                              seed=args.seed, encoding=args.encoding)
         evaluation = None
         if args.eval_data is not None:
-            evaluation = read_data(args.eval_data, args.task, args.text_column, args.label_column,
-                                   classes=train.classes, encoding=args.encoding)
+            evaluation = read_examples(args.eval_data, args.task, args.text_column, args.label_column,
+                                       classes=train.classes, encoding=args.encoding)
     except ValueError as err:
         raise UsageError(one_line(err)) from None
     # Rank 0 alone writes the run folder (under torchrun / accelerate launch), so it alone holds its lock. The

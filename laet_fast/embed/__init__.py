@@ -7,10 +7,9 @@
 from .embeddings import LayerEmbeddings, fingerprint_texts
 from .extract import layer_embeddings
 from .fusion import FUSIONS, FusionClassifier
-from .labels import encode_labels
 from .probes import PROBES, BatchedProbe, ProbeConfig, probe_layers
 
 __all__ = [
-    "FUSIONS", "PROBES", "BatchedProbe", "FusionClassifier", "LayerEmbeddings", "ProbeConfig", "encode_labels",
+    "FUSIONS", "PROBES", "BatchedProbe", "FusionClassifier", "LayerEmbeddings", "ProbeConfig",
     "fingerprint_texts", "layer_embeddings", "probe_layers",
 ]

@@ -20,9 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .labels import encode_labels
+from ..data import encode_labels, stratified_split
 from .probes import BatchedProbe, ProbeConfig, check_features
-from .split import stratified_split
 
 FUSIONS = ("concat", "mean", "weighted", "gated")
 _FORMAT = "laet_fast.FusionClassifier"
@@ -159,7 +158,8 @@ class FusionClassifier:
 
     def _auto_layers(self, sources, ids, num_classes) -> list[tuple[int, int]]:
         s = self.settings
-        train, val = stratified_split(ids, s["val_fraction"], s["seed"])
+        train, val = (torch.tensor(rows, dtype=torch.long) for rows in stratified_split(ids, s["val_fraction"],
+                                                                                          s["seed"]))
         config = ProbeConfig(probe=s["probe"], epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"],
                              seed=s["seed"])
         ranked = []
@@ -187,6 +187,7 @@ class FusionClassifier:
         labels (strings or integers)."""
         sources = _as_sources(embeddings)
         ids, classes = encode_labels(labels, num_examples=sources[0].shape[0])
+        ids = torch.tensor(ids, dtype=torch.long)
         self.classes_ = classes
         self.shapes_ = [(s.shape[1], s.shape[2]) for s in sources]
         pairs = self._auto_layers(sources, ids, len(classes)) if self.layers == "auto" else list(self.layers)

@@ -20,8 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..scores import LayerScores
-from .labels import encode_labels
-from .split import stratified_folds, stratified_split
+from ..data import encode_labels, stratified_folds, stratified_split
 
 PROBES = ("linear", "mlp")
 PROBE_METRICS = ("probe_acc", "probe_f1", "probe_loss")
@@ -269,7 +268,11 @@ def probe_layers(emb: torch.Tensor, labels, *, probe: str = "mlp", hidden: Seque
                          weight_decay=weight_decay, seed=seed)
     features = check_features(emb)
     ids, classes = encode_labels(labels, num_examples=features.shape[0])
+    if folds is None and not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2).")
     splits = [stratified_split(ids, val_fraction, seed)] if folds is None else stratified_folds(ids, folds, seed)
+    ids = torch.tensor(ids, dtype=torch.long)
+    splits = [(torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long)) for train, val in splits]
     num_layers, width = features.shape[1], features.shape[2]
     per_split: dict[str, list[list[float]]] = {m: [] for m in PROBE_METRICS}
     trained = None

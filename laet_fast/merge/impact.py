@@ -120,7 +120,8 @@ def mean_token_nll(model, batches: list[dict]) -> tuple[float, int]:
 def _restore_deltas(base: Checkpoint, tuned_folder: str, stack: str, blocks: dict[int, list[str]], data: dict,
                     *, device, max_texts: int, batch_size: int, max_length: int, text_column: str):
     """Per block, the change of each data file's score when that block alone is restored to base."""
-    from laet_fast.loading import iter_batches, load_model_and_tokenizer, load_texts
+    from laet_fast.data import load_texts
+    from laet_fast.loading import iter_batches, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(tuned_folder, device=device)
     device = next(model.parameters()).device
@@ -162,8 +163,8 @@ def layer_impact(base: str, tuned: str, *, general_data: str | None = None, doma
 
     Args:
         base, tuned: save_pretrained folders (safetensors, single file or sharded) of one architecture.
-        general_data, domain_data: optional text files (as ``laet_fast.loading.load_texts`` reads:
-            .txt, .csv, .tsv, .jsonl): add ``general_ppl_delta`` / ``domain_loss_delta``.
+        general_data, domain_data: optional text files (as ``laet_fast.data.load_texts`` reads:
+            .csv, .tsv, .json, .jsonl, .parquet, .txt): add ``general_ppl_delta`` / ``domain_loss_delta``.
         rank: how many top singular values ``sv_drop`` compares.
         device: where the math runs (default CPU for the weights; for the data: cuda if available).
         max_texts, batch_size, max_length, text_column: how much of each text file is scored.

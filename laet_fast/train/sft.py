@@ -31,7 +31,8 @@ from typing import Sequence
 
 import torch
 
-from .data import Batches, TextData
+from ..data import TextData
+from .batches import Batches
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -283,48 +284,3 @@ def without_nulls(row: dict) -> dict:
     """The row without the None fields that a ``datasets`` table gives every row for the other rows' columns
     (a file mixing the formats, or a row lacking a field), so that each row's format is its own."""
     return {key: value for key, value in row.items() if value is not None}
-
-
-# The file types ``datasets.load_dataset`` reads sft rows from, by suffix (compressed .gz/.bz2/.xz/.zst too).
-READERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
-
-
-def read_rows(path: str, subset: int | None = None, seed: int = 0) -> TextData:
-    """The sft rows of a local file, read by ``datasets.load_dataset`` (one row per JSON Lines line or JSON list
-    item, Parquet or CSV row); ``subset`` keeps a seeded random sample of that many. Every row is checked for
-    one of the three formats.
-
-    Raises:
-        ValueError: a missing file, an unknown suffix, no rows, or a row of no known format.
-    """
-    import os
-    import random
-
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise ValueError(f"data file {path} does not exist.")
-    name = os.path.basename(path).lower()
-    for compressed in (".gz", ".bz2", ".xz", ".zst"):
-        name = name.removesuffix(compressed)
-    suffix = os.path.splitext(name)[1]
-    if suffix not in READERS:
-        raise ValueError(f"data file {path}: task 'sft' reads {', '.join(READERS)} files (compressed too), not "
-                         f"{suffix or 'a file without a suffix'}.")
-    from datasets import load_dataset
-
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    try:
-        rows = load_dataset(READERS[suffix], data_files=path, split="train", **kwargs).to_list()
-    except Exception as err:  # datasets' parsers raise their own types: said as one line
-        raise ValueError(f"data file {path} could not be read as {suffix}: {str(err).splitlines()[0]}") from None
-    if not rows:
-        raise ValueError(f"data file {path} holds no rows.")
-    rows = [without_nulls(row) for row in rows]
-    for number, row in enumerate(rows, 1):
-        try:
-            row_format(row)
-        except ValueError as err:
-            raise ValueError(f"data file {path}, row {number}: {err}") from None
-    if subset is not None and subset < len(rows):
-        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), subset))]
-    return TextData(rows)

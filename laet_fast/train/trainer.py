@@ -32,7 +32,9 @@ from . import checkpoints
 from ..atomic import write_text
 from ..distributed import all_reduce_sum, broadcast_object, is_distributed, rank_and_world
 from .config import RESUMABLE_CHANGES, TrainConfig
-from .data import Batches, TextData, encode_labels, split
+from ..data import TextData, read_splits, split_examples, to_text_data
+from ..data.examples import is_dataset, is_dataset_dict
+from .batches import Batches
 from .heads import ProbeHead, TaskModel, vote
 from .methods import PROBE_METHODS, choose_layers, reselector_for, score_layers
 from .report import GIB, TrainReport, plan_for_run, finite_or_null
@@ -62,72 +64,30 @@ def _no_space_is_one_line(what: str, path: str, model: "nn.Module | None"):
 
 
 def as_text_data(data, task: str, classes=None) -> TextData:
-    """A ``TextData`` from a TextData, ``(texts, labels)``, ``{"text": ..., "label": ...}`` or a list of texts;
-    for ``sft``, from a list of example rows or a ``datasets.Dataset`` of them (``laet_fast.train.sft``)."""
-    if task == "sft":
-        return _sft_rows(data)
-    if _is_dataset(data):
-        data = _dataset_columns(data, task)
+    """A ``TextData`` from a TextData, a ``datasets.Dataset`` (its ``text`` and ``label`` columns; for ``sft`` its
+    rows), ``(texts, labels)``, ``{"text": ..., "label": ...}``, a list of texts, or for ``sft`` a list of rows;
+    read by ``laet_fast.data.to_text_data``, so the rules are the files' (blank texts skipped, one label rule)."""
     if isinstance(data, TextData):
-        texts, labels = data.texts, (None if data.labels is None else [data.classes[i] for i in data.labels])
+        if task != "classify" or data.labels is None:
+            return data
         classes = classes or data.classes
-    elif isinstance(data, dict):
-        texts, labels = data.get("text"), data.get("label")
-    elif isinstance(data, tuple) and len(data) == 2:
-        texts, labels = data
-    else:
-        texts, labels = data, None
-    texts = list(texts or [])
-    if not texts:
+        data = {"text": data.texts, "label": [data.classes[i] for i in data.labels]}
+    if task == "sft" or is_dataset(data):
+        return to_text_data(data if task != "sft" or is_dataset(data) else list(data or []), task,
+                            classes=classes, name="the dataset")
+    if isinstance(data, tuple) and len(data) == 2:
+        data = {"text": data[0], "label": data[1]}
+    elif not isinstance(data, dict):
+        data = {"text": data}
+    columns = {name: list(values) for name, values in data.items() if values is not None}
+    if not columns.get("text"):
         raise ValueError("the dataset is empty; give at least one text.")
-    if task == "lm":
-        return TextData(texts)
-    if labels is None:
-        raise ValueError("task 'classify' needs a label per text, and the data has none; give labels (--label-column) "
-                         "or use --task lm.")
-    labels = list(labels)
-    if len(labels) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text.")
-    ids, classes = encode_labels(labels, classes)
-    return TextData(texts, ids, classes)
-
-
-def _is_dataset(data) -> bool:
-    """A ``datasets.Dataset`` (checked by its shape, so that datasets is imported only by those who use it)."""
-    return hasattr(data, "column_names") and hasattr(data, "features") and hasattr(data, "to_list")
-
-
-def _is_dataset_dict(data) -> bool:
-    return type(data).__name__ in ("DatasetDict", "IterableDatasetDict") and hasattr(data, "keys")
-
-
-def _dataset_columns(data, task: str) -> dict:
-    """A ``datasets.Dataset``'s ``text`` (and, to classify, ``label``) columns; a ``ClassLabel`` label by name."""
-    if "text" not in data.column_names:
-        raise ValueError(f"the dataset has no 'text' column (it has {', '.join(data.column_names)}); rename one with "
-                         f"dataset.rename_column(..., 'text').")
-    columns = {"text": data["text"]}
-    if task == "classify" and "label" in data.column_names:
-        feature = data.features["label"]
-        labels = data["label"]
-        columns["label"] = [feature.int2str(v) for v in labels] if hasattr(feature, "int2str") else labels
-    return columns
-
-
-def _sft_rows(data) -> TextData:
-    from .sft import row_format, without_nulls
-
-    if isinstance(data, TextData):
-        return data
-    if hasattr(data, "to_list") and hasattr(data, "column_names"):  # a datasets.Dataset
-        rows = [without_nulls(row) for row in data.to_list()]
-    else:
-        rows = list(data or [])
-    if not rows:
-        raise ValueError("the dataset is empty; give at least one example.")
-    for row in rows:
-        row_format(row)
-    return TextData(rows)
+    if task == "classify" and "label" not in columns:
+        raise ValueError("task 'classify' needs a label per text, and the data has none; give labels "
+                         "(label_column=, --label-column) or use task 'lm'.")
+    if "label" in columns and len(columns["label"]) != len(columns["text"]):
+        raise ValueError(f"{len(columns['text'])} texts but {len(columns['label'])} labels; give one label per text.")
+    return to_text_data(columns, task, classes=classes, name="the dataset")
 
 
 def run_exists(out: str) -> bool:
@@ -181,16 +141,14 @@ class Trainer:
     def __init__(self, model, tokenizer, config: TrainConfig, train_data, eval_data=None, *,
                  model_name: str | None = None, layers: str | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        if _is_dataset_dict(train_data):  # its own splits: train, and validation (else test) for evaluation
-            if "train" not in train_data:
-                raise ValueError(f"the DatasetDict has no 'train' split (it has {', '.join(train_data)}); give "
-                                 f"train_data=dataset_dict['<split>'].")
-            if eval_data is None:
-                eval_data = next((train_data[name] for name in ("validation", "test") if name in train_data), None)
-            train_data = train_data["train"]
-        data = as_text_data(train_data, config.task)
+        if is_dataset_dict(train_data):  # its own splits: train, and validation (else test) for evaluation
+            splits = read_splits(train_data, config.task)
+            data = splits["train"]
+            eval_data = splits.get("eval") if eval_data is None else eval_data
+        else:
+            data = as_text_data(train_data, config.task)
         if eval_data is None:
-            self.train_data, self.eval_data = split(data, config.eval_fraction, config.seed)
+            self.train_data, self.eval_data = split_examples(data, config.eval_fraction, config.seed)
         else:
             self.train_data = data
             self.eval_data = as_text_data(eval_data, config.task, classes=data.classes)
