@@ -208,3 +208,15 @@ def test_laet_margin_boundary_is_exact(on_boundary):
     assert laet_keep(acc, f1, margin=2.0) == [1, 2, 3]
     # The next float above margin 2 makes the gap 1.0 plus one ulp (x 0.5 is exact): layer 0 stays.
     assert laet_keep(acc, f1, margin=math.nextafter(2.0, math.inf)) == [0, 1, 2, 3]
+
+
+def test_probe_training_shows_a_progress_bar_and_scores_the_same(capsys):
+    x, y = planted(n=60, layers=3, hidden=4)
+    quiet, quiet_probe = probe_layers(x, y, folds=3, epochs=2, return_probes=True)
+    capsys.readouterr()
+    shown, shown_probe = probe_layers(x, y, folds=3, epochs=2, return_probes=True, progress=True)
+    bar = capsys.readouterr().err
+    assert "training 3 probes" in bar and "8/8" in bar  # 3 folds and the refit, 2 epochs each
+    assert shown["probe_acc"] == quiet["probe_acc"]
+    for a, b in zip(quiet_probe.parameters(), shown_probe.parameters()):
+        assert torch.equal(a, b)

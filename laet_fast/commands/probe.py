@@ -53,7 +53,7 @@ def run(args) -> int:
     emb = embed(model_path, texts, args)
     try:
         scores = probe_layers(emb, labels, probe=args.probe, folds=args.folds, val_fraction=args.val_fraction,
-                              seed=args.seed, epochs=args.epochs)
+                              seed=args.seed, epochs=args.epochs, progress=True)
     except ValueError as err:
         raise UsageError(one_line(err)) from None
     selection = select_layers(scores, strategy="laet", margin=args.margin)

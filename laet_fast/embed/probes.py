@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ..scores import LayerScores
 from ..data import encode_labels, stratified_folds, stratified_split
+from ..scores import LayerScores
 
 PROBES = ("linear", "mlp")
 PROBE_METRICS = ("probe_acc", "probe_f1", "probe_loss")
@@ -170,8 +172,9 @@ class BatchedProbe(nn.Module):
                                       reduction="none")  # [N, L]
         return per_example.mean(0).sum()
 
-    def fit(self, x: torch.Tensor, labels: torch.Tensor) -> "BatchedProbe":
-        """Standardize from ``x`` and train every probe on (``x`` [N, L, H], ``labels`` int64 [N])."""
+    def fit(self, x: torch.Tensor, labels: torch.Tensor, bar=None) -> "BatchedProbe":
+        """Standardize from ``x`` and train every probe on (``x`` [N, L, H], ``labels`` int64 [N]); ``bar`` (a
+        tqdm bar), when given, advances once per epoch."""
         config = self.config
         self.fit_standardization(x)
         optimizer = torch.optim.Adam(self.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -184,6 +187,8 @@ class BatchedProbe(nn.Module):
                 optimizer.zero_grad(set_to_none=True)
                 self.loss(x[rows], labels[rows]).backward()
                 optimizer.step()
+            if bar is not None:
+                bar.update(1)
         self.eval()
         return self
 
@@ -240,7 +245,8 @@ def _layer_names(emb: torch.Tensor) -> list[str]:
 
 def probe_layers(emb: torch.Tensor, labels, *, probe: str = "mlp", hidden: Sequence[int] = (128, 64),
                  val_fraction: float = 0.2, folds: int | None = None, seed: int = 0, epochs: int = 20,
-                 lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.0, return_probes: bool = False):
+                 lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.0, return_probes: bool = False,
+                 progress: bool = False):
     """Train a probe per layer, all at once, and score each layer on held-out examples.
 
     Args:
@@ -252,6 +258,7 @@ def probe_layers(emb: torch.Tensor, labels, *, probe: str = "mlp", hidden: Seque
             with ``*_std`` (sample std over folds) beside them.
         return_probes: also return the ``BatchedProbe``: the one trained on the split's training part,
             or with folds one refit on every example.
+        progress: a progress bar on stderr over the training epochs (of every fold, and of the refit).
 
     Features are standardized with the mean and std of the training part only.
 
@@ -276,8 +283,11 @@ def probe_layers(emb: torch.Tensor, labels, *, probe: str = "mlp", hidden: Seque
     num_layers, width = features.shape[1], features.shape[2]
     per_split: dict[str, list[list[float]]] = {m: [] for m in PROBE_METRICS}
     trained = None
+    fits = len(splits) + (1 if return_probes and folds is not None else 0)
+    bar = tqdm(total=fits * epochs, desc=f"training {num_layers} probes", unit="epoch", file=sys.stderr,
+               disable=not progress)
     for train, val in splits:
-        trained = BatchedProbe(num_layers, width, len(classes), config).fit(features[train], ids[train])
+        trained = BatchedProbe(num_layers, width, len(classes), config).fit(features[train], ids[train], bar)
         for metric, values in trained.evaluate(features[val], ids[val]).items():
             per_split[metric].append(values.tolist())
     metrics = {m: [statistics.fmean(column) for column in zip(*rows)] for m, rows in per_split.items()}
@@ -289,8 +299,7 @@ def probe_layers(emb: torch.Tensor, labels, *, probe: str = "mlp", hidden: Seque
                 "pooling": getattr(emb, "pooling", None)}
     metadata.update({"val_fraction": val_fraction} if folds is None else {"folds": folds})
     scores = LayerScores(metrics, _layer_names(emb), metadata=metadata)
-    if not return_probes:
-        return scores
-    if folds is not None:
-        trained = BatchedProbe(num_layers, width, len(classes), config).fit(features, ids)
-    return scores, trained
+    if return_probes and folds is not None:
+        trained = BatchedProbe(num_layers, width, len(classes), config).fit(features, ids, bar)
+    bar.close()
+    return (scores, trained) if return_probes else scores

@@ -177,7 +177,8 @@ def _score_laet(model, batches, labels, layers, return_probes, seed, progress, p
     counts = torch.bincount(labels)
     smallest_class = int(counts[counts > 0].min())
     folds = min(PROBE_FOLDS, smallest_class) if smallest_class >= 2 else None
-    return probe_layers(emb, labels, seed=seed, folds=folds, return_probes=return_probes, **probe_kwargs)
+    return probe_layers(emb, labels, seed=seed, folds=folds, return_probes=return_probes, progress=progress,
+                        **probe_kwargs)
 
 
 def gather_batch_rows(features: "torch.Tensor", labels: "torch.Tensor", batches: list[dict]):
