@@ -277,3 +277,25 @@ def test_packing_is_refused_for_a_model_without_position_ids(tmp_path, monkeypat
     monkeypatch.setattr(model, "forward", lambda input_ids=None, **kwargs: forward(input_ids=input_ids))
     with pytest.raises(ValueError, match="takes no position_ids, so packed examples cannot be kept apart"):
         check_packing(model)
+
+
+def test_grad_accum_weighs_micro_batches_by_their_answer_tokens(model_dir, tmp_path):  # noqa: F811
+    """Two micro-batches of 2 are one batch of 4: the same loss and gradient, though their answers differ in
+    length (weighing the micro-batches equally gave another loss and gradient)."""
+    from laet_fast.loading import load_model_and_tokenizer
+    from laet_fast.train.trainer import Trainer
+
+    rng = random.Random(5)
+    rows = [{"prompt": words(rng), "completion": words(rng, 1, 12 if i % 2 else 2)} for i in range(8)]
+
+    def first_step(batch_size, grad_accum):
+        model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device="cpu")
+        out = tmp_path / f"run{batch_size}"
+        cfg = TrainConfig(task="sft", method="last", k=2, max_steps=1, batch_size=batch_size, grad_accum=grad_accum,
+                          max_length=48, out=str(out), progress=False, seed=3)
+        Trainer(model, tokenizer, cfg, rows, rows[:2]).fit()
+        entry = next(e for e in map(json.loads, open(out / "log.jsonl")) if e.get("step") == 1 and "loss" in e)
+        return entry["loss"], entry["grad_norm"]
+
+    whole, accumulated = first_step(4, 1), first_step(2, 2)
+    assert accumulated == pytest.approx(whole, rel=1e-5)

@@ -2,7 +2,7 @@
 
 ``accelerate.Accelerator`` places the model, runs bf16 autocast on CUDA (fp32 on CPU) and the
 backward pass; ``transformers.get_scheduler`` gives warmup then decay. Everything else is here, in
-the order a step runs: batches by position (``data.Batches``), the task loss (``heads.TaskModel``),
+the order a step runs: batches by position (``batches.Batches``), the task loss (``heads.TaskModel``),
 a NaN check, the optimizer step, re-selection, evaluation, one ``log.jsonl`` line, a checkpoint.
 
 Under ``torchrun`` or ``accelerate launch`` the same loop runs on every rank, with DDP from accelerate:
@@ -429,23 +429,28 @@ class Trainer:
             while step < total_steps:
                 t0 = time.perf_counter()
                 losses, tokens = [], 0
-                for micro in range(cfg.grad_accum):
-                    batch = {k: v.to(device) for k, v in train_batches.at(position, rank, world).items()}
-                    position += cfg.batch_size * world
+                micro_batches = [train_batches.at(position + micro * cfg.batch_size * world, rank, world)
+                                 for micro in range(cfg.grad_accum)]
+                position += cfg.grad_accum * cfg.batch_size * world
+                # The step's loss is the mean over all its loss units (rows, tokens, answer tokens), so each
+                # micro-batch weighs by its share of them: sft's micro-batches hold unequal numbers of answer tokens.
+                step_units = self._global_units(micro_batches, world)
+                for micro, batch in enumerate(micro_batches):
+                    batch = {k: v.to(device) for k, v in batch.items()}
                     # DDP all-reduces the gradients once per optimizer step, at the last micro-batch.
                     last = micro == cfg.grad_accum - 1
                     try:
                         with nullcontext() if last else accelerator.no_sync(module):
                             with accelerator.autocast():
                                 loss, _ = module(**self._loss_inputs(batch))
-                            global_loss, scale, batch_tokens = self._across_ranks(loss.detach(), batch, world)
+                            global_loss, global_units, batch_tokens = self._across_ranks(loss.detach(), batch, world)
                             if _finite(global_loss):  # the same on every rank: all skip, or none does
-                                accelerator.backward(loss * (scale / cfg.grad_accum))
+                                accelerator.backward(loss * (world * self._loss_units(batch) / step_units))
                     except torch.OutOfMemoryError:
                         raise TrainError(self._oom_message(step, selection)) from None
-                    losses.append(global_loss)
+                    losses.append((global_loss, global_units))
                     tokens += batch_tokens
-                loss_value = sum(losses) / len(losses)
+                loss_value = sum(value * units for value, units in losses) / step_units
                 grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM) if math.isfinite(loss_value)
                              else None)
                 entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0]}
@@ -531,22 +536,30 @@ class Trainer:
         accelerator.wait_for_everyone()  # the run folder is complete when fit() returns, on every rank
         return result
 
-    def _across_ranks(self, loss: torch.Tensor, batch: dict, world: int) -> tuple[float, float, int]:
-        """(the global batch's loss, this rank's loss scale, the global batch's real tokens) for one micro-batch.
+    def _across_ranks(self, loss: torch.Tensor, batch: dict, world: int) -> tuple[float, int, int]:
+        """(the global micro-batch's loss, its loss units, its real tokens) for one micro-batch.
 
         Each rank's ``loss`` is a mean over its own loss units (rows for ``classify``, predicted tokens for
-        ``lm``). Scaled by ``world * units / global units`` before DDP averages the gradients, the result
-        is the gradient of the mean over the global batch, as one process computes it, even when ranks
-        hold different numbers of tokens. One all-reduce of three numbers; alone, nothing is reduced.
+        ``lm``, answer tokens for ``sft``); the global loss is their mean over every rank's units. Scaled by
+        ``world * units / step units`` before DDP averages the gradients, each rank's loss gives the gradient of
+        the mean over the global step, as one process computes it, even when ranks hold different numbers of
+        tokens. One all-reduce of three numbers; alone, nothing is reduced.
         """
-        mask = batch["attention_mask"]
         units = self._loss_units(batch)
-        tokens = int(mask.sum())
+        tokens = int(batch["attention_mask"].sum())
         if world == 1:
-            return float(loss), 1.0, tokens
+            return float(loss), units, tokens
         totals = all_reduce_sum(torch.tensor([float(loss) * units, units, tokens], dtype=torch.float64))
-        global_units = float(totals[1])
-        return float(totals[0]) / global_units, world * units / global_units, int(totals[2])
+        global_units = int(totals[1])
+        return float(totals[0]) / max(global_units, 1), global_units, int(totals[2])
+
+    def _global_units(self, micro_batches: list[dict], world: int) -> int:
+        """The loss units of a whole step: every micro-batch of every rank (at least 1, so that a step without
+        any is a NaN loss the step skips, never a division by zero)."""
+        units = sum(self._loss_units(batch) for batch in micro_batches)
+        if world > 1:
+            units = int(all_reduce_sum(torch.tensor([units], dtype=torch.float64))[0])
+        return max(units, 1)
 
     def _loss_units(self, batch: dict) -> int:
         """What the batch's loss is a mean over: rows (``classify``), predicted tokens (``lm``), learned answer
