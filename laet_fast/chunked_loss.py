@@ -12,8 +12,9 @@ cross-entropy does):
     dL/dW += dL/dlogits^T h,  dL/db += sum_t dL/dlogits     only when W (b) requires a gradient
 
 so that at most one chunk's logits and their gradient are alive; backward only scales the stored gradients by
-the incoming one. The matmul runs in the inputs' dtype and the softmax in fp32, as ``transformers`` computes its
-loss (logits upcast to fp32), so the result matches the plain path to low-precision rounding.
+the incoming one (under ``no_grad`` none are computed). The matmul runs in the dtype the plain path's would (the
+autocast dtype under autocast, else the inputs') and the softmax in fp32, as ``transformers`` computes its loss
+(logits upcast to fp32), so the result matches the plain path to low-precision rounding.
 """
 from __future__ import annotations
 
@@ -35,27 +36,34 @@ def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index):
-        # The head runs in the hidden states' dtype (what autocast would cast it to), autocast itself off so that
-        # each matmul's dtype is the one written here.
-        with torch.autocast(hidden.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index)
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, with_grads):
+        # The head's matmul runs in the dtype the plain path's would: autocast's where it is on (a bf16 matmul
+        # of fp32 weights on a GPU), else the hidden states'. Autocast itself is off inside, so that each
+        # matmul's dtype is the one written here.
+        device_type = hidden.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else hidden.dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index,
+                                                       with_grads, compute_dtype)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index):
+    def _forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, with_grads, compute_dtype):
         head_weight, head_bias = weight, bias
-        weight = weight.detach().to(hidden.dtype)
-        bias = None if bias is None else bias.detach().to(hidden.dtype)
+        weight = weight.detach().to(compute_dtype)
+        bias = None if bias is None else bias.detach().to(compute_dtype)
         counted = labels != ignore_index
         n = int(counted.sum())
-        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        # Under no_grad (evaluation) nothing will call backward: no gradient is computed, whatever requires one.
+        grad_hidden = torch.zeros_like(hidden) if with_grads and hidden.requires_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if head_weight.requires_grad else None
+            if with_grads and head_weight.requires_grad else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
-            if head_bias is not None and head_bias.requires_grad else None
+            if with_grads and head_bias is not None and head_bias.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y, keep = (t[start:start + chunk_size] for t in (hidden, labels, counted))
+            h = h.to(compute_dtype)
             logits = h @ weight.T
             if bias is not None:
                 logits = logits + bias
@@ -70,7 +78,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(len(y), device=y.device), target] -= 1.0
             grad_logits *= keep[:, None] / max(n, 1)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
+                grad_hidden[start:start + chunk_size] = (grad_logits.to(compute_dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ h.float()
             if grad_bias is not None:
@@ -86,7 +94,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.grads
         ctx.grads = None
         scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
-        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None
+        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None, None
 
 
 def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
@@ -109,7 +117,8 @@ def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
                          f"{tuple(weight.shape)} and {tuple(labels.shape)}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, ignore_index)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, ignore_index,
+                                            torch.is_grad_enabled())
 
 
 def lm_loss(model, hidden_states: torch.Tensor, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,

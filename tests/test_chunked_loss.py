@@ -46,6 +46,40 @@ def test_a_frozen_head_gets_no_gradient_and_the_hidden_gradient_is_still_right()
     torch.testing.assert_close(h.grad, ref.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_under_autocast_the_head_runs_in_the_autocast_dtype_as_the_plain_path_does():
+    """fp32 weights under bf16 autocast (a GPU run's mixed precision): the plain path's head matmul is bf16, and so
+    is ours; the gradient to the fp32 hidden states is fp32. (It ran the head in fp32: right, but slower.)"""
+    hidden, weight, _, labels = _case(torch.float32, bias=False)
+    h = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = chunked_loss(h, weight, labels, chunk_size=8)
+        plain = reference_loss(hidden, weight, labels)
+    mixed.backward()
+    as_bf16 = chunked_loss(hidden.bfloat16(), weight.bfloat16(), labels, chunk_size=8)
+    assert mixed.item() == as_bf16.item()
+    assert abs(mixed.item() - plain.item()) <= 1e-3 * abs(plain.item())
+    assert h.grad.dtype == torch.float32 and torch.isfinite(h.grad).all()
+
+
+def test_no_gradient_is_computed_under_no_grad(monkeypatch):
+    """Evaluation of a run that trains the head: the loss alone, no [V, H] gradient built and thrown away."""
+    hidden, weight, _, labels = _case(torch.float32, bias=False)
+    weight.requires_grad_(True)
+    made = []
+    real_zeros = torch.zeros
+
+    def counting_zeros(*args, **kwargs):
+        made.append(args)
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", counting_zeros)
+    with torch.no_grad():
+        loss = chunked_loss(hidden, weight, labels, chunk_size=8)
+    assert [shape for shape in made if tuple(shape[0]) == tuple(weight.shape)] == []
+    monkeypatch.setattr(torch, "zeros", real_zeros)
+    assert loss.item() == pytest.approx(reference_loss(hidden, weight, labels).item(), rel=1e-6)
+
+
 def test_no_counted_token_is_nan_as_in_the_plain_path():
     hidden, weight, _, labels = _case(torch.float32, bias=False)
     labels[:] = -100
