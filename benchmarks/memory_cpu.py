@@ -63,9 +63,13 @@ def build(shape: str, trained: list[int], seed: int = 0):
     return model.eval(), config
 
 
-def one_step(task_model, optimizer, batch: dict) -> None:
+def forward_backward(task_model, batch: dict) -> None:
     loss, _ = task_model(**batch)
     loss.backward()
+
+
+def one_step(task_model, optimizer, batch: dict) -> None:
+    forward_backward(task_model, batch)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -95,7 +99,13 @@ def measure(shape: str, task: str, k: int, seq_len: int, optimizer_name: str, lo
     gc.collect()
     resident = sum(t.untyped_storage().nbytes() for t in _tensors(task_model, optimizer))
     t0 = time.perf_counter()
-    peak_above = measure_cpu_peak(lambda: one_step(task_model, optimizer, batch))
+    # The step in its two phases: forward + backward (activations, logits, gradients: what the plan models), then
+    # the optimizer step over the gradients it left (on a CPU, bitsandbytes' 8-bit AdamW works through fp32
+    # temporaries that its fused GPU kernel does not make).
+    peak_backward = measure_cpu_peak(lambda: forward_backward(task_model, batch))
+    gradients = sum(p.grad.untyped_storage().nbytes() for p in task_model.parameters() if p.grad is not None)
+    peak_optimizer = measure_cpu_peak(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+    peak_above = max(peak_backward, gradients + peak_optimizer)
     step_s = time.perf_counter() - t0
     plan = plan_memory(config, trained, seq_len=seq_len, batch_size=1, quantize_frozen="nf4",
                        optimizer=optimizer_name, dtype="bf16", keep_logits=False,
@@ -105,10 +115,16 @@ def measure(shape: str, task: str, k: int, seq_len: int, optimizer_name: str, lo
             "loss_chunk": loss_chunk if task == "lm" else 0,
             "measured_peak_gib": measured / GIB, "measured_resident_gib": resident / GIB,
             "measured_step_peak_above_resident_gib": peak_above / GIB,
+            "measured_forward_backward_peak_gib": (resident + peak_backward) / GIB,
+            "measured_gradients_gib": gradients / GIB,
+            "measured_optimizer_step_peak_gib": (resident + gradients + peak_optimizer) / GIB,
+            "measured_optimizer_step_temporaries_gib": peak_optimizer / GIB,
             "planned_peak_allocated_gib": plan.peak_allocated / GIB, "planned_total_gib": plan.total / GIB,
             "planned_overhead_gib": plan.overhead / GIB, "planned_peak_phase": plan.peak_phase,
             "planned_terms_gib": {term: getattr(plan, term) / GIB for term in plan.TERMS},
-            "plan_error": plan.peak_allocated / measured - 1.0, "build_s": built, "step_s": step_s}
+            "plan_error": plan.peak_allocated / measured - 1.0,
+            "plan_error_forward_backward": plan.peak_allocated / (resident + peak_backward) - 1.0,
+            "build_s": built, "step_s": step_s}
 
 
 def _tensors(task_model, optimizer):
