@@ -715,7 +715,9 @@ def plot(summary: dict, path: str, cost: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from laet_fast.atomic import write_file
+
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=120))  # whole or the previous plot, never half a PNG
     plt.close(fig)
     return path
 
