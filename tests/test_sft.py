@@ -299,3 +299,31 @@ def test_grad_accum_weighs_micro_batches_by_their_answer_tokens(model_dir, tmp_p
 
     whole, accumulated = first_step(4, 1), first_step(2, 2)
     assert accumulated == pytest.approx(whole, rel=1e-5)
+
+
+def test_an_epoch_counts_the_examples_kept_and_each_split_is_tokenized_once(model_dir, tmp_path,  # noqa: F811
+                                                                              monkeypatch):
+    """Examples whose answers max_length cuts away are not in the epoch; scoring, the step count and training
+    share one tokenization of the training split (a packed run tokenized it three times)."""
+    import laet_fast.train.sft as sft
+    from laet_fast.loading import load_model_and_tokenizer
+    from laet_fast.train.trainer import Trainer
+
+    rng = random.Random(2)
+    rows = [{"prompt": words(rng, 30 if i < 4 else 2, 31 if i < 4 else 4), "completion": words(rng)}
+            for i in range(12)]
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device="cpu")
+    calls = []
+    real = sft.tokenize_rows
+    monkeypatch.setattr(sft, "tokenize_rows", lambda tok, data, *a, **k: (calls.append(len(data)), real(tok, data, *a,
+                                                                                                         **k))[1])
+    cfg = TrainConfig(task="sft", method="grad_norm", k=1, epochs=1, batch_size=2, max_length=16, packing=False,
+                      score_batches=1, out=str(tmp_path / "run"), progress=False)
+    trainer = Trainer(model, tokenizer, cfg, rows, rows[4:6])
+    assert trainer._total_steps() == 4  # 8 of 12 examples kept, 2 a step
+    report = trainer.fit()
+    assert report.steps == 4 and calls == [12, 2]
+    calls.clear()
+    packed = TrainConfig(**{**cfg.to_dict(), "packing": True, "out": str(tmp_path / "packed")})
+    Trainer(model, tokenizer, packed, rows, rows[4:6]).fit()
+    assert calls == [12, 2]

@@ -68,9 +68,10 @@ def _check_messages(messages) -> list[dict]:
     return out
 
 
-def as_chat(row) -> list[dict] | None:
-    """The row as a list of chat messages, or None for a plain-text prompt/completion (or alpaca) row."""
-    fmt = row_format(row)
+def as_chat(row, fmt: str | None = None) -> list[dict] | None:
+    """The row as a list of chat messages, or None for a plain-text prompt/completion (or alpaca) row. ``fmt`` is
+    the row's ``row_format`` when the caller has it."""
+    fmt = fmt or row_format(row)
     if fmt == "messages":
         return _check_messages(row["messages"])
     if fmt == "prompt_completion" and isinstance(row["prompt"], (list, tuple)):
@@ -143,12 +144,13 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
 
 def tokenize_example(tokenizer, row) -> tuple[list[int], list[int]]:
     """(ids, labels) of one sft row (any of the three formats), before truncation."""
-    chat = as_chat(row)
-    if chat is None and row_format(row) == "alpaca" and getattr(tokenizer, "chat_template", None):
+    fmt = row_format(row)
+    chat = as_chat(row, fmt)
+    if chat is None and fmt == "alpaca" and getattr(tokenizer, "chat_template", None):
         chat = [{"role": "user", "content": _alpaca_user(row)}, {"role": "assistant", "content": row["output"]}]
     if chat is not None:
         return tokenize_chat(tokenizer, chat)
-    if row_format(row) == "alpaca":
+    if fmt == "alpaca":
         extra = (row.get("input") or "").strip()
         prompt = ALPACA_PROMPT.format(with_input=", paired with an input that provides further context" if extra
                                       else "", instruction=row["instruction"],
@@ -195,20 +197,21 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int, packing: boo
         labels.append(row_labels)
     if not ids:
         raise ValueError(f"max_length={max_length} cuts away every answer ({dropped} examples); raise --max-length.")
-    positions = [list(range(len(row))) for row in ids]
-    if packing:
-        ids, labels, positions = _pack(ids, labels, positions, max_length)
-    return Tokenized(ids, labels, positions, dropped, cut)
+    examples = Tokenized(ids, labels, [list(range(len(row))) for row in ids], dropped, cut)
+    return pack(examples, max_length) if packing else examples
 
 
-def _pack(ids, labels, positions, max_length):
+def pack(examples: Tokenized, max_length: int) -> Tokenized:
+    """Tokenized examples packed in order into rows of at most ``max_length`` tokens (positions kept per
+    example)."""
     rows: list[list[list[int]]] = [[[], [], []]]
-    for example in zip(ids, labels, positions):
+    for example in zip(examples.ids, examples.labels, examples.positions):
         if rows[-1][0] and len(rows[-1][0]) + len(example[0]) > max_length:
             rows.append([[], [], []])
         for column, values in zip(rows[-1], example):
             column.extend(values)
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    return Tokenized([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], examples.dropped,
+                     examples.cut)
 
 
 class SFTBatches(Batches):
@@ -217,13 +220,22 @@ class SFTBatches(Batches):
     example; the padding continues the last example's positions and is never attended to by a real token)."""
 
     def __init__(self, data: TextData, tokenizer, batch_size: int, max_length: int, seed: int = 0,
-                 packing: bool = False):
+                 packing: bool = False, examples: Tokenized | None = None):
         super().__init__(data, tokenizer, batch_size, max_length, seed)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (often to its eos_token).")
         self.packing = packing
-        self.units = tokenize_rows(tokenizer, data.texts, max_length, packing)
+        # the examples tokenized one by one (given: shared with another view of the same split)
+        self.examples = examples if examples is not None else tokenize_rows(tokenizer, data.texts, max_length)
+        self.units = pack(self.examples, max_length) if packing else self.examples
         self.size = len(self.units.ids)
+
+    def unpacked(self) -> "SFTBatches":
+        """The same split example by example, sharing this one's tokens (scoring runs unpacked)."""
+        if not self.packing:
+            return self
+        return SFTBatches(self.data, self.tokenizer, self.batch_size, self.max_length, self.seed,
+                          examples=self.examples)
 
     def truncated(self) -> int:
         return self.units.cut

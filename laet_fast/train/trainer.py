@@ -159,7 +159,7 @@ class Trainer:
         self.log_path = os.path.join(config.out, LOG)
         self.probe_baseline = None  # fit(): the evaluation before any training step (_probe_baseline)
         self._weights = None
-        self._train_units = None  # what an epoch counts: examples, or sft's packed rows
+        self._batches = None  # (settings, the training split's batches): see batches()
         self.loss_chunk = 0  # fit(): the chunk of the LM-head loss in use (0: the model's own loss)
         # name -> text, written into the run folder once the run is accepted (the command line's options)
         self.run_files: dict[str, str] = {}
@@ -187,25 +187,32 @@ class Trainer:
             **cfg,
         }
 
-    def batches(self, data: TextData, packing: bool | None = None) -> Batches:
-        """``data``'s batches: of texts, or for ``sft`` of tokenized examples (packed as the config says, unless
-        ``packing`` says otherwise)."""
+    def batches(self, data: TextData) -> Batches:
+        """``data``'s batches: of texts, or for ``sft`` of tokenized examples (packed as the config says). The
+        training split's are made once (an sft split is tokenized once) and kept for the settings they were
+        made with."""
         cfg = self.config
+        key = (id(data), cfg.task, cfg.batch_size, cfg.max_length, cfg.seed, cfg.packing)
+        if self._batches is not None and self._batches[0] == key:
+            return self._batches[1]
         if cfg.task != "sft":
-            return Batches(data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
-        from .sft import SFTBatches
+            made = Batches(data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
+        else:
+            from .sft import SFTBatches
 
-        return SFTBatches(data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed,
-                          packing=cfg.packing if packing is None else packing)
+            made = SFTBatches(data, self.tokenizer, cfg.batch_size, cfg.max_length, cfg.seed, packing=cfg.packing)
+        if data is self.train_data:
+            self._batches = (key, made)
+        return made
 
     def _total_steps(self) -> int:
         cfg = self.config
         if cfg.max_steps is not None:
             return cfg.max_steps
-        if self._train_units is None:  # packed sft rows are known once tokenized
-            self._train_units = len(self.batches(self.train_data)) if cfg.packing else len(self.train_data)
+        # what an epoch counts: examples, or for sft the examples kept (or packed rows) once tokenized
+        units = len(self.batches(self.train_data)) if cfg.task == "sft" else len(self.train_data)
         global_batch = cfg.batch_size * cfg.grad_accum * rank_and_world()[1]
-        return max(1, math.ceil(cfg.epochs * self._train_units / global_batch))
+        return max(1, math.ceil(cfg.epochs * units / global_batch))
 
     def _choose(self, batches: Batches, device):
         """Score, choose, and build the heads.
@@ -224,7 +231,7 @@ class Trainer:
         probe_examples = min(cfg.probe_examples, len(self.train_data))
         count = math.ceil(probe_examples / global_batch) if probes_choose else cfg.score_batches
         if cfg.packing:  # scored example by example: a packed batch's model call would need its own mask
-            batches = self.batches(self.train_data, packing=False)
+            batches = batches.unpacked()
         score_data = [{k: v.to(device) for k, v in batches.at(i * global_batch, rank, world).items()}
                       for i in range(count)]
         labels = torch.cat([b["labels"] for b in score_data]) if cfg.task == "classify" else None
@@ -343,7 +350,6 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
 
         train_batches, eval_batches = self.batches(self.train_data), self.batches(self.eval_data)
-        self._train_units = len(train_batches)
         truncated = train_batches.truncated() + eval_batches.truncated()
         if truncated and main:
             what = "examples" if cfg.task == "sft" else "texts"
