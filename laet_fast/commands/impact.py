@@ -21,8 +21,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--base", required=True, metavar="DIR", help="the base model's save_pretrained folder")
     parser.add_argument("--tuned", required=True, metavar="DIR", help="the fine-tuned model's save_pretrained folder")
-    parser.add_argument("--general", metavar="FILE", default=None, help="general text (.csv, .tsv, .json, .jsonl, .parquet or .txt)")
-    parser.add_argument("--domain", metavar="FILE", default=None, help="domain text (.csv, .tsv, .json, .jsonl, .parquet or .txt)")
+    parser.add_argument("--general", metavar="FILE", default=None,
+                        help="general text (.csv, .tsv, .json, .jsonl, .parquet or .txt)")
+    parser.add_argument("--domain", metavar="FILE", default=None,
+                        help="domain text (.csv, .tsv, .json, .jsonl, .parquet or .txt)")
     parser.add_argument("--text-column", default="text",
                         help="csv column / jsonl key holding the texts (default: text)")
     parser.add_argument("--max-texts", type=int, default=64, help="texts read from each file (default: 64)")

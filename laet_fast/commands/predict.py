@@ -16,7 +16,7 @@ def register(subparsers) -> None:
                     "and, when the file has labels, the accuracy.",
     )
     parser.add_argument("--model-dir", required=True, metavar="DIR", help="the model/ folder of a train run")
-    parser.add_argument("--data", required=True, metavar="FILE", 
+    parser.add_argument("--data", required=True, metavar="FILE",
                         help=".csv, .tsv, .json, .jsonl, .parquet or .txt (compressed too)")
     parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
     parser.add_argument("--label-column", default="label", help="column / key of the labels, if any (default: label)")
