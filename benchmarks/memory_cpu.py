@@ -1,8 +1,8 @@
 """The 8B memory claim measured on a CPU: a model of Llama-3.1-8B's shape with random weights, built block by block
 straight into NF4 frozen blocks and bf16 trained blocks (the whole model never exists in bf16), real training
-steps at 1 x 1024 tokens for ``lm`` (with the chunked LM-head loss and without) and for
-``classify``, and the peak of live tensors
-(``laet_fast.memory.measure_cpu_peak``) against ``plan_memory``, part by part.
+steps at 1 x 1024 tokens for ``lm`` (with the chunked LM-head loss and without) and for ``classify``, and the
+peak of live tensors (``laet_fast.memory.measure_cpu_peak``) against ``plan_memory``, part by part: the
+forward and backward pass, then the optimizer step.
 
 What a GPU adds on top of these tensors (the CUDA context, the caching allocator's rounding, cuBLAS
 workspaces) is ``plan_memory``'s ``overhead`` term; a CPU cannot measure it.
