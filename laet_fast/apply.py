@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .layers import find_layers
+from .names import OPTIMIZERS
 from .quantize import (dequantize_linears, keep_plain_layout, mode_name, quant_modes, quant_state_tensors,
                        quantize_linears, require_bitsandbytes)
 from .selection import Selection
@@ -35,7 +36,6 @@ from .selection import Selection
 STATE_ATTR = "_laet_fast"
 TASK_HEAD_NAMES = ("score", "classifier")
 GROUPS = ("embeddings", "trained blocks", "frozen blocks", "norm/head", "task head")
-OPTIMIZERS = ("adamw", "adamw8bit")
 # Written into an export folder: how its frozen blocks were exported (as loaded, or dequantized and why).
 EXPORT_FILE = "laet_export.json"
 

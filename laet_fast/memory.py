@@ -27,12 +27,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+from laet_fast.names import OPTIMIZERS, QUANT_MODES
 from laet_fast.selection import Selection
 
 GIB = 1024**3
 
-QUANT_MODES = ("nf4", "fp4", "int8")
-OPTIMIZERS = ("adamw", "adamw8bit")
 ATTENTION = ("sdpa", "eager")
 _DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
                 "fp32": "fp32", "float32": "fp32", "float": "fp32"}

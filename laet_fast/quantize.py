@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 
 from .layers import is_conv1d, is_linear_like
-
-MODES = ("nf4", "fp4", "int8")
+from .names import QUANT_MODES as MODES
 
 _INSTALL_HINT = "Install it with `pip install bitsandbytes` (version 0.47 or newer; on the CPU, AdamW8bit needs 0.50)."
 

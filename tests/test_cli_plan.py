@@ -114,7 +114,7 @@ def test_gguf_header_names_the_file(capsys):
     assert capsys.readouterr().out.startswith(f"Memory plan for {path}: train 2 of 30 blocks")
 
 
-def test_built_in_shape_imports_neither_torch_nor_transformers():
+def test_built_in_shape_imports_neither_torch_nor_transformers(tmp_path):
     import subprocess
     import sys
 
@@ -122,7 +122,26 @@ def test_built_in_shape_imports_neither_torch_nor_transformers():
               "with contextlib.redirect_stdout(io.StringIO()):\n"
               "    assert cli.main(['plan', '--model', 'llama-3.1-8b', '--budget-gb', '12']) == 0\n"
               "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)  # not the repository root, whose kernels/ would shadow Hugging Face's
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_names_and_train_help_import_neither_torch_nor_transformers(tmp_path):
+    """laet_fast.names is where every method, task, optimizer and quantization name is defined, torch-free."""
+    import subprocess
+    import sys
+
+    script = ("import sys, io, contextlib; from laet_fast import cli, names\n"
+              "with contextlib.redirect_stdout(io.StringIO()):\n"
+              "    try:\n"
+              "        cli.main(['train', '--help'])\n"
+              "    except SystemExit:\n"
+              "        pass\n"
+              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

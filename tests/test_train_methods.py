@@ -1,4 +1,4 @@
-"""laet_fast.train.methods: every method scores (or not) and chooses the blocks it documents."""
+"""laet_fast.methods: every method scores (or not) and chooses the blocks it documents."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from tiny_models import random_batch, tiny_model
 from laet_fast.scores import LayerScores
-from laet_fast.train.methods import METHODS, choose_layers, parse_method, probe_spread, score_layers
+from laet_fast.methods import METHODS, choose_layers, parse_method, probe_spread, score_layers
 
 
 @pytest.fixture(autouse=True)

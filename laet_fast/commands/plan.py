@@ -10,7 +10,8 @@ import math
 import os
 
 from laet_fast.cli import UsageError
-from laet_fast.memory import ATTENTION, MODEL_SHAPES, OPTIMIZERS, QUANT_MODES
+from laet_fast.memory import ATTENTION, MODEL_SHAPES
+from laet_fast.names import OPTIMIZERS, QUANT_MODES
 
 DTYPES = ("bf16", "fp16", "fp32")
 

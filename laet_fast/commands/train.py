@@ -24,8 +24,9 @@ _PARSER = None  # this command's parser (register), which --config parses the co
 
 
 def register(subparsers) -> None:
-    from laet_fast.train.config import OPTIMIZERS, REPORT_TO, SCHEDULES, TASKS, TrainConfig
-    from laet_fast.train.methods import METHODS
+    from laet_fast.names import OPTIMIZERS, REPORT_TO, TASKS
+    from laet_fast.train.config import SCHEDULES, TrainConfig
+    from laet_fast.names import METHODS
 
     d = TrainConfig.defaults()
     parser = subparsers.add_parser(
@@ -149,7 +150,7 @@ def _torch_threads(threads: int | None):
 
 def _run(args) -> int:
     from laet_fast.train.config import TrainConfig
-    from laet_fast.train.methods import check_reselectable
+    from laet_fast.methods import check_reselectable
 
     demo_data = args.data is None
     k = args.k if args.k is not None or args.model is not None or not demo_data else DEMO_K
@@ -289,7 +290,7 @@ def _check_blocks(args, config) -> None:
 
     Skipped with --layers (the block list it names may be another than the config's count) and for the demo's
     own --k, which fits the demo model."""
-    from laet_fast.train.methods import parse_method
+    from laet_fast.methods import parse_method
 
     blocks = parse_method(config.method)
     explicit = not isinstance(blocks, str)

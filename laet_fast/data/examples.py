@@ -11,11 +11,11 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..names import TASKS
 from .labels import encode_labels, label_key
 from .splits import stratified_split
 from .tables import DEMO_LABEL_COLUMN, DEMO_TEXT_COLUMN, demo_table, file_format, read_table
 
-TASKS = ("classify", "lm", "sft")
 _JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
 
 

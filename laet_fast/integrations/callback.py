@@ -1,7 +1,7 @@
 """``LaetCallback``: layer-selective fine-tuning inside an existing ``transformers.Trainer`` (or TRL's trainers).
 
 At train begin the callback scores the blocks on the Trainer's own first batches, chooses the
-blocks with the same methods as ``laet_fast.Trainer`` (``laet_fast.train.methods``), applies the
+blocks with the same methods as ``laet_fast.Trainer`` (``laet_fast.methods``), applies the
 choice (``apply_selection``: freeze, quantize the frozen blocks, cut the backward pass below the
 lowest trained block), and keeps the Trainer's optimizer to the trainable parameters only. With
 ``reselect_every`` it re-scores every block while training and moves the trained set on schedule.
@@ -39,7 +39,7 @@ from ..apply import apply_selection
 from ..distributed import broadcast_object, rank_and_world
 from ..layers import find_layers
 from ..quantize import mode_name
-from ..train.methods import (PROBE_EXAMPLES, PROBE_METHODS, check_reselectable, choose_layers, parse_method,
+from ..methods import (PROBE_EXAMPLES, PROBE_METHODS, check_reselectable, choose_layers, parse_method,
                              reselector_for, score_layers)
 
 

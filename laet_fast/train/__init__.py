@@ -7,10 +7,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "METHODS": "laet_fast.train.methods",
-    "RESELECTABLE": "laet_fast.train.methods",
-    "score_layers": "laet_fast.train.methods",
-    "choose_layers": "laet_fast.train.methods",
+    "METHODS": "laet_fast.methods",
+    "RESELECTABLE": "laet_fast.methods",
+    "score_layers": "laet_fast.methods",
+    "choose_layers": "laet_fast.methods",
     "TrainConfig": "laet_fast.train.config",
     "Trainer": "laet_fast.train.trainer",
     "load_trained": "laet_fast.train.export",

@@ -3,16 +3,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .methods import METHODS, PROBE_EXAMPLES, PROBE_METHODS, parse_method
+from ..methods import PROBE_EXAMPLES, parse_method
+from ..names import METHODS, OPTIMIZERS, PROBE_METHODS, QUANT_MODES, REPORT_TO, TASKS
 
-TASKS = ("classify", "lm", "sft")
 # Tokens per chunk of the chunked LM-head loss (laet_fast.chunked_loss.DEFAULT_CHUNK, kept here torch-free).
 LOSS_CHUNK = 256
-OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
-QUANTIZE = ("nf4", "fp4", "int8")
-# Experiment trackers a run can log to, through accelerate's (``none``: log.jsonl only).
-REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio", "aim", "comet_ml", "dvclive", "swanlab")
 # Fields a resumed run may change without changing the run (where to write, how often to report).
 # loss_chunk: the chunked loss computes the same loss and gradients as the plain one (to rounding).
 RESUMABLE_CHANGES = ("out", "keep", "progress", "eval_every", "resume", "report_to", "loss_chunk")
@@ -170,6 +166,6 @@ def _quantize_name(mode) -> str | None:
     name = None if mode is None else str(mode).strip().lower()
     if name in (None, "none"):
         return None
-    if name not in QUANTIZE:
-        raise ValueError(f"quantize_frozen={mode!r}: choose none or one of {', '.join(QUANTIZE)}.")
+    if name not in QUANT_MODES:
+        raise ValueError(f"quantize_frozen={mode!r}: choose none or one of {', '.join(QUANT_MODES)}.")
     return name

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .methods import PROBE_METHODS, probe_spread
+from ..methods import PROBE_METHODS, probe_spread
 
 GIB = 2**30
 

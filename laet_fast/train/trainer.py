@@ -36,7 +36,7 @@ from ..data import TextData, read_splits, split_examples, to_text_data
 from ..data.examples import is_dataset, is_dataset_dict
 from .batches import Batches
 from .heads import ProbeHead, TaskModel, vote
-from .methods import PROBE_METHODS, choose_layers, reselector_for, score_layers
+from ..methods import PROBE_METHODS, choose_layers, reselector_for, score_layers
 from .report import GIB, TrainReport, plan_for_run, finite_or_null
 
 LOG = "log.jsonl"
@@ -303,7 +303,7 @@ class Trainer:
         with torch.no_grad():
             feats = torch.cat([probe_model(b["input_ids"], b["attention_mask"])[1][0] for b in score_data])
         if is_distributed():  # standardize by the global scoring batches, as one process would
-            from .methods import gather_batch_rows
+            from ..methods import gather_batch_rows
 
             feats, _ = gather_batch_rows(feats, torch.cat([b["labels"] for b in score_data]), score_data)
         torch.manual_seed(self.config.seed)

@@ -1,4 +1,4 @@
-"""Layer-selection methods shared by the trainer and the callback: score the blocks, then choose.
+"""Layer-selection methods shared by laet_fast.Trainer and LaetCallback: score the blocks, then choose.
 
 A method is one of :data:`METHODS` or an explicit list of block indices:
 
@@ -24,29 +24,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from ..selection import Selection, select_layers
+from .names import METHODS, METRIC_OF, PROBE_METHODS, RESELECTABLE, SCORE_FREE
+from .selection import Selection, select_layers
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the command line's --help stays light
     import torch
     import torch.nn as nn
 
-    from ..scores import LayerScores
+    from .scores import LayerScores
 
-METHODS = ("laet", "laet-cost", "grad_norm", "block_influence", "relative_change", "last", "random", "all")
-# The metric each scored method ranks blocks by.
-METRIC_OF = {"laet": "probe_acc", "laet-cost": "probe_acc", "grad_norm": "grad_norm",
-             "block_influence": "block_influence", "relative_change": "relative_change"}
-SCORE_FREE = ("last", "random", "all")
-# The methods that choose from LAET's probes (trained on labelled pooled features) and keep them as heads.
-PROBE_METHODS = ("laet", "laet-cost")
 # LAET's probes are scored by stratified k-fold cross-validation, so that each block's accuracy comes with its
 # spread across folds (``probe_spread``); a class with fewer examples than this sets the number of folds.
 PROBE_FOLDS = 5
 # How many training examples LAET's probes learn from by default (all of them when there are fewer).
 PROBE_EXAMPLES = 1000
-# The methods that can choose again while training (``reselect_every``), in laet_fast.Trainer and LaetCallback
-# alike: the scored ones from the training steps' own hidden states or gradient norms, ``random`` by a new draw.
-RESELECTABLE = ("grad_norm", "block_influence", "relative_change", "random")
 
 
 def parse_method(method) -> str | tuple[int, ...]:
@@ -121,8 +112,8 @@ def score_layers(
 
     from tqdm.auto import tqdm
 
-    from ..apply import suspend_backward_cut
-    from ..probe import LayerProbe
+    from .apply import suspend_backward_cut
+    from .probe import LayerProbe
 
     grad_norms = method == "grad_norm"
     was_training = model.training
@@ -157,7 +148,7 @@ def _score_laet(model, batches, labels, layers, return_probes, seed, progress, p
     import torch
 
     try:
-        from ..embed import layer_embeddings, probe_layers
+        from .embed import layer_embeddings, probe_layers
     except ImportError:
         raise ValueError("method 'laet' needs laet_fast.embed (layer embeddings and probes), which this "
                          "install lacks; choose another method.") from None
@@ -168,7 +159,7 @@ def _score_laet(model, batches, labels, layers, return_probes, seed, progress, p
     if labels.numel() != rows:
         raise ValueError(f"score_layers: {labels.numel()} labels for {rows} texts; give one label per text.")
     emb = layer_embeddings(model, batches, layers=layers, progress=progress)
-    from ..distributed import is_distributed
+    from .distributed import is_distributed
 
     if is_distributed():
         emb, labels = gather_batch_rows(emb.as_subclass(torch.Tensor), labels, batches)
@@ -197,7 +188,7 @@ def gather_batch_rows(features: "torch.Tensor", labels: "torch.Tensor", batches:
     """
     import torch
 
-    from ..distributed import gather_rows
+    from .distributed import gather_rows
 
     count = int(gather_rows(torch.tensor([len(batches)])).min())
     rows, gathered_labels, start = [], [], 0
@@ -311,8 +302,8 @@ def reselector_for(model: "nn.Module", method, every: int, *, k: int | None = No
         evaluation passes are not scored. ``random`` has a stand-in probe without scores, and its n-th
         re-selection draws with ``seed + n``.
     """
-    from ..probe import LayerProbe
-    from ..reselect import Reselector
+    from .probe import LayerProbe
+    from .reselect import Reselector
 
     method = check_reselectable(method)
     if method == "random":
