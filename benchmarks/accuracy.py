@@ -15,10 +15,10 @@ Rows (:data:`ROWS`, the issue's list; :data:`EXTRA_ROWS` run on request):
 - ``laet`` (the blocks no other block's probe clearly beats, k chosen by that rule), ``laet_cost`` (LAET's kept
   blocks cut to the cheapest set that holds the best probe's block: ``--method laet-cost``).
 - ``last``, ``random``: the last / k random blocks at LAET's k (the k ``laet`` chose on the same seed).
-- ``cost_aware``: LAET's probe scores, ``strategy="cost_aware"`` within the predicted step time of last-k.
+- ``cost_aware``: LAET's probe scores, ``cost_aware_selection`` within the predicted step time of last-k.
 - ``grad_norm``: IR-Tuning's variance split of per-block gradient norms, once.
 - ``full`` (every block), ``lora_all`` (PEFT LoRA r=8 on every linear of every block) and ``lora_laet``
-  (LoRA r=8 on LAET's blocks, through ``Selection.to_peft_config``).
+  (LoRA r=8 on LAET's blocks, through ``laet_fast.to_peft_config``).
 
 Heads: LAET's rows put a head on each selected block (started from its probe); the others one linear head on
 the last block. Cost columns: trainable parameters (heads included), peak memory (the process's peak RSS from
@@ -261,14 +261,13 @@ def laet_choice(model, tokenizer, cfg, train, held_out):
 
 
 def _cost_aware_layers(model, scores, cfg, k: int):
-    """Blocks that ``strategy="cost_aware"`` picks from LAET's probe accuracies within last-k's predicted s/step."""
-    from laet_fast.cost import CostModel
-    from laet_fast.selection import select_layers
+    """Blocks that ``cost_aware_selection`` picks from LAET's probe accuracies within last-k's predicted s/step."""
+    from laet_fast.cost import CostModel, cost_aware_selection
 
     n = len(scores["probe_acc"])
     cost = CostModel(model.config, seq_len=cfg.max_length, batch_size=cfg.batch_size, dtype="fp32")
     budget = cost.time(list(range(n - k, n))).total_s
-    selection = select_layers(scores, metric="probe_acc", strategy="cost_aware", budget_s=budget, cost_model=cost)
+    selection, _ = cost_aware_selection(scores, cost, metric="probe_acc", budget_s=budget)
     return selection, budget
 
 
@@ -340,12 +339,13 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
     elif row in ("lora_all", "lora_laet"):
         from peft import get_peft_model
 
+        from laet_fast.integrations.peft_bridge import to_peft_config
         from laet_fast.selection import Selection
 
         num_layers = model.config.num_hidden_layers
         selection = laet if row == "lora_laet" else Selection(layers=tuple(range(num_layers)), num_layers=num_layers)
         t0 = time.perf_counter()
-        peft_config = selection.to_peft_config(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", model=model)
+        peft_config = to_peft_config(selection, r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", model=model)
         model = get_peft_model(model, peft_config)
         extra_wall += time.perf_counter() - t0
         method, kwargs = ",".join(map(str, selection.layers)), {}

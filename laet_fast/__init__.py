@@ -82,6 +82,7 @@ _EXPORTS = {
     "encode_labels": "laet_fast.data",
     "read_examples": "laet_fast.data",
     "LaetCallback": "laet_fast.integrations.callback",
+    "to_peft_config": "laet_fast.integrations.peft_bridge",
     "Trainer": "laet_fast.train",
     "TrainConfig": "laet_fast.train",
     "load_trained": "laet_fast.train",

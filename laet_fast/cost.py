@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from laet_fast.memory import GIB, extra_parts, layers_of, block_shape, plan_memory
-from laet_fast.selection import Selection, laet_keep
+from laet_fast.selection import Selection, laet_keep, scores_of
 
 PARTS = ("forward", "backward_input", "backward_weight", "dequant", "optimizer")
 UNITS = {"forward": "FLOP", "backward_input": "FLOP", "backward_weight": "FLOP", "dequant": "element",
@@ -459,7 +459,7 @@ def _budget(budget_s, budget_gb, tradeoff) -> tuple[str, float]:
     given = {name: value for name, value in (("budget_s", budget_s), ("budget_gb", budget_gb),
                                              ("tradeoff", tradeoff)) if value is not None}
     if len(given) != 1:
-        raise ValueError(f"strategy='cost_aware' needs exactly one of budget_s=, budget_gb= or tradeoff=; got "
+        raise ValueError(f"cost_aware_selection needs exactly one of budget_s=, budget_gb= or tradeoff=; got "
                          f"{', '.join(given) or 'none'}.")
     (name, value), = given.items()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
@@ -497,16 +497,30 @@ def choose_layers(curve: TradeoffCurve, budget_s: float | None = None, budget_gb
     return best
 
 
-def cost_aware_selection(values: Sequence[float], cost_model: CostModel, metric: str | None = None,
+def cost_aware_selection(scores, cost_model: CostModel, metric: str | None = None,
                          budget_s: float | None = None, budget_gb: float | None = None,
                          tradeoff: float | None = None) -> tuple[Selection, TradeoffCurve]:
     """The most important block set within the budget, as a ``Selection``, and the trade-off curve it came from.
 
-    ``select_layers(scores, strategy="cost_aware", ...)`` returns the same Selection; call this to keep
-    the curve (``curve.plot(path)``, ``curve.to_dict()``).
+    Args:
+        scores: one importance per block: a list, or a ``LayerScores`` / mapping read at ``metric``.
+        cost_model: the setup (config, batch, sequence length, device rates) whose cost the budget limits.
+        metric: the metric the importances are (needed to read a ``LayerScores`` or a mapping).
+        budget_s, budget_gb, tradeoff: exactly one: the set with the highest total importance whose predicted
+            step time (seconds) or memory (GiB) fits, or that maximises ``importance - tradeoff * seconds``.
+
+    Returns:
+        ``(selection, curve)``: strategy ``"cost_aware"``; the curve plots (``curve.plot(path)``) and
+        serializes (``curve.to_dict()``).
     """
+    if isinstance(scores, Mapping) or hasattr(scores, "keys"):
+        if metric is None:
+            raise ValueError("cost_aware_selection: name the metric to read from the scores (metric=...).")
+        values = scores_of(scores, metric)
+    else:
+        values = [float(v) for v in scores]
     if cost_model is None or not isinstance(cost_model, CostModel):
-        raise ValueError("strategy='cost_aware' needs cost_model=CostModel(config, seq_len=..., batch_size=...), "
+        raise ValueError("cost_aware_selection needs cost_model=CostModel(config, seq_len=..., batch_size=...), "
                          "the setup whose step time and memory the budget limits.")
     _budget(budget_s, budget_gb, tradeoff)  # before the curve, which plans every candidate
     curve = tradeoff_curve(values, cost_model, metric, memory=budget_gb is not None or _plans_memory(cost_model))

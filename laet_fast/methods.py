@@ -7,7 +7,7 @@ A method is one of :data:`METHODS` or an explicit list of block indices:
                           blocks whose probes classify best (``probe_acc``) are chosen, and their
                           probes become the training heads. Needs labels.
 ``laet-cost``             LAET's kept blocks, cut to the cheapest set to train that still holds the
-                          best probe's block (``select_layers(strategy="laet_cost")``); a budget
+                          best probe's block (``laet_fast.cost.laet_cost_selection``); a budget
                           (``budget_s`` / ``budget_gb``) or ``k`` caps it.
 ``grad_norm``             IR-Tuning: per-block gradient norms of the next-token loss, sorted and cut
                           where var(low) + var(high) is smallest (``splits=`` splits again); with
@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .names import METHODS, METRIC_OF, PROBE_METHODS, RESELECTABLE, SCORE_FREE
-from .selection import Selection, select_layers
+from .selection import Selection, laet_scores, select_layers
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the command line's --help stays light
     import torch
@@ -262,7 +262,10 @@ def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None,
     if scores is None:
         raise ValueError(f"method {method!r} chooses from scores; run score_layers first.")
     if method == "laet-cost":
-        return select_layers(scores, strategy="laet_cost", k=k, num_layers=num_layers, **select_kwargs)
+        from .cost import laet_cost_selection
+
+        acc, f1 = laet_scores(scores, num_layers)
+        return laet_cost_selection(acc, f1, k=k, **select_kwargs)[0]
     metric = METRIC_OF[method]
     if k is not None:
         strategy = "top"

@@ -9,7 +9,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-STRATEGIES = ("variance_split", "top", "bottom", "last", "random", "laet", "cost_aware", "laet_cost")
+STRATEGIES = ("variance_split", "top", "bottom", "last", "random", "laet")
+# Choices that weigh a block set's cost too live above this module, in laet_fast.cost.
+COST_STRATEGIES = {"cost_aware": "laet_fast.cost.cost_aware_selection(scores, cost_model, metric=..., budget_s=...)",
+                   "laet_cost": "laet_fast.cost.laet_cost_selection(acc, f1, cost_model, ...)"}
 
 
 @dataclass(frozen=True)
@@ -123,12 +126,6 @@ class Selection:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
 
-    def to_peft_config(self, r: int = 8, alpha: int = 16, target_modules=None, **kwargs):
-        """A ``peft.LoraConfig`` with LoRA on these layers only (``laet_fast.integrations.peft_bridge``)."""
-        from .integrations.peft_bridge import to_peft_config
-
-        return to_peft_config(self, r=r, alpha=alpha, target_modules=target_modules, **kwargs)
-
     def check_model(self, num_layers: int) -> None:
         """Refuse a selection made for a model with another number of blocks."""
         if num_layers != self.num_layers:
@@ -171,7 +168,7 @@ def variance_split(values: Sequence[float], low: float = 0.35, high: float = 0.6
     return min(range(lo, hi + 1), key=lambda s: var(values[:s]) + var(values[s:]))
 
 
-def _scores_of(scores: Any, metric: str) -> list[float]:
+def scores_of(scores: Any, metric: str) -> list[float]:
     """Per-layer values of ``metric`` from a LayerScores, a mapping, or a plain sequence."""
     if isinstance(scores, Mapping) or hasattr(scores, "keys"):
         if metric not in scores:
@@ -204,10 +201,6 @@ def select_layers(
     num_layers: int | None = None,
     splits: int = 1,
     margin: float = 0.5,
-    budget_s: float | None = None,
-    budget_gb: float | None = None,
-    tradeoff: float | None = None,
-    cost_model: Any = None,
 ) -> Selection:
     """Choose the layers to train.
 
@@ -227,38 +220,22 @@ def select_layers(
             (IR-Tuning's ``split_num``; 2 keeps about a quarter of the layers with the default bounds).
             A split that lands on a bound (``low`` or ``high``) is warned about: the scores had no
             clearer gap inside the bounds, and the bound, not the scores, chose the group size.
-        budget_s, budget_gb, tradeoff, cost_model: ``"cost_aware"`` only (``laet_fast.cost``): the set with
-            the highest total score whose predicted step time (``budget_s`` seconds) or memory (``budget_gb``
-            GiB) fits, or that maximises ``score - tradeoff * seconds``; exactly one of the three.
-            ``cost_model`` is a ``laet_fast.cost.CostModel`` (config, batch, sequence length, device rates).
-            ``laet_fast.cost.cost_aware_selection`` returns the trade-off curve as well.
         margin: ``"laet"`` only (see ``laet_keep``): LAET's choice from probe scores, which needs the
             metrics ``probe_acc`` and ``probe_f1`` (``laet_fast.embed.probe_layers``); ``metric`` and ``k``
             are not used.
-            ``"laet_cost"`` (``laet_fast.cost.laet_cost_selection``): LAET's kept blocks (``margin``), cut to the
-            cheapest set to train that holds the best probe's block; ``cost_model`` is needed, ``k`` and one
-            of ``budget_s`` / ``budget_gb`` cap the set.
+
+    The choices that weigh what a block set costs to train are ``laet_fast.cost.cost_aware_selection`` (the
+    highest total score within a time or memory budget) and ``laet_fast.cost.laet_cost_selection`` (LAET's
+    kept blocks, cut to the cheapest set that holds the best probe's block).
 
     Non-finite scores never get a layer selected by a score-based strategy: those layers are left
     out of the ranking and of the variance split, and a ValueError says so when too few finite
     scores remain. Score-free strategies (``"last"``, ``"random"``) ignore the scores' values.
     """
+    if strategy in COST_STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} weighs cost too: call {COST_STRATEGIES[strategy]}.")
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
-    budget = {name: value for name, value in (("budget_s", budget_s), ("budget_gb", budget_gb),
-                                              ("tradeoff", tradeoff), ("cost_model", cost_model)) if value is not None}
-    if strategy == "cost_aware":
-        return _cost_aware(scores, metric, k, num_layers, **budget)
-    if strategy == "laet_cost":
-        from .cost import laet_cost_selection
-
-        if tradeoff is not None:
-            raise ValueError("tradeoff= applies to strategy='cost_aware' only; cap 'laet_cost' with k=, budget_s= "
-                             "or budget_gb=.")
-        acc, f1 = _laet_scores(scores, num_layers)
-        return laet_cost_selection(acc, f1, margin=margin, k=k, **budget)[0]
-    if budget:
-        raise ValueError(f"{', '.join(budget)} apply to strategy='cost_aware' or 'laet_cost' only.")
     if strategy == "laet":
         if k is not None:
             raise ValueError(f"k={k!r} is not used by strategy='laet', which keeps every layer no other layer "
@@ -267,7 +244,7 @@ def select_layers(
     score_based = strategy in ("variance_split", "top", "bottom")
     if score_based and scores is None:
         raise ValueError(f"strategy={strategy!r} needs scores.")
-    values = _scores_of(scores, metric) if scores is not None and score_based else None
+    values = scores_of(scores, metric) if scores is not None and score_based else None
     if values is not None and num_layers is not None and len(values) != num_layers:
         raise ValueError(
             f"The scores cover {len(values)} layers but num_layers={num_layers}; score this model first."
@@ -348,22 +325,6 @@ def select_layers(
     )
 
 
-def _cost_aware(scores: Any, metric: str, k: int | None, num_layers: int | None, **budget: Any) -> Selection:
-    """``select_layers(strategy="cost_aware")``: the checks of its arguments, then ``laet_fast.cost``."""
-    from .cost import cost_aware_selection
-
-    if k is not None:
-        raise ValueError(f"k={k!r} is not used by strategy='cost_aware', which sizes the set from the budget; "
-                         f"pass budget_s=, budget_gb= or tradeoff=.")
-    if scores is None:
-        raise ValueError("strategy='cost_aware' needs scores.")
-    values = _scores_of(scores, metric)
-    if num_layers is not None and len(values) != num_layers:
-        raise ValueError(f"The scores cover {len(values)} layers but num_layers={num_layers}; score this model first.")
-    selection, _ = cost_aware_selection(values, budget.pop("cost_model", None), metric=metric, **budget)
-    return selection
-
-
 LAET_METRICS = ("probe_acc", "probe_f1")
 
 
@@ -398,12 +359,12 @@ def laet_keep(acc: Sequence[float], f1: Sequence[float], margin: float = 0.5) ->
     return [i for i in finite if not any(beats(j, i) for j in finite if j != i)]
 
 
-def _laet_scores(scores: Any, num_layers: int | None) -> tuple[list[float], list[float]]:
+def laet_scores(scores: Any, num_layers: int | None = None) -> tuple[list[float], list[float]]:
     """(probe_acc, probe_f1) per layer from LAET's probe scores, checked."""
     if scores is None or not (isinstance(scores, Mapping) or hasattr(scores, "keys")) or any(
             m not in scores for m in LAET_METRICS):
-        raise ValueError("strategies 'laet' and 'laet_cost' need probe scores with 'probe_acc' and 'probe_f1' per "
-                         "layer: run laet_fast.embed.probe_layers(layer_embeddings(...), labels) first.")
+        raise ValueError("LAET (strategy 'laet', laet_cost_selection) needs probe scores with 'probe_acc' and "
+                         "'probe_f1' per layer: run laet_fast.embed.probe_layers(layer_embeddings(...), labels) first.")
     acc, f1 = ([float(v) for v in scores[m]] for m in LAET_METRICS)
     if num_layers is not None and len(acc) != num_layers:
         raise ValueError(f"The scores cover {len(acc)} layers but num_layers={num_layers}; score this model first.")
@@ -411,6 +372,6 @@ def _laet_scores(scores: Any, num_layers: int | None) -> tuple[list[float], list
 
 
 def _select_laet(scores: Any, margin: float, num_layers: int | None) -> Selection:
-    acc, f1 = _laet_scores(scores, num_layers)
+    acc, f1 = laet_scores(scores, num_layers)
     return Selection(layers=tuple(laet_keep(acc, f1, margin)), num_layers=len(acc), strategy="laet",
                      metric="probe_acc", scores=tuple(acc), params={"margin": margin})

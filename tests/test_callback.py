@@ -316,7 +316,7 @@ def test_laet_chooses_by_probes_and_trains_the_model_head(tmp_path, method):
     import copy
 
     from laet_fast import select_layers
-    from laet_fast.cost import CostModel
+    from laet_fast.cost import CostModel, laet_cost_selection
     from laet_fast.embed import layer_embeddings, probe_layers
     from trainer_cases import ClassRows
 
@@ -347,7 +347,7 @@ def test_laet_chooses_by_probes_and_trains_the_model_head(tmp_path, method):
         assert callback.selection.layers == select_layers(want, strategy="laet").layers and chosen
     else:  # costed at the first batch's shape: 4 rows of SEQ tokens, fp32
         cost = CostModel(model.config, seq_len=SEQ, batch_size=4, dtype="fp32")
-        assert callback.selection.layers == select_layers(want, strategy="laet_cost", cost_model=cost).layers
+        assert callback.selection.layers == laet_cost_selection(want["probe_acc"], want["probe_f1"], cost)[0].layers
         assert chosen and chosen <= set(select_layers(want, strategy="laet").layers)
     after = dict(model.named_parameters())
     for name, old in before.items():

@@ -188,12 +188,12 @@ def test_tradeoff_equals_brute_force():
     assert cost_aware_selection(values, model, tradeoff=0.0)[0].layers == tuple(range(6))
 
 
-def test_select_layers_cost_aware_and_its_curve(tmp_path):
+def test_cost_aware_selection_and_its_curve(tmp_path):
     config = tiny_config("llama", num_hidden_layers=6)
     model = CostModel(config, seq_len=32, batch_size=2)
     scores = {"grad_norm": [0.9, 0.1, 0.2, 0.3, 0.8, 0.7]}
     budget = model.time([4, 5]).total_s
-    selection = select_layers(scores, metric="grad_norm", strategy="cost_aware", budget_s=budget, cost_model=model)
+    selection, _ = cost_aware_selection(scores, model, metric="grad_norm", budget_s=budget)
     assert isinstance(selection, Selection) and selection.strategy == "cost_aware"
     assert selection.layers == (4, 5)  # block 0 scores highest, but moving the cut there costs too much
     assert Selection.from_dict(selection.to_dict()) == selection
@@ -214,22 +214,22 @@ def test_cost_aware_errors():
     model = CostModel(config, seq_len=16)
     scores = [0.1, 0.5, 0.2]
     with pytest.raises(ValueError, match="exactly one of budget_s=, budget_gb= or tradeoff="):
-        select_layers(scores, strategy="cost_aware", cost_model=model)
+        cost_aware_selection(scores, model)
     with pytest.raises(ValueError, match="exactly one"):
-        select_layers(scores, strategy="cost_aware", cost_model=model, budget_s=1.0, tradeoff=1.0)
+        cost_aware_selection(scores, model, budget_s=1.0, tradeoff=1.0)
     with pytest.raises(ValueError, match="needs cost_model="):
-        select_layers(scores, strategy="cost_aware", budget_s=1.0)
+        cost_aware_selection(scores, None, budget_s=1.0)
     with pytest.raises(ValueError, match="budget_s=-1.0 must be a positive number"):
-        select_layers(scores, strategy="cost_aware", cost_model=model, budget_s=-1.0)
+        cost_aware_selection(scores, model, budget_s=-1.0)
     with pytest.raises(ValueError, match="No layer set fits budget_s=1e-12"):
-        select_layers(scores, strategy="cost_aware", cost_model=model, budget_s=1e-12)
-    with pytest.raises(ValueError, match="apply to strategy='cost_aware' or 'laet_cost' only"):
-        select_layers(scores, strategy="top", k=1, budget_s=1.0)
-    with pytest.raises(ValueError, match="k=2 is not used by strategy='cost_aware'"):
-        select_layers(scores, strategy="cost_aware", k=2, cost_model=model, budget_s=1.0)
+        cost_aware_selection(scores, model, budget_s=1e-12)
+    with pytest.raises(ValueError, match="name the metric"):
+        cost_aware_selection({"grad_norm": scores}, model, budget_s=1.0)
     with pytest.raises(ValueError, match="cover 3 layers but the model has 5"):
-        select_layers(scores, strategy="cost_aware", budget_s=1.0,
-                      cost_model=CostModel(tiny_config("llama", num_hidden_layers=5), seq_len=16))
+        cost_aware_selection(scores, CostModel(tiny_config("llama", num_hidden_layers=5), seq_len=16), budget_s=1.0)
+    # select_layers chooses by scores alone and names the function that weighs cost
+    with pytest.raises(ValueError, match="weighs cost too: call laet_fast.cost.cost_aware_selection"):
+        select_layers(scores, strategy="cost_aware")
 
 
 def _laet_cost_brute_force(acc, kept, cost_model, k=None, budget_s=None):
@@ -264,7 +264,6 @@ def test_laet_cost_is_the_cheapest_kept_set_holding_the_best_probe(acc):
     assert selection.params["kept"] == kept and selection.params["best"] == selection.lowest
     # Never costlier than LAET's own choice (the backward pass stops at the best block, not below it).
     assert model.time(selection.layers).total_s <= model.time(kept).total_s
-    assert select_layers({"probe_acc": acc, "probe_f1": f1}, strategy="laet_cost", cost_model=model) == selection
     for k in range(1, len(selection) + 1):
         assert laet_cost_selection(acc, f1, model, k=k)[0].layers == _laet_cost_brute_force(acc, kept, model, k=k)
     times = sorted({model.time(layers).total_s for layers in [selection.layers[:1], selection.layers]})
@@ -280,13 +279,11 @@ def test_laet_cost_errors():
     model = CostModel(tiny_config("llama"), seq_len=16)
     acc = f1 = [0.5, 0.9, 0.6]
     with pytest.raises(ValueError, match="needs cost_model="):
+        laet_cost_selection(acc, f1)
+    with pytest.raises(ValueError, match="weighs cost too: call laet_fast.cost.laet_cost_selection"):
         select_layers({"probe_acc": acc, "probe_f1": f1}, strategy="laet_cost")
-    with pytest.raises(ValueError, match="need probe scores"):
-        select_layers({"grad_norm": acc}, strategy="laet_cost", cost_model=model)
     with pytest.raises(ValueError, match="one of budget_s and budget_gb, not both"):
         laet_cost_selection(acc, f1, model, budget_s=1.0, budget_gb=1.0)
-    with pytest.raises(ValueError, match="tradeoff= applies to strategy='cost_aware' only"):
-        select_layers({"probe_acc": acc, "probe_f1": f1}, strategy="laet_cost", cost_model=model, tradeoff=1.0)
     with pytest.raises(ValueError, match=r"No layer set fits budget_s=1e-12: the cheapest, block \[1\]"):
         laet_cost_selection(acc, f1, model, budget_s=1e-12)
 

@@ -174,12 +174,11 @@ def test_more_errors():
 
 
 def test_strategies_listed():
-    assert set(STRATEGIES) == {"variance_split", "top", "bottom", "last", "random", "laet", "cost_aware",
-                               "laet_cost"}
-    # "laet" needs probe scores (tests/test_embed_probes.py), "cost_aware" a cost model, "laet_cost" both
-    # (tests/test_cost.py); the others work on a plain list.
+    assert set(STRATEGIES) == {"variance_split", "top", "bottom", "last", "random", "laet"}
+    # "laet" needs probe scores (tests/test_embed_probes.py); the others work on a plain list. The choices that
+    # weigh cost are laet_fast.cost's (tests/test_cost.py).
     assert all(len(select_layers([1.0, 2.0, 3.0, 4.0], strategy=s, k=None if s == "variance_split" else 2)) >= 1
-               for s in STRATEGIES if s not in ("laet", "cost_aware", "laet_cost"))
+               for s in STRATEGIES if s != "laet")
 
 
 def test_repeated_variance_split_splits_the_high_group_again():
@@ -234,3 +233,18 @@ def test_from_json_validates(tmp_path, content, match):
     assert str(path) in str(info.value)
     with pytest.raises(ValueError, match="cannot read a Selection"):
         Selection.from_json(str(tmp_path / "missing.json"))
+
+
+def test_selection_is_a_leaf():
+    """selection.py imports no other laet_fast module, lazily or not: cost, memory and the PEFT bridge build on it
+    (cost-aware choices are laet_fast.cost's, the PEFT config is peft_bridge.to_peft_config)."""
+    import ast
+    import inspect
+
+    import laet_fast.selection as selection
+
+    tree = ast.parse(inspect.getsource(selection))
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name.startswith("laet_fast") or name.startswith(".") or name == ""}
+    assert not any(isinstance(node, ast.ImportFrom) and node.level for node in ast.walk(tree))

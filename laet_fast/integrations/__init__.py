@@ -1,5 +1,5 @@
 """Bridges from laet_fast's layer selections to other libraries: transformers' Trainer (LaetCallback), PEFT
-(``Selection.to_peft_config``) and FSDP2 (``fully_shard_selection``).
+(``peft_bridge.to_peft_config``) and FSDP2 (``fully_shard_selection``).
 
 ``LaetCallback`` and ``fully_shard_selection`` are imported lazily, so that importing this package imports
 neither transformers nor torch.distributed.fsdp.
