@@ -81,7 +81,8 @@ STEPS: list[Step] = [
         # The 8B goal first: if the budget runs out, the smaller shapes are what is lost.
         shapes=["llama-3.1-8b", "llama-3.2-3b", "llama-3.2-1b"], ks=[4, 2], seq=1024, batch=1,
         quantize="nf4", optimizer="adamw8bit", warmup=2, steps=3,
-    ), "peak allocated vs plan_memory, meta-built NF4 models, k=2 and 4, AdamW8bit"),
+    ), "peak allocated vs plan_memory and beside the CPU's measurement (memory_cpu.py), meta-built NF4 models, "
+       "k=2 and 4, AdamW8bit"),
     Step("step_time", "gpu_steps:step_step_time", 95, dict(
         shape="llama-3.1-8b", seq=1024, batch=1, k=4, lora_r=16, warmup=2, steps=5,
         modes=["laet_nf4", "probe_forward", "probe_grad_norms", "off_full", "qlora_r16", "lora_r16"],

@@ -635,7 +635,27 @@ def step_memory(ctx, shapes: list, ks: list, seq: int, batch: int, quantize: str
         config, name = model_config(shape)
         for k in ks:
             ctx.run_case(f"memory {name} k={k}", functools.partial(measure_memory, config, k, seq, kind, warmup, steps),
-                         shape=name, k=k, seq=seq, batch=batch, quantize=quantize, optimizer=optimizer)
+                         shape=name, k=k, seq=seq, batch=batch, quantize=quantize, optimizer=optimizer,
+                         cpu_figure=cpu_figure(shape, k, seq, optimizer))
+
+
+def cpu_figure(shape: str, k: int, seq: int, optimizer: str) -> dict | None:
+    """What ``benchmarks/memory_cpu.py`` measured on a CPU for this shape and k (lm task, the model's own loss),
+    from its committed results, to set beside the GPU's peak: None when it has no such run."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"memory_cpu_{shape}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    for run in saved.get("runs", []):
+        if (run.get("task"), run.get("k"), run.get("seq_len"), run.get("optimizer"), run.get("loss_chunk")) == \
+                ("lm", k, seq, optimizer, 0):
+            keep = ("measured_forward_backward_peak_gib", "measured_optimizer_step_peak_gib", "measured_peak_gib",
+                    "planned_peak_allocated_gib")
+            return {name: run[name] for name in keep if name in run} | {"source": os.path.basename(path)}
+    return None
 
 
 def measure_memory(config, k: int, seq: int, kind: str, warmup: int, steps: int) -> dict:
