@@ -6,6 +6,8 @@ import importlib
 import pkgutil
 import sys
 
+from laet_fast.commands import UsageError
+
 # Each module of laet_fast/commands defines ``register(subparsers)``, which adds its parser and sets
 # ``func=run``. They are found on disk, so adding a command is adding its module; this order is
 # only how ``--help`` lists them (the workflow's order), with any other command after these.
@@ -19,10 +21,6 @@ def command_names() -> list[str]:
     found = [m.name for m in pkgutil.iter_modules(laet_fast.commands.__path__) if not m.name.startswith("_")]
     rank = {name: i for i, name in enumerate(_HELP_ORDER)}
     return sorted(found, key=lambda name: (rank.get(name, len(rank)), name))
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, without a traceback."""
 
 
 class _Parser(argparse.ArgumentParser):

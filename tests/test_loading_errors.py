@@ -89,7 +89,7 @@ def _via_read_labeled(path, encoding="utf-8"):
     """The probe / fuse commands' reader, with their options."""
     import argparse
 
-    from laet_fast.cli import UsageError
+    from laet_fast.commands import UsageError
     from laet_fast.commands._labeled_data import read_labeled
 
     args = argparse.Namespace(data=path, text_column="text", label_column="label", limit=None, encoding=encoding)

@@ -13,7 +13,7 @@ import difflib
 import json
 import os
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 
 # Namespace entries that are not options of the run.
 _NOT_OPTIONS = ("help", "func", "config", "print_config", "argv", "command")

@@ -1,7 +1,7 @@
 """Options and steps the ``probe`` and ``fuse`` commands share: labelled data, pooling, and embedding with one model."""
 from __future__ import annotations
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._options import (add_device_arguments, add_model_and_data_arguments, check_at_least_one,
                                          load_model, one_line)
 

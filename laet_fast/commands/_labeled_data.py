@@ -1,7 +1,7 @@
 """The labelled examples of ``probe`` and ``fuse``, read by ``laet_fast.data`` (the rules ``train`` applies)."""
 from __future__ import annotations
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._options import one_line
 
 

@@ -11,7 +11,7 @@ import contextlib
 import importlib.util
 import os
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._embedding_options import (FUSION_CHOICES, add_embedding_arguments, check_embedding_arguments,
                                                    embed)
 from laet_fast.commands._labeled_data import read_labeled

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from laet_fast.atomic import write_file
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._options import check_at_least_one, check_output, check_plot, one_line
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._options import one_line
 
 POLICY_CHOICES = ("conservative", "balanced", "aggressive")

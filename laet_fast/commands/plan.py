@@ -9,7 +9,7 @@ import json
 import math
 import os
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.memory import ATTENTION, MODEL_SHAPES
 from laet_fast.names import OPTIMIZERS, QUANT_MODES
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._options import add_encoding_argument, check_at_least_one, one_line, transformers_bars_off
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._embedding_options import add_embedding_arguments, check_embedding_arguments, embed
 from laet_fast.commands._labeled_data import read_labeled
 from laet_fast.commands._options import check_output, check_plot, one_line

@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._options import (add_device_arguments, add_model_and_data_arguments, check_at_least_one,
                                          check_output, check_plot, load_model, one_line)
 

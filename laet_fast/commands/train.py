@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 
-from laet_fast.cli import UsageError
+from laet_fast.commands import UsageError
 from laet_fast.commands._config_file import add_config_arguments, config_text, with_config_file
 from laet_fast.commands._options import (add_encoding_argument, check_at_least_one, model_blocks, one_line,
                                          transformers_bars_off)
