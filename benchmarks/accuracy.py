@@ -208,9 +208,9 @@ def _trainer_class():
             self.side_cpu = self.eval_cpu = 0.0
             self.eval_walls = []  # wall seconds of each evaluation; the last is inside the last step's time
 
-        def _choose(self, batches, device):
+        def choose_blocks(self, batches, device):
             cpu = time.process_time()
-            selection, heads = super()._choose(batches, device)
+            selection, heads = super().choose_blocks(batches, device)
             self.side_cpu += time.process_time() - cpu
             self.first_selection = selection
             return selection, heads
@@ -255,7 +255,7 @@ def laet_choice(model, tokenizer, cfg, train, held_out):
         laet_cfg = TrainConfig(**{**cfg.to_dict(), "method": "laet", "k": None, "quantize_frozen": None})
         trainer = _trainer_class()(model, tokenizer, laet_cfg, as_pairs(train), as_pairs(held_out))
         batches = Batches(trainer.train_data, tokenizer, laet_cfg.batch_size, laet_cfg.max_length, laet_cfg.seed)
-        selection, _ = trainer._choose(batches, torch.device("cpu"))
+        selection, _ = trainer.choose_blocks(batches, torch.device("cpu"))
         _LAET_CHOICES[key] = (selection, trainer.scores, time.process_time() - cpu)
     return _LAET_CHOICES[key]
 
@@ -421,7 +421,7 @@ def _probe_vote(trainer, model, tokenizer, cfg, test, rss_before) -> dict:
     torch.manual_seed(cfg.seed)
     cpu, wall = time.process_time(), time.perf_counter()
     train_batches = Batches(trainer.train_data, tokenizer, cfg.batch_size, cfg.max_length, cfg.seed)
-    selection, heads = trainer._choose(train_batches, torch.device("cpu"))
+    selection, heads = trainer.choose_blocks(train_batches, torch.device("cpu"))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     task_model = TaskModel(model, "classify", heads)
     test_m = trainer.evaluate(task_model, Batches(test, tokenizer, EVAL_BATCH, cfg.max_length, cfg.seed),

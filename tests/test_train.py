@@ -177,7 +177,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(model_dir, tmp_path):
     cfg = config(tmp_path, max_steps=20, save_every=2, max_nan_steps=3)
     trainer = Trainer(model, tok, cfg, (texts, labels))
     handle = None
-    original_choose = trainer._choose
+    original_choose = trainer.choose_blocks
 
     def choose_then_poison(*args):
         nonlocal handle
@@ -185,7 +185,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(model_dir, tmp_path):
         handle = model.model.layers[3].register_forward_hook(poison)
         return result
 
-    trainer._choose = choose_then_poison
+    trainer.choose_blocks = choose_then_poison
     with pytest.raises(TrainError, match=r"3 non-finite losses in a row \(each step skipped, 4 in all\)"):
         trainer.fit()
     log = read_log(cfg.out)
@@ -319,14 +319,14 @@ def test_the_probe_baseline_is_the_frozen_heads_on_the_evaluation_split(model_di
     from laet_fast.train import trainer as trainer_module
 
     built = {}
-    real_choose = trainer_module.Trainer._choose
+    real_choose = trainer_module.Trainer.choose_blocks
 
     def recording(self, batches, device):
         selection, heads = real_choose(self, batches, device)
         built.update({i: copy.deepcopy(head) for i, head in heads.items()})
         return selection, heads
 
-    monkeypatch.setattr(trainer_module.Trainer, "_choose", recording)
+    monkeypatch.setattr(trainer_module.Trainer, "choose_blocks", recording)
     model, tok = load(model_dir)
     texts, labels = labelled_texts(60, 3)
     k = 2 if method == "laet" else 1

@@ -214,8 +214,8 @@ class Trainer:
         global_batch = cfg.batch_size * cfg.grad_accum * rank_and_world()[1]
         return max(1, math.ceil(cfg.epochs * units / global_batch))
 
-    def _choose(self, batches: Batches, device):
-        """Score, choose, and build the heads.
+    def choose_blocks(self, batches: Batches, device):
+        """Score the blocks, choose, and build the heads: ``(selection, heads)`` (``fit`` calls it once).
 
         LAET's methods (``PROBE_METHODS``) train their probes on the pooled features of the first
         ``probe_examples`` texts of the seeded training stream (all of them when there are fewer); the other
@@ -379,7 +379,7 @@ class Trainer:
 
                 self.scores = LayerScores.from_dict(saved["scores"])
         else:
-            selection, heads = self._choose(train_batches, device)
+            selection, heads = self.choose_blocks(train_batches, device)
         t_scored = time.perf_counter()
 
         task_model = TaskModel(self.model, cfg.task, heads, layers=self.layers, loss_chunk=self.loss_chunk).to(device)
