@@ -273,7 +273,7 @@ def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None,
         strategy = "variance_split"
     elif method == "laet":
         strategy = "laet"
-    else:
+    else:  # NEEDS_K
         raise ValueError(f"method {method!r} needs k, the number of blocks to train.")
     return select_layers(scores, metric=metric, strategy=strategy, k=k, num_layers=num_layers, **select_kwargs)
 

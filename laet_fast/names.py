@@ -10,6 +10,8 @@ METRIC_OF = {"laet": "probe_acc", "laet-cost": "probe_acc", "grad_norm": "grad_n
              "block_influence": "block_influence", "relative_change": "relative_change"}
 # The methods that choose without scoring.
 SCORE_FREE = ("last", "random", "all")
+# The methods that need k, the number of blocks to train (the others size the set themselves without it).
+NEEDS_K = ("last", "random", "block_influence", "relative_change")
 # The methods that choose from LAET's probes (trained on labelled pooled features) and keep them as heads.
 PROBE_METHODS = ("laet", "laet-cost")
 # The methods that can choose again while training (``reselect_every``), in laet_fast.Trainer and LaetCallback

@@ -368,3 +368,13 @@ def test_the_report_says_when_classify_stops_below_the_last_block(model_dir, tmp
     said = [note for note in report.notes if "stops at the highest head" in note]
     assert said == ([f"the plan counts the forward pass of every block; classify stops at the highest head "
                      f"(block {top}), so the blocks above it cost nothing"] if top < 3 else [])
+
+
+def test_the_config_refuses_a_method_that_needs_k_without_k():
+    from laet_fast.names import NEEDS_K
+
+    for method in NEEDS_K:
+        with pytest.raises(ValueError, match=f"method '{method}' needs k"):
+            TrainConfig(method=method)
+        assert TrainConfig(method=method, k=2).k == 2
+    assert TrainConfig(method="grad_norm").k is None  # the variance split sizes the set

@@ -149,12 +149,13 @@ def _torch_threads(threads: int | None):
 
 
 def _run(args) -> int:
-    from laet_fast.train.config import TrainConfig
     from laet_fast.methods import check_reselectable
+    from laet_fast.names import NEEDS_K
+    from laet_fast.train.config import TrainConfig
 
     demo_data = args.data is None
     k = args.k if args.k is not None or args.model is not None or not demo_data else DEMO_K
-    if k is None and args.method in ("last", "random", "block_influence", "relative_change"):
+    if k is None and args.method in NEEDS_K:
         raise UsageError(f"--method {args.method} needs --k, the number of blocks to train.")
     try:
         config = TrainConfig(

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from ..methods import PROBE_EXAMPLES, parse_method
-from ..names import METHODS, OPTIMIZERS, PROBE_METHODS, QUANT_MODES, REPORT_TO, TASKS
+from ..names import METHODS, NEEDS_K, OPTIMIZERS, PROBE_METHODS, QUANT_MODES, REPORT_TO, TASKS
 
 # Tokens per chunk of the chunked LM-head loss (laet_fast.chunked_loss.DEFAULT_CHUNK, kept here torch-free).
 LOSS_CHUNK = 256
@@ -100,6 +100,8 @@ class TrainConfig:
             others = ", ".join(m for m in METHODS if m not in PROBE_METHODS)
             raise ValueError(f"method {self.method!r} trains probes on class labels, which task={self.task!r} has "
                              f"none of; choose another method ({others}), e.g. method='grad_norm'.")
+        if self.k is None and self.method in NEEDS_K:
+            raise ValueError(f"method {self.method!r} needs k, the number of blocks to train.")
         if self.packing and self.task != "sft":
             raise ValueError(f"packing lays sft examples end to end; task={self.task!r} does not pack. Drop packing.")
         budgets = [name for name in ("budget_s", "budget_gb") if getattr(self, name) is not None]
