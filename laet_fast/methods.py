@@ -264,6 +264,10 @@ def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None,
     if method == "laet-cost":
         from .cost import laet_cost_selection
 
+        unknown = sorted(set(select_kwargs) - {"cost_model", "margin", "budget_s", "budget_gb"})
+        if unknown:
+            raise ValueError(f"method 'laet-cost' takes cost_model, margin, budget_s and budget_gb, not "
+                             f"{', '.join(unknown)}.")
         acc, f1 = laet_scores(scores, num_layers)
         return laet_cost_selection(acc, f1, k=k, **select_kwargs)[0]
     metric = METRIC_OF[method]

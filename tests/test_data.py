@@ -230,3 +230,68 @@ def test_split_examples_and_folds():
         stratified_split([0, 1], 1.5, 0)
     with pytest.raises(ValueError, match="more than the 20 examples"):
         stratified_folds(data.labels, 21, 0)
+
+
+# ---------------------------------------------------------------------------------------------- review findings
+def test_numpy_and_torch_labels_give_plain_classes_and_a_run_names_them_by_text():
+    """np.int64 classes made the export's JSON fail after the whole run had trained."""
+    import numpy as np
+
+    from laet_fast.train.trainer import as_text_data
+
+    texts = ["a", "b", "c", "d"]
+    for labels in (np.array([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1]), [np.int64(0), np.int64(1)] * 2):
+        data = as_text_data((texts, labels), "classify")
+        assert data.classes == [0, 1] and all(type(c) is int for c in data.classes)
+        json.dumps(data.classes)
+
+
+def test_a_trainer_names_its_classes_by_text_whatever_the_labels_were(tmp_path):
+    from laet_fast.train import TrainConfig, Trainer
+
+    class Config:
+        model_type, _name_or_path = "none", "none"
+
+    class Model(torch.nn.Module):
+        config = Config()
+
+    texts = [f"t{i}" for i in range(10)]
+    trainer = Trainer(Model(), None, TrainConfig(out=str(tmp_path)), (texts, [i % 2 for i in range(10)]))
+    assert trainer.classes == ["0", "1"] and trainer.eval_data.classes == ["0", "1"]
+
+
+def test_sft_csv_blank_cells_are_absent_fields(tmp_path):
+    """A CSV has every column in every row: an alpaca row's empty prompt/completion cells made it a
+    prompt/completion row with nothing in it, trained on EOS alone."""
+    path = _write(tmp_path / "mixed.csv", "prompt,completion,instruction,output\n,,Add 1 and 1,2\nHi,Hello,,\n")
+    rows = read_examples(path, "sft").texts
+    assert rows == [{"instruction": "Add 1 and 1", "output": "2"}, {"prompt": "Hi", "completion": "Hello"}]
+
+
+def test_a_row_without_its_text_is_named_not_dropped(tmp_path):
+    path = _write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"body": "b", "label": 0}\n{"text": "c", '
+                                        '"label": 0}\n')
+    with pytest.raises(ValueError, match=r"row 2 has no text in 'text' \(a missing field or a null\)"):
+        read_examples(path)
+
+
+def test_limit_reads_no_row_after_the_limit(tmp_path):
+    path = _write(tmp_path / "d.csv", "text,label\na,1\nb,0\nc,1\nd,\n")  # row 4 has no label
+    assert read_examples(path, limit=3).texts == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="row 4: a text without a label"):
+        read_examples(path)
+
+
+def test_sft_rows_that_are_not_dicts_are_one_line():
+    from laet_fast.train.trainer import as_text_data
+
+    with pytest.raises(ValueError, match="row 1: an sft example is a dict of fields .* not str"):
+        as_text_data(["hello"], "sft")
+
+
+def test_laet_cost_refuses_arguments_it_does_not_take():
+    from laet_fast.methods import choose_layers
+
+    scores = {"probe_acc": [0.5, 0.9, 0.6], "probe_f1": [0.5, 0.9, 0.6]}
+    with pytest.raises(ValueError, match="takes cost_model, margin, budget_s and budget_gb, not tradeoff"):
+        choose_layers(scores, "laet-cost", num_layers=3, tradeoff=1.0)

@@ -43,12 +43,14 @@ def run(args) -> int:
 
 def _predict(args, table, name: str) -> int:
     from laet_fast.data import to_text_data
+    from laet_fast.data.examples import text_column_of
     from laet_fast.train.export import load_trained
 
     try:
         predictor = load_trained(args.model_dir, device=args.device)
         labelled = args.label_column in table.column_names
-        data = to_text_data(table, "classify" if labelled else "lm", args.text_column, args.label_column,
+        data = to_text_data(table, "classify" if labelled else "lm", text_column_of(args.data, args.text_column),
+                            args.label_column,
                             classes=predictor.classes if labelled else None, name=name)
         texts = data.texts
         labels = [predictor.classes[i] for i in data.labels] if labelled else None

@@ -48,7 +48,8 @@ def is_dataset_dict(data) -> bool:
 
 
 def to_text_data(table, task: str = "classify", text_column: str = "text", label_column: str = "label",
-                 classes: Sequence | None = None, name: str = "the data") -> TextData:
+                 classes: Sequence | None = None, name: str = "the data", limit: int | None = None,
+                 blank_is_missing: bool = False) -> TextData:
     """The examples of a ``datasets`` table (or anything with ``column_names`` and column access).
 
     Args:
@@ -58,15 +59,19 @@ def to_text_data(table, task: str = "classify", text_column: str = "text", label
         text_column, label_column: the columns to read. A ``ClassLabel`` label column is read by class name.
         classes: a saved class mapping the labels must fall in (``predict``, evaluation data).
         name: how errors name the source (a file path).
+        limit: read the first this many examples only (rows after them are not read, nor checked).
+        blank_is_missing: ``sft`` only: an empty field is an absent one (a CSV has every column in every row).
 
     Raises:
-        ValueError (one line): a missing column (the columns found listed), a text that is not a string, a text
-        without a label, an sft row of no known format, or no examples at all.
+        ValueError (one line): a missing column (the columns found listed), a row with no text (a missing field
+        or a null), a text that is not a string, a text without a label, an sft row of no known format, or no
+        examples at all.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}.")
     if task == "sft":
-        return _sft_rows(table, name)
+        data = _sft_rows(table, name, blank_is_missing)
+        return data if limit is None else data.subset(range(min(limit, len(data))))
     names = list(table.column_names if hasattr(table, "column_names") else table)
     for column, what in ((text_column, "text"), (label_column, "label")):
         if (what == "text" or task == "classify") and column not in names:
@@ -82,8 +87,11 @@ def to_text_data(table, task: str = "classify", text_column: str = "text", label
             values = [None if v is None or v < 0 else feature.int2str(v) for v in values]
     kept_texts, kept_values = [], []
     for row, text in enumerate(texts, 1):
-        if text is None:
-            continue
+        if limit is not None and len(kept_texts) >= limit:
+            break
+        if text is None:  # a JSON row without the field, or a null: never dropped unseen
+            raise ValueError(f"{name}, row {row} has no text in {text_column!r} (a missing field or a null); give "
+                             f"every row a text, or drop those rows first.")
         if not isinstance(text, str):
             raise ValueError(f"{name}, row {row}: {text_column!r} is {_JSON_TYPES.get(type(text), 'not a string')} "
                              f"({str(text)[:40]}), not a string; store the text as a string.")
@@ -114,12 +122,19 @@ def _column(table, name: str) -> list:
     return table.select_columns([name]).to_dict()[name] if is_dataset(table) else list(table[name])
 
 
-def _sft_rows(table, name: str) -> TextData:
+def _sft_rows(table, name: str, blank_is_missing: bool = False) -> TextData:
     from ..train.sft import row_format, without_nulls
 
-    rows = [without_nulls(row) for row in (table.to_list() if is_dataset(table) else table)]
+    rows = table.to_list() if is_dataset(table) else list(table)
     if not rows:
         raise ValueError(f"{name} holds no rows.")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{name}, row {number}: an sft example is a dict of fields (messages, prompt and "
+                             f"completion, or instruction, input and output), not {type(row).__name__}.")
+    rows = [without_nulls(row) for row in rows]
+    if blank_is_missing:
+        rows = [{key: value for key, value in row.items() if value != ""} for row in rows]
     for number, row in enumerate(rows, 1):
         try:
             row_format(row)
@@ -169,23 +184,18 @@ def read_examples(source=None, task: str = "classify", text_column: str = "text"
     table, name, demo = source_table(source, task, encoding)
     if demo:
         text_column, label_column = DEMO_TEXT_COLUMN, DEMO_LABEL_COLUMN
-    elif isinstance(source, str) and file_format(source) == ".txt":
-        text_column = "text"  # a text file's one column, whatever column a command names for its other formats
-    if limit is not None:
-        table = _first_rows(table, limit)
-    data = to_text_data(table, task, text_column, label_column, classes, name)
-    if limit is not None and len(data) > limit:
-        data = data.subset(range(limit))
+    text_column = text_column_of(source, text_column)
+    csv = isinstance(source, str) and file_format(source) in (".csv", ".tsv")
+    data = to_text_data(table, task, text_column, label_column, classes, name, limit=limit, blank_is_missing=csv)
     if subset is not None and subset < len(data):
         data = data.subset(sorted(random.Random(seed).sample(range(len(data)), subset)))
     return data
 
 
-def _first_rows(table, limit: int):
-    """The head of a large table that certainly holds ``limit`` examples, unless some rows are blank: then all."""
-    if not is_dataset(table) or table.num_rows <= 4 * limit:
-        return table
-    return table.select(range(4 * limit))
+def text_column_of(source, text_column: str) -> str:
+    """The text column to read: a ``.txt`` file's one column (``text``), whatever a command names for its other
+    formats; else ``text_column``."""
+    return "text" if isinstance(source, str) and file_format(source) == ".txt" else text_column
 
 
 def read_splits(source, task: str = "classify", text_column: str = "text", label_column: str = "label",

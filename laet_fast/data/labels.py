@@ -1,12 +1,14 @@
 """The one label rule: label values of any source -> class ids ``0..C-1`` and the classes they stand for.
 
-A label is its text, stripped: ``1``, ``"1"``, ``" 1 "`` and ``1.0`` are one class (a CSV holds ``"1"``, JSON
-``1``, a pandas column with gaps ``1.0``). When every label reads as a number the classes are in numeric order,
+A label is its text, stripped: ``1``, ``"1"``, ``" 1 "`` and the number ``1.0`` are one class (a CSV holds
+``"1"``, JSON ``1``, a pandas column with gaps ``1.0``; the text ``"1.0"`` is its own class). numpy and torch
+scalars are read as the Python numbers they hold. When every label reads as a number the classes are in numeric order,
 otherwise in text order; a class's id is its position in that order. The class keeps the first value seen for
 it, so ``classes[ids[n]] == labels[n]`` for labels of one type.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 
@@ -16,8 +18,12 @@ def label_key(value) -> str:
     Raises:
         ValueError: None or an empty text (no label), or a fractional number (not a class).
     """
-    if value is None or isinstance(value, (list, dict)):
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # a numpy or torch scalar: the Python number it holds
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         raise ValueError("missing")
+    if isinstance(value, (list, tuple, dict)):
+        raise ValueError(f"a {type(value).__name__} is not a label; give one class per example.")
     if isinstance(value, float):
         if not value.is_integer():
             raise ValueError(f"the number {value} is not a class; map fractional labels to class names first.")
@@ -50,7 +56,7 @@ def encode_labels(values: Sequence, classes: Sequence | None = None,
             raise ValueError(f"labels must be a 1-D integer array or tensor; got {dtype} of shape "
                              f"{tuple(values.shape)}.")
         values = values.tolist()
-    values = list(values)
+    values = [v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v for v in values]
     if not values:
         raise ValueError("no labels given; give one label per example.")
     if num_examples is not None and len(values) != num_examples:

@@ -131,7 +131,10 @@ def _read_error(path: str, fmt: str, encoding: str, err: Exception) -> str:
 
 def _undecodable_line(path: str, encoding: str) -> tuple[int, bytes] | None:
     """(line number, bytes) of the first line ``encoding`` cannot decode: the parser's error says neither."""
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower(), open)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".zst":
+        return None  # no reader of zstandard in the standard library: the error says less, not something wrong
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)
     decoder = codecs.getincrementaldecoder(encoding)()
     with opener(path, "rb") as handle:
         for number, line in enumerate(handle, 1):

@@ -33,6 +33,7 @@ from ..atomic import write_text
 from ..distributed import all_reduce_sum, broadcast_object, is_distributed, rank_and_world
 from .config import RESUMABLE_CHANGES, TrainConfig
 from ..data import TextData, read_splits, split_examples, to_text_data
+from ..data.labels import label_key
 from ..data.examples import is_dataset, is_dataset_dict
 from .batches import Batches
 from .heads import ProbeHead, TaskModel, vote
@@ -152,6 +153,11 @@ class Trainer:
         else:
             self.train_data = data
             self.eval_data = as_text_data(eval_data, config.task, classes=data.classes)
+        # A run's classes are named by their text (the label rule's keys): what the export's JSON, the predictor's
+        # answers and the fingerprint hold, whether the labels came as the strings of a CSV or the numbers of JSON.
+        for split in (self.train_data, self.eval_data):
+            if split.classes is not None:
+                split.classes = [label_key(c) for c in split.classes]
         self.classes = self.train_data.classes
         self.model_name = model_name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
         self.layers = layers
