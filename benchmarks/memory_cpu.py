@@ -65,7 +65,7 @@ def build(shape: str, trained: list[int], seed: int = 0):
 
 
 def forward_backward(task_model, batch: dict) -> None:
-    loss, _ = task_model(**batch)
+    loss = task_model(**batch)[0]  # as the Trainer does: the logits are not kept (the plan has them freed)
     loss.backward()
 
 
@@ -146,6 +146,22 @@ def _tensors(task_model, optimizer):
     return out
 
 
+def _setting(run: dict) -> tuple:
+    return tuple(run.get(key) for key in ("task", "k", "seq_len", "optimizer", "loss_chunk"))
+
+
+def _saved_runs(shape: str) -> list[dict]:
+    import json
+
+    from bench_utils import RESULTS_DIR
+
+    path = os.path.join(RESULTS_DIR, f"memory_cpu_{shape}.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("runs", [])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3.1-8b")
@@ -162,6 +178,8 @@ def main(argv=None) -> None:
             runs.append(measure(args.shape, task, args.k, args.seq_len, args.optimizer, loss_chunk))
             print(runs[-1], flush=True)
             gc.collect()
+    # The runs of an earlier invocation with other settings stay in the file (one run per setting).
+    runs = [run for run in _saved_runs(args.shape) if _setting(run) not in {_setting(r) for r in runs}] + runs
     path = write_result(f"memory_cpu_{args.shape}", {"shape": args.shape, "runs": runs,
                                                       "threads": torch.get_num_threads()})
     print(path)

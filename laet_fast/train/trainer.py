@@ -454,7 +454,9 @@ class Trainer:
                     try:
                         with nullcontext() if last else accelerator.no_sync(module):
                             with accelerator.autocast():
-                                loss, _ = module(**self._loss_inputs(batch))
+                                # the loss alone: the model's logits (plain lm loss) would stay alive through
+                                # the backward and the optimizer step, 0.24 GiB at 8B x 1024 tokens in bf16
+                                loss = module(**self._loss_inputs(batch))[0]
                             global_loss, global_units, batch_tokens = self._across_ranks(loss.detach(), batch, world)
                             if _finite(global_loss):  # the same on every rank: all skip, or none does
                                 accelerator.backward(loss * (world * self._loss_units(batch) / step_units))
