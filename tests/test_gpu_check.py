@@ -291,3 +291,13 @@ def test_real_steps_through_the_runner_at_tiny_sizes(tmp_path):
     assert kernels["torch_version"] and kernels["date_utc"]
     assert all("fraction_of_copy_bandwidth" in c for c in kernels["cases"] if "median_us" in c)
     assert summary["device"] == kernels["device"] and summary["goals"]
+
+
+def test_the_memory_step_sets_the_cpu_measurement_beside_the_gpu_peak():
+    """The committed CPU run of the 8B shape (benchmarks/memory_cpu.py), found by its settings."""
+    figure = gpu_steps.cpu_figure("llama-3.1-8b", 4, 1024, "adamw8bit")
+    assert figure is not None and figure["source"] == "memory_cpu_llama-3.1-8b.json"
+    assert figure["measured_forward_backward_peak_gib"] <= figure["measured_optimizer_step_peak_gib"]
+    assert abs(figure["measured_forward_backward_peak_gib"] / figure["planned_peak_allocated_gib"] - 1) < 0.05
+    assert gpu_steps.cpu_figure("llama-3.1-8b", 3, 1024, "adamw8bit") is None  # no run with those settings
+    assert gpu_steps.cpu_figure("llama-3.2-1b", 4, 1024, "adamw8bit") is None  # no such file
