@@ -50,7 +50,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _release() -> None:
+def release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -337,7 +337,7 @@ def _timed_row(fn, device, min_bytes: int, copy_gbps: float | None, target_s: fl
 
 
 def _hidden_stats_cases(inputs, device, tokens, hidden, dtype, copy_gbps, target_s):
-    from test_bench_hidden_stats import _implementation
+    from cases import hidden_stats_implementation
 
     from laet_fast.kernels.hidden_stats import hidden_stats_reference, new_stats_buffer
 
@@ -352,7 +352,7 @@ def _hidden_stats_cases(inputs, device, tokens, hidden, dtype, copy_gbps, target
     def case(impl):
         def run():
             h_in, h_out, want = inputs.get(("hidden", tokens, hidden, dtype), make)
-            fn = _implementation(impl)
+            fn = hidden_stats_implementation(impl)
             got = new_stats_buffer(1, device)[0]
             fn(h_in, h_out, None, got)  # also the warm-up (JIT, torch.compile)
             acc = new_stats_buffer(1, device)[0]
@@ -366,7 +366,7 @@ def _hidden_stats_cases(inputs, device, tokens, hidden, dtype, copy_gbps, target
 
 
 def block_dims(shape) -> dict:
-    """Dimensions for ``test_bench_grad_norm._block_shapes`` from a built-in shape name or a dict of them."""
+    """Dimensions for ``cases.llama_block_shapes`` from a built-in shape name or a dict of them."""
     if isinstance(shape, dict):
         return dict(shape)
     from laet_fast.memory import MODEL_SHAPES
@@ -391,7 +391,7 @@ def _torch_backend():
 
 
 def _grouped_norm_cases(inputs, device, shape, dtype, copy_gbps, target_s):
-    from test_bench_grad_norm import _block_shapes, _foreach_grouped, _per_tensor_item
+    from cases import foreach_grouped_norms, llama_block_shapes, per_tensor_item_norms
 
     from laet_fast.kernels.grad_norm import grouped_sq_norms, grouped_sq_norms_reference
 
@@ -402,7 +402,7 @@ def _grouped_norm_cases(inputs, device, shape, dtype, copy_gbps, target_s):
         gen = torch.Generator(device=device).manual_seed(0)
         tensors, groups = [], []
         for block in range(dims["blocks"]):
-            for param_shape in _block_shapes(**dims):
+            for param_shape in llama_block_shapes(**dims):
                 tensors.append(torch.empty(param_shape, dtype=dtype, device=device).normal_(0, 1e-3, generator=gen))
                 groups.append(block)
         want = grouped_sq_norms_reference(tensors, groups, dims["blocks"])
@@ -417,14 +417,14 @@ def _grouped_norm_cases(inputs, device, shape, dtype, copy_gbps, target_s):
                     grouped_sq_norms(tensors, groups, out)
             return run
         if impl == "foreach_grouped":
-            return lambda: _foreach_grouped(tensors, index, out)
+            return lambda: foreach_grouped_norms(tensors, index, out)
         if impl == "torch_compile":
-            compiled = torch.compile(_foreach_grouped, dynamic=False)
+            compiled = torch.compile(foreach_grouped_norms, dynamic=False)
             return lambda: compiled(tensors, index, out)
 
         def per_tensor():
             values = [0.0] * dims["blocks"]
-            _per_tensor_item(tensors, groups, values)
+            per_tensor_item_norms(tensors, groups, values)
             out.add_(torch.tensor(values, device=device))
         return per_tensor
 
@@ -449,7 +449,7 @@ def _grouped_norm_cases(inputs, device, shape, dtype, copy_gbps, target_s):
 
 
 def _frozen_cases(inputs, device, tokens, d_in, d_out, dtype, copy_gbps, target_s):
-    from test_bench_grad_norm import _frozen_fn
+    from cases import frozen_linear_norm_fn
 
     from laet_fast.kernels.grad_norm import linear_grad_sq_norm_reference
 
@@ -472,7 +472,7 @@ def _frozen_cases(inputs, device, tokens, d_in, d_out, dtype, copy_gbps, target_
                 compiled = torch.compile(materialise, dynamic=False)
                 fn = lambda: out.add_(compiled(x, dy))  # noqa: E731
             else:
-                fn = _frozen_fn(impl, x, dy, out)
+                fn = frozen_linear_norm_fn(impl, x, dy, out)
             fn()  # compiles / autotunes outside the timing
             extra = {}
             if impl != "matmul_only":
@@ -618,11 +618,11 @@ def model_config(shape):
 
 def _laet_kind(quantize: str | None, optimizer: str, batch: int) -> str:
     """The ``test_bench_memory`` row this configuration is (its builder fixes AdamW8bit and its BATCH)."""
-    import test_bench_memory as suite
+    import cases as suite
 
     if optimizer != "adamw8bit" or batch != suite.BATCH or quantize not in ("nf4", None):
         raise ValueError(f"the memory rows are laet_fast with NF4 or bf16 frozen blocks, AdamW8bit and batch "
-                         f"{suite.BATCH} (test_bench_memory._row_setup); got quantize={quantize!r}, "
+                         f"{suite.BATCH} (cases.row_setup); got quantize={quantize!r}, "
                          f"optimizer={optimizer!r}, batch={batch}")
     return "laet_nf4" if quantize == "nf4" else "laet_bf16"
 
@@ -662,18 +662,18 @@ def measure_memory(config, k: int, seq: int, kind: str, warmup: int, steps: int)
     """One laet_fast row: the model built on meta and materialised straight into NF4, its plan, its peak.
 
     CUDA: the steady-state ``max_memory_allocated`` above what was allocated before the model was built,
-    against ``plan.peak_allocated`` (``test_bench_memory._measure``). CPU: the live-allocation peak of a
+    against ``plan.peak_allocated`` (``cases.steady_peak``). CPU: the live-allocation peak of a
     forward+backward above its start against the plan's loss/backward phases (what the CPU can check).
     """
-    import test_bench_memory as suite
+    import cases as suite
 
     from laet_fast.memory import measure_cpu_peak
 
     device = _device()
-    _release()
+    release()
     baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     built = time.perf_counter()
-    model, optimizer, plan = suite._row_setup(kind, config, k, device.type, seq=seq)
+    model, optimizer, plan = suite.row_setup(kind, config, k, device.type, seq=seq)
     build_s = time.perf_counter() - built
     ids = torch.randint(0, config.vocab_size, (suite.BATCH, seq), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
@@ -681,11 +681,11 @@ def measure_memory(config, k: int, seq: int, kind: str, warmup: int, steps: int)
               "plan": plan.to_dict()}
     try:
         if device.type == "cuda":
-            peak, seconds = suite._measure(model, optimizer, ids, baseline, warmup=warmup, steps=steps)
+            peak, seconds = suite.steady_peak(model, optimizer, ids, baseline, warmup=warmup, steps=steps)
             record.update(peak_gib=peak / GIB, step_s=seconds, planner_error=(plan.peak_allocated - peak) / peak,
                           measured="torch.cuda.max_memory_allocated, steady state, above the pre-build level")
         else:
-            suite._train_step(model, optimizer, ids)
+            suite.train_step(model, optimizer, ids)
 
             # The model is an argument, not a closure over the name that `finally` deletes.
             def forward_backward(model):
@@ -699,7 +699,7 @@ def measure_memory(config, k: int, seq: int, kind: str, warmup: int, steps: int)
                           measured="CPU allocator trace of forward+backward against the plan's loss/backward phases")
     finally:
         del model, optimizer
-        _release()
+        release()
     return record
 
 
@@ -732,18 +732,18 @@ def _mode(model, mode: str):
 
 def time_steps(model, optimizer, ids, warmup: int, steps: int) -> dict:
     """Median wall time of full training steps (forward, backward, optimizer step; synchronised each)."""
-    import test_bench_memory as suite
+    import cases as suite
 
     device = ids.device
     for _ in range(warmup):
-        suite._train_step(model, optimizer, ids)
+        suite.train_step(model, optimizer, ids)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         begin = time.perf_counter()
-        suite._train_step(model, optimizer, ids)
+        suite.train_step(model, optimizer, ids)
         _sync(device)
         times.append(time.perf_counter() - begin)
     median = statistics.median(times)
@@ -758,13 +758,13 @@ def step_step_time(ctx, shape, seq: int, batch: int, k: int, lora_r: int, warmup
                    modes: list[str]) -> None:
     """Training-step time: laet_fast (k blocks, NF4), with the probe's forward statistics and gradient norms,
     with the full backward and no scoring, then QLoRA and bf16 LoRA (r = ``lora_r``) on the same shape."""
-    import test_bench_memory as suite
+    import cases as suite
 
     unknown = sorted(set(modes) - set(LAET_MODES) - {"qlora_r16", "lora_r16"})
     if unknown:
         raise ValueError(f"unknown step-time modes {unknown}; choose from {[*LAET_MODES, 'qlora_r16', 'lora_r16']}")
     if batch != suite.BATCH or lora_r != 16:
-        raise ValueError(f"the rows are test_bench_memory._row_setup's: batch {suite.BATCH}, LoRA r=16; "
+        raise ValueError(f"the rows are cases.row_setup's: batch {suite.BATCH}, LoRA r=16; "
                          f"got batch={batch}, lora_r={lora_r}")
     device = _device()
     config, name = model_config(shape)
@@ -774,14 +774,14 @@ def step_step_time(ctx, shape, seq: int, batch: int, k: int, lora_r: int, warmup
     ctx.info.update(shape=name, device_type=device.type)
     laet = [m for m in modes if m in LAET_MODES]
     if laet:
-        model, optimizer, _ = suite._row_setup("laet_nf4", config, k, device.type, seq=seq)
+        model, optimizer, _ = suite.row_setup("laet_nf4", config, k, device.type, seq=seq)
         try:
             for mode in laet:
                 ctx.run_case(f"step {mode}", functools.partial(_time_mode, model, optimizer, ids, mode, warmup, steps),
                              mode=mode, k=k, seq=seq, batch=batch)
         finally:
             del model, optimizer
-            _release()
+            release()
     for mode in (m for m in modes if m in ("qlora_r16", "lora_r16")):
         ctx.run_case(f"step {mode}", functools.partial(_time_lora, config, mode, ids, warmup, steps),
                      mode=mode, r=lora_r, seq=seq, batch=batch)
@@ -800,8 +800,8 @@ def _time_mode(model, optimizer, ids, mode, warmup, steps) -> dict:
 
 
 def _time_lora(config, mode, ids, warmup, steps) -> dict:
-    """QLoRA / bf16 LoRA, every block adapted (``test_bench_memory._row_setup``); bf16 only if it fits."""
-    import test_bench_memory as suite
+    """QLoRA / bf16 LoRA, every block adapted (``cases.row_setup``); bf16 only if it fits."""
+    import cases as suite
 
     from laet_fast.memory import plan_memory
 
@@ -812,13 +812,13 @@ def _time_lora(config, mode, ids, warmup, steps) -> dict:
         need = int(1.5 * weights) + 8 * GIB  # bf16 base, LoRA activations through every block, slack
         if free < need:
             return {"skipped": f"does not fit: ~{need / GIB:.0f} GiB needed, {free / GIB:.0f} GiB free"}
-    _release()
-    model, optimizer, _ = suite._row_setup(mode, config, 0, device.type, seq=ids.shape[1])
+    release()
+    model, optimizer, _ = suite.row_setup(mode, config, 0, device.type, seq=ids.shape[1])
     try:
         return time_steps(model, optimizer, ids, warmup, steps)
     finally:
         del model, optimizer
-        _release()
+        release()
 
 
 def derive_overheads(cases: list[dict]) -> dict:

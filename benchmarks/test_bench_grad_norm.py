@@ -25,11 +25,11 @@ import pytest
 import torch
 
 from bench_utils import bandwidth_gbps, copy_bandwidth_gbps, write_result
+from cases import foreach_grouped_norms, frozen_linear_norm_fn, llama_block_shapes, per_tensor_item_norms
 from laet_fast.kernels import grad_norm
 from laet_fast.kernels.grad_norm import (
     grouped_sq_norms,
     grouped_sq_norms_reference,
-    linear_grad_sq_norm,
     linear_grad_sq_norm_reference,
     method_costs,
 )
@@ -49,27 +49,12 @@ MODEL = LLAMA_1B if ON_CUDA else TINY
 TRAINABLE_IMPLS = ["triton", "foreach_grouped", "per_tensor_item", "torch_path"]
 
 
-def _block_shapes(hidden, intermediate, heads, kv_heads, head_dim, **_):
-    """Parameter shapes of one Llama decoder block (nn.Linear weights are [out, in])."""
-    return [
-        (heads * head_dim, hidden),  # q_proj
-        (kv_heads * head_dim, hidden),  # k_proj
-        (kv_heads * head_dim, hidden),  # v_proj
-        (hidden, heads * head_dim),  # o_proj
-        (intermediate, hidden),  # gate_proj
-        (intermediate, hidden),  # up_proj
-        (hidden, intermediate),  # down_proj
-        (hidden,),  # input_layernorm
-        (hidden,),  # post_attention_layernorm
-    ]
-
-
 @pytest.fixture(scope="module")
 def block_grads():
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     tensors, groups = [], []
     for block in range(MODEL["blocks"]):
-        for shape in _block_shapes(**MODEL):
+        for shape in llama_block_shapes(**MODEL):
             tensors.append((torch.randn(shape, generator=gen, device=DEVICE) * 1e-3).to(torch.bfloat16))
             groups.append(block)
     return tensors, groups
@@ -89,16 +74,6 @@ def trainable_results():
                                              "bytes_read": "every gradient byte once", "cases": rows})
 
 
-def _foreach_grouped(tensors, index, out):
-    norms = torch._foreach_norm(tensors)
-    out.index_add_(0, index, torch.stack(norms).float().square())
-
-
-def _per_tensor_item(tensors, groups, out_list):
-    for t, g in zip(tensors, groups):
-        out_list[g] += t.norm().item() ** 2
-
-
 @pytest.mark.parametrize("impl", TRAINABLE_IMPLS)
 def test_trainable_block_norms(benchmark, monkeypatch, trainable_results, block_grads, impl):
     if impl == "triton" and not ON_CUDA:
@@ -113,10 +88,10 @@ def test_trainable_block_norms(benchmark, monkeypatch, trainable_results, block_
         if impl in ("triton", "torch_path"):
             grouped_sq_norms(tensors, groups, out)
         elif impl == "foreach_grouped":
-            _foreach_grouped(tensors, index, out)
+            foreach_grouped_norms(tensors, index, out)
         else:
             values = [0.0] * num_blocks
-            _per_tensor_item(tensors, groups, values)
+            per_tensor_item_norms(tensors, groups, values)
             out += torch.tensor(values, device=DEVICE)
 
     # A wrong result is not worth timing (and this call also compiles the kernel).
@@ -181,16 +156,6 @@ def frozen_results():
                                           "cases": rows})
 
 
-def _frozen_fn(impl, x, dy, out):
-    if impl in ("tiled", "gram", "auto"):
-        return lambda: linear_grad_sq_norm(x, dy, out, method=impl)
-    if impl == "torch_path_auto":
-        return lambda: linear_grad_sq_norm(x, dy, out)
-    if impl == "materialise":
-        return lambda: out.add_((dy.T @ x).float().square().sum())
-    return lambda: dy.T @ x  # the weight-gradient matmul autograd would run
-
-
 @pytest.mark.parametrize("impl", FROZEN_IMPLS)
 @pytest.mark.parametrize("tokens,d_in,d_out", LINEAR_CASES)
 def test_frozen_linear_norm(benchmark, monkeypatch, frozen_results, impl, tokens, d_in, d_out):
@@ -202,7 +167,7 @@ def test_frozen_linear_norm(benchmark, monkeypatch, frozen_results, impl, tokens
     x = torch.randn(tokens, d_in, generator=gen, device=DEVICE).to(torch.bfloat16)
     dy = (torch.randn(tokens, d_out, generator=gen, device=DEVICE) * 1e-2).to(torch.bfloat16)
     out = torch.zeros(1, device=DEVICE)
-    fn = _frozen_fn(impl, x, dy, out)
+    fn = frozen_linear_norm_fn(impl, x, dy, out)
 
     fn()  # compiles / autotunes the kernel outside the timing
     if impl != "matmul_only":

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bench_utils import bandwidth_gbps, copy_bandwidth_gbps, write_result
+from cases import hidden_stats_implementation
 from laet_fast.kernels.hidden_stats import (
-    accumulate_hidden_stats,
     accumulate_hidden_stats_reference,
     new_stats_buffer,
 )
@@ -54,14 +54,6 @@ def _skip_reason(impl):
     return None
 
 
-def _implementation(impl):
-    if impl == "triton":
-        return accumulate_hidden_stats
-    if impl == "torch_eager":
-        return accumulate_hidden_stats_reference
-    return torch.compile(accumulate_hidden_stats_reference, dynamic=False)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("tokens,hidden,dtype", CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_hidden_stats_throughput(benchmark, results, impl, tokens, hidden, dtype):
@@ -71,7 +63,7 @@ def test_hidden_stats_throughput(benchmark, results, impl, tokens, hidden, dtype
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     h_in = torch.randn(tokens, hidden, generator=gen, device=DEVICE).to(dtype)
     h_out = (h_in.float() + 0.3 * torch.randn(tokens, hidden, generator=gen, device=DEVICE)).to(dtype)
-    fn = _implementation(impl)
+    fn = hidden_stats_implementation(impl)
 
     # Also the warm-up (Triton JIT, torch.compile): a wrong kernel is not worth timing.
     got, want = new_stats_buffer(2, DEVICE).unbind(0)

@@ -31,142 +31,23 @@ On a GPU the suite writes ``benchmarks/results/memory_<shape>.json``.
 """
 from __future__ import annotations
 
-import gc
-import time
 
 import pytest
 import torch
 
 from bench_utils import write_result
+from cases import BATCH, LORA_TARGETS, SEQ, build_model, release, row_setup, steady_peak, train_step  # noqa: F401
 
 from laet_fast.memory import measure_cpu_peak
 
 ON_CUDA = torch.cuda.is_available()
 GIB = 1024**3
-SEQ, BATCH = 1024, 1
 KS = (2, 4, 8)
 GOALS_GIB = {("llama-3.1-8b", 4): 16.0, ("llama-3.1-8b", 2): 12.0, ("llama-3.2-3b", 4): 8.0}
 PLANNER_TOLERANCE = 0.10
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True,
             max_position_embeddings=256)
-
-
-def _init_(param: torch.Tensor, generator: torch.Generator) -> None:
-    """Random weights of a plausible scale: ones for norm weights (1-D), N(0, 0.02) for matrices."""
-    with torch.no_grad():
-        if param.dim() == 1:
-            param.fill_(1.0)
-        else:
-            param.normal_(0.0, 0.02, generator=generator)
-
-
-def _materialize(module: torch.nn.Module, device, generator) -> None:
-    """Replace the meta parameters directly owned by ``module`` and its children by random tensors on ``device``."""
-    for sub in module.modules():
-        for name, param in list(sub.named_parameters(recurse=False)):
-            if param.is_meta:
-                real = torch.nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
-                _init_(real, generator)
-                setattr(sub, name, real)
-
-
-def build_model(config, trained_layers=(), quantize=None, dtype=torch.bfloat16, device="cuda", seed=0):
-    """A random-weight causal LM for ``config`` whose frozen blocks are quantized as they are created.
-
-    The model is built on the meta device (no memory); then each block is materialised on ``device`` in
-    ``dtype`` and, unless it is in ``trained_layers``, its linear layers are swapped for bitsandbytes
-    ``quantize`` layers right away (``laet_fast.quantize.quantize_linears``), so at most one bf16 block
-    exists beside the quantized model. Embeddings, final norm, LM head (tied when the config says so) and
-    the rotary tables follow. No selection is applied: call ``laet_fast.apply_selection(model, layers,
-    dtype=dtype)`` (without ``quantize_frozen``: the blocks already are) or set ``requires_grad`` yourself.
-    With ``trained_layers=()`` every block is quantized (a QLoRA base).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from laet_fast.layers import find_layers
-    from laet_fast.quantize import quantize_linears
-
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for index, block in enumerate(find_layers(model)):
-        _materialize(block, device, generator)
-        if quantize is not None and index not in trained_layers:
-            quantize_linears(block, quantize, compute_dtype=dtype)
-    _materialize(model, device, generator)
-    if getattr(config, "tie_word_embeddings", False):
-        model.lm_head.weight = model.get_input_embeddings().weight
-    rotary = model.model.rotary_emb
-    with torch.device(device):
-        model.model.rotary_emb = type(rotary)(config=model.config)
-    leftovers = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    assert not leftovers, f"still on the meta device: {leftovers[:5]}"
-    return model.train()
-
-
-def _release():
-    gc.collect()
-    if ON_CUDA:
-        torch.cuda.empty_cache()
-
-
-def _train_step(model, optimizer, ids):
-    out = model(input_ids=ids, labels=ids, use_cache=False)
-    out.loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _measure(model, optimizer, ids, baseline, warmup=2, steps=3):
-    """Steady-state peak allocated bytes above ``baseline`` and seconds per step (CUDA only)."""
-    for _ in range(warmup):
-        _train_step(model, optimizer, ids)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        _train_step(model, optimizer, ids)
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    return torch.cuda.max_memory_allocated() - baseline, seconds
-
-
-def _row_setup(kind, config, k, device, seq=SEQ, dtype=torch.bfloat16):
-    """(model, optimizer, plan or None) for one row of the table."""
-    import laet_fast
-    from laet_fast.memory import plan_memory
-
-    layers_total = config.num_hidden_layers
-    trained = tuple(range(layers_total - k, layers_total)) if k else ()
-    if kind in ("laet_nf4", "laet_bf16"):
-        quantize = "nf4" if kind == "laet_nf4" else None
-        model = build_model(config, trained, quantize=quantize, dtype=dtype, device=device)
-        laet_fast.apply_selection(model, list(trained), dtype=dtype)
-        optimizer = laet_fast.build_optimizer(model, "adamw8bit", lr=1e-4)
-        plan = plan_memory(config, k, seq, BATCH, quantize_frozen=quantize,
-                           optimizer="adamw8bit", dtype="bf16" if dtype == torch.bfloat16 else "fp32")
-        return model, optimizer, plan
-    if kind == "full_ft":
-        model = build_model(config, dtype=dtype, device=device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        return model, optimizer, None
-    if kind in ("lora_r16", "qlora_r16"):
-        from peft import LoraConfig, get_peft_model
-
-        quantize = "nf4" if kind == "qlora_r16" else None
-        model = build_model(config, (), quantize=quantize, dtype=dtype, device=device)
-        for param in model.parameters():
-            param.requires_grad_(False)
-        if quantize:
-            model.is_loaded_in_4bit = True  # lets PEFT pick its bitsandbytes LoRA layer, as after from_pretrained
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                                 task_type="CAUSAL_LM"))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        return model, optimizer, None
-    raise ValueError(kind)
 
 
 def _full_ft_plan(config):
@@ -178,12 +59,12 @@ def _full_ft_plan(config):
 
 def _run_row(kind, config, k=0):
     """Build, measure and free one row; returns its record."""
-    _release()
+    release()
     baseline = torch.cuda.memory_allocated()
-    model, optimizer, plan = _row_setup(kind, config, k, "cuda")
+    model, optimizer, plan = row_setup(kind, config, k, "cuda")
     ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
-    peak, seconds = _measure(model, optimizer, ids, baseline)
+    peak, seconds = steady_peak(model, optimizer, ids, baseline)
     record = {"row": f"{kind}" + (f"_k{k}" if k else ""), "k": k, "peak_gib": peak / GIB,
               "step_s": seconds}
     if plan is not None:
@@ -192,7 +73,7 @@ def _run_row(kind, config, k=0):
         record["planner_error"] = (plan.peak_allocated - peak) / peak
         record["plan"] = plan.to_dict()
     del model, optimizer
-    _release()
+    release()
     return record
 
 
@@ -296,9 +177,9 @@ def _persistent_bytes(model, optimizer):
 def test_tiny_planner_cpu(kind, k, benchmark):
     """The builder and the planner on a tiny Llama on the CPU: terms vs real bytes, forward+backward peak."""
     config = _tiny_config()
-    model, optimizer, plan = _row_setup(kind, config, k, "cpu", seq=_tiny_seq())
+    model, optimizer, plan = row_setup(kind, config, k, "cpu", seq=_tiny_seq())
     ids = torch.randint(0, config.vocab_size, (BATCH, _tiny_seq()), generator=torch.Generator().manual_seed(0))
-    _train_step(model, optimizer, ids)
+    train_step(model, optimizer, ids)
     out = model(input_ids=ids, labels=ids, use_cache=False)
     out.loss.backward()
     parts = _persistent_bytes(model, optimizer)
@@ -320,7 +201,7 @@ def test_tiny_planner_cpu(kind, k, benchmark):
     assert max(plan.phases["loss"], plan.phases["backward"]) == pytest.approx(measured, rel=PLANNER_TOLERANCE)
     optimizer.zero_grad(set_to_none=True)
     kept.clear()
-    benchmark.pedantic(_train_step, args=(model, optimizer, ids), rounds=2, iterations=1)
+    benchmark.pedantic(train_step, args=(model, optimizer, ids), rounds=2, iterations=1)
 
 
 @pytest.mark.parametrize("kind", ["full_ft", "lora_r16", "qlora_r16"])
@@ -328,10 +209,10 @@ def test_tiny_baseline_rows_cpu(kind):
     """The full-FT / LoRA / QLoRA rows build and train on the CPU (a smoke run of the GPU code path)."""
     pytest.importorskip("peft")
     config = _tiny_config()
-    model, optimizer, _ = _row_setup(kind, config, 0, "cpu", seq=_tiny_seq())
+    model, optimizer, _ = row_setup(kind, config, 0, "cpu", seq=_tiny_seq())
     ids = torch.randint(0, config.vocab_size, (BATCH, _tiny_seq()), generator=torch.Generator().manual_seed(1))
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    _train_step(model, optimizer, ids)
+    train_step(model, optimizer, ids)
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert before and any(not torch.equal(a, b) for a, b in zip(after, before))
     if kind == "full_ft":
