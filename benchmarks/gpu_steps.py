@@ -307,6 +307,9 @@ def step_kernels(ctx, hidden_stats: list, grad_norm_shape, frozen_linear: list, 
     ctx.info.update(copy_bandwidth_gbps=copy_gbps, copy_bandwidth_source=source, device_type=device.type,
                     gbps="minimum bytes (each input read once, each output written once) / median device time")
     ctx.derive = derive_kernel_ratios
+    # what the CPU's ahead-of-time compile found for this GPU's architecture, beside the bandwidth measured here
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+    ctx.info["compile_table"] = compile_table_summary(f"sm_{major}{minor}")
     inputs = _Inputs()
     cases = []  # (name, labels, thunk), in the order they run
     for tokens, hidden, case_dtype in hidden_stats:
@@ -325,6 +328,41 @@ def step_kernels(ctx, hidden_stats: list, grad_norm_shape, frozen_linear: list, 
         ctx.info["compile_refs"] = "off"
     for name, labels, thunk in first + last:
         ctx.run_case(name, thunk, **labels)
+
+
+def compile_table_summary(target: str) -> dict:
+    """Per kernel, the registers, spills and occupancy ``benchmarks/aot_table.py`` found compiling it for ``target``
+    (e.g. ``sm_90``) on a CPU, over the launch configurations it compiled; ``{"missing": ...}`` without its
+    results file or that target."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aot_compile.json")
+    if not os.path.isfile(path):
+        return {"missing": "benchmarks/results/aot_compile.json (run benchmarks/aot_table.py)"}
+    with open(path, encoding="utf-8") as handle:
+        rows = [row for row in json.load(handle).get("rows", []) if row.get("target") == target]
+    if not rows:
+        return {"missing": f"no compile of {target} in aot_compile.json"}
+    summary = {}
+    for row in rows:
+        entry = summary.setdefault(row["kernel"], {"configurations": 0, "registers": [], "occupancy": [],
+                                                   "spill_bytes": 0})
+        entry["configurations"] += 1
+        entry["registers"].append(row["registers"])
+        entry["occupancy"].append(row["occupancy"])
+        entry["spill_bytes"] = max(entry["spill_bytes"], row["spill_stores"] + row["spill_loads"])
+    for entry in summary.values():
+        entry["registers"] = [min(entry["registers"]), max(entry["registers"])]
+        entry["occupancy"] = [min(entry["occupancy"]), max(entry["occupancy"])]
+    return {"target": target, "source": "aot_compile.json (Triton " + _aot_triton_version(path) + ")",
+            "kernels": summary}
+
+
+def _aot_triton_version(path: str) -> str:
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        return str(json.load(handle).get("triton_version"))
 
 
 def _timed_row(fn, device, min_bytes: int, copy_gbps: float | None, target_s: float, **extra) -> dict:

@@ -301,3 +301,13 @@ def test_the_memory_step_sets_the_cpu_measurement_beside_the_gpu_peak():
     assert abs(figure["measured_forward_backward_peak_gib"] / figure["planned_peak_allocated_gib"] - 1) < 0.05
     assert gpu_steps.cpu_figure("llama-3.1-8b", 3, 1024, "adamw8bit") is None  # no run with those settings
     assert gpu_steps.cpu_figure("llama-3.2-1b", 4, 1024, "adamw8bit") is None  # no such file
+
+
+def test_the_kernels_step_sets_the_compile_table_beside_the_bandwidth():
+    """On a GPU, step_kernels records what the CPU's ahead-of-time compile found for its architecture."""
+    table = gpu_steps.compile_table_summary("sm_90")
+    assert table["target"] == "sm_90" and "_hidden_stats_kernel" in table["kernels"]
+    for entry in table["kernels"].values():
+        assert entry["configurations"] >= 1 and entry["registers"][0] <= entry["registers"][1] <= 255
+        assert 0 < entry["occupancy"][0] <= entry["occupancy"][1] <= 1
+    assert "missing" in gpu_steps.compile_table_summary("sm_75")
