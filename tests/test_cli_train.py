@@ -263,12 +263,13 @@ def no_model_load(monkeypatch):
     (["--method", "laet", "--reselect-every", "2"], "reselect_every needs a method that can choose again while "
                                                     "training (grad_norm, block_influence, relative_change, random), "
                                                     "not 'laet'."),
+    # the config's errors name its fields; the command says them as its options
     (["--method", "laet", "--budget-gb", "1"], "budget_gb caps the blocks of method 'laet-cost' only; drop it, or "
-                                               "use method='laet-cost'."),
-    (["--method", "laet-cost", "--budget-s", "0"], "budget_s=0.0 must be a finite number > 0."),
-    (["--method", "laet-cost", "--task", "lm"], "method 'laet-cost' trains probes on class labels, which task='lm' "
+                                               "use --method laet-cost."),
+    (["--method", "laet-cost", "--budget-s", "0"], "--budget-s 0.0 must be a finite number > 0."),
+    (["--method", "laet-cost", "--task", "lm"], "method 'laet-cost' trains probes on class labels, which --task lm "
                                                 "has none of"),
-    (["--probe-examples", "0"], "probe_examples=0 must be an integer >= 1."),
+    (["--probe-examples", "0"], "--probe-examples 0 must be an integer >= 1."),
 ])
 def test_what_the_config_refuses_is_refused_before_the_model_loads(model_dir, data_csv, tmp_path, capsys, no_model_load,
                                                             extra, expected):
@@ -291,7 +292,7 @@ def test_laet_cost_prints_its_choice_and_the_probe_baseline(model_dir, data_csv,
     assert open(out / "report.txt").read().strip() == printed.strip()
     # A budget that not even the best probe's block fits: one line, exit 2.
     assert train(model_dir, data_csv, tmp_path / "tight", "--method", "laet-cost", "--budget-s", "1e-12") == 2
-    assert "No layer set fits budget_s=1e-12: the cheapest, block [" in error_line(capsys)
+    assert "No layer set fits --budget-s 1e-12: the cheapest, block [" in error_line(capsys)
 
 
 def test_out_naming_a_file_is_refused_before_the_model_loads(model_dir, data_csv, tmp_path, capsys, no_model_load):

@@ -224,22 +224,23 @@ def test_config_refusals():
 
 
 def test_laet_heads_start_from_the_sweeps_probes_and_the_export_votes(model_dir, tmp_path, monkeypatch):
-    from laet_fast.train import heads as heads_module
+    import laet_fast.train.trainer as trainer_module
 
     converted = {}
-    real = heads_module.head_from_probe
+    real = trainer_module.head_from_probe
 
     def recording(probes, index):
         head = real(probes, index)
         converted[index] = (probes.head(index), {k: v.clone() for k, v in head.state_dict().items()})
         return head
 
-    monkeypatch.setattr(heads_module, "head_from_probe", recording)
+    monkeypatch.setattr(trainer_module, "head_from_probe", recording)
     model, tok = load(model_dir)
     texts, labels = labelled_texts(60, 1)
     cfg = config(tmp_path, method="laet", k=2, max_steps=3, eval_every=3)
     report = Trainer(model, tok, cfg, (texts, labels)).fit()
     assert report.head_layers == sorted(report.selection) and len(report.head_layers) == 2
+    assert sorted(converted) == report.head_layers  # every head was made from its probe
     # Each head starts as the probe the sweep trained on that block: same logits on fresh features.
     x = torch.randn(5, model.config.hidden_size) * 3
     for index, (probe, state) in converted.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import sys
 
@@ -172,7 +173,7 @@ def _run(args) -> int:
         if config.reselect_every:
             check_reselectable(config.method)
     except ValueError as err:
-        raise UsageError(one_line(err)) from None
+        raise UsageError(as_flags(one_line(err))) from None
     if args.subset is not None and args.subset < 2:
         raise UsageError(f"--subset must be at least 2, got {args.subset}.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -254,7 +255,32 @@ def _fit(args, config, model, tokenizer, train, evaluation):
             print(f"laet-fast train: {done}", file=sys.stderr)
         return None
     except (ValueError, TrainError, OSError) as err:  # OSError: a file of the run that cannot be read or written
-        raise UsageError(one_line(err)) from None
+        raise UsageError(as_flags(one_line(err))) from None
+
+
+_FIELD_VALUE = re.compile(r"\b([a-z_]+)=('[^']*'|[^\s,;:)]+)")
+
+
+def as_flags(message: str) -> str:
+    """A library error in the command line's words: ``TrainConfig``'s ``field=value`` as ``--field value`` (a true
+    switch as ``--field``), ``(field)`` as ``(--field)``, and "another out folder" as "another --out folder"."""
+    from dataclasses import fields
+
+    from laet_fast.train.config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+
+    def flag(match: re.Match) -> str:
+        name, value = match.groups()
+        if name not in names:
+            return match.group(0)
+        option = "--" + name.replace("_", "-")
+        return option if value == "True" else f"{option} {value.strip(chr(39))}"
+
+    message = _FIELD_VALUE.sub(flag, message)
+    for name in names:
+        message = message.replace(f"({name})", f"(--{name.replace('_', '-')})")
+    return message.replace("another out folder", "another --out folder")
 
 
 def _how_to_resume(args) -> KeyboardInterrupt:

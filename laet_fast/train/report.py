@@ -62,10 +62,14 @@ class TrainReport:
     probe_spread: dict | None = None
 
     @classmethod
-    def build(cls, trainer, task_model, selection, apply_report, metrics, step_times, steps, skipped, peak, cuda,
-              scoring_time, training_time, export_dir) -> "TrainReport":
-        cfg = trainer.config
-        planned, notes = plan_for_run(trainer, selection), []
+    def build(cls, cfg, state, *, model_name: str, classes, scores, probe_baseline, planned: int | None, task_model,
+              apply_report, steps: int, peak: int, cuda: bool, scoring_time: float, training_time: float,
+              export_dir: str) -> "TrainReport":
+        """The report of a run from its config and final ``RunState`` (selection, skipped steps, last evaluation,
+        step times), what the run was (model, classes, LAET's scores and probe baseline, the plan's peak) and what
+        it measured."""
+        selection, metrics, step_times, skipped = state.selection, state.metrics, state.step_times, state.skipped
+        notes = []
         if not cuda:
             notes.append("peak memory on CPU is the whole process's peak RSS (Python, libraries, model loading "
                          "included); the plan counts training tensors only")
@@ -76,7 +80,7 @@ class TrainReport:
         spread = None
         if cfg.method in PROBE_METHODS:
             margin = {"margin": selection.params["margin"]} if "margin" in selection.params else {}  # top-k: none
-            spread = probe_spread(trainer.scores, **margin)
+            spread = probe_spread(scores, **margin)
             if spread is not None and spread["too_wide"]:
                 notes.append(f"the probes' spread is too wide to separate the blocks: a block's mean probe accuracy "
                              f"is uncertain by {spread['uncertainty']:.4f} (median std over {spread['folds']} folds / "
@@ -88,15 +92,15 @@ class TrainReport:
                          f"not finite (NaN or inf; null in report.json): the model's outputs overflowed or the "
                          f"weights diverged. Lower --lr, or check the data")
         return cls(
-            model=trainer.model_name, task=cfg.task, method=cfg.method, selection=list(selection.layers),
+            model=model_name, task=cfg.task, method=cfg.method, selection=list(selection.layers),
             num_layers=selection.num_layers, head_layers=task_model.head_layers,
             trainable_params=apply_report.trainable_params, total_params=apply_report.total_params,
             quantize_frozen=cfg.quantize_frozen, peak_memory=int(peak),
             memory_kind="CUDA max_memory_allocated" if cuda else "peak RSS of the process",
             planned_memory=planned, forward=_forward_share(task_model), steps=steps, skipped_steps=skipped,
             time_per_step=sum(step_times) / max(len(step_times), 1), scoring_time=scoring_time,
-            training_time=training_time, metrics=metrics, export_dir=export_dir, classes=trainer.classes, notes=notes,
-            cpu_threads=None if cuda else torch.get_num_threads(), probe_baseline=trainer.probe_baseline,
+            training_time=training_time, metrics=metrics, export_dir=export_dir, classes=classes, notes=notes,
+            cpu_threads=None if cuda else torch.get_num_threads(), probe_baseline=probe_baseline,
             probe_spread=spread,
         )
 
@@ -187,16 +191,17 @@ def finite_or_null(value, name: str = "") -> tuple[object, list[str]]:
     return value, []
 
 
-def plan_for_run(trainer, selection) -> int | None:
+def plan_for_run(model, cfg, selection, loss_chunk: int) -> int | None:
+    """The plan's peak allocated bytes for a run of ``cfg`` training ``selection`` of ``model`` (None when the planner
+    does not know the model's shape)."""
     from ..memory import dtype_label, plan_memory
 
-    cfg = trainer.config
-    dtype = next(trainer.model.parameters()).dtype
+    dtype = next(model.parameters()).dtype
     try:
-        plan = plan_memory(trainer.model.config, selection, seq_len=cfg.max_length, batch_size=cfg.batch_size,
+        plan = plan_memory(model.config, selection, seq_len=cfg.max_length, batch_size=cfg.batch_size,
                            quantize_frozen=cfg.quantize_frozen, optimizer=cfg.optimizer, dtype=dtype_label(dtype),
-                           keep_logits=cfg.task != "classify" and not trainer.loss_chunk,
-                           loss_chunk=trainer.loss_chunk, lm_head=cfg.task != "classify")
+                           keep_logits=cfg.task != "classify" and not loss_chunk,
+                           loss_chunk=loss_chunk, lm_head=cfg.task != "classify")
     except ValueError:
         return None
     return plan.peak_allocated

@@ -24,20 +24,29 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from . import checkpoints
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import checkpoints, export
+from .. import apply
+from ..apply import ApplyReport
 from ..atomic import write_text
-from ..distributed import all_reduce_sum, broadcast_object, is_distributed, rank_and_world
+from ..scores import LayerScores
+from ..selection import Selection
+from ..distributed import all_reduce_sum, broadcast_object, gather_rows, is_distributed, rank_and_world, rebuild_ddp
 from .config import RESUMABLE_CHANGES, TrainConfig
 from ..data import TextData, read_splits, split_examples, to_text_data
 from ..data.labels import label_key
 from ..data.examples import is_dataset, is_dataset_dict
 from .batches import Batches
-from .heads import ProbeHead, TaskModel, vote
-from ..methods import PROBE_METHODS, choose_layers, reselector_for, score_layers
+from .heads import ProbeHead, TaskModel, head_from_probe, vote
+from ..methods import PROBE_METHODS, choose_layers, gather_batch_rows, reselector_for, score_layers
 from .report import GIB, TrainReport, plan_for_run, finite_or_null
 
 LOG = "log.jsonl"
@@ -114,6 +123,51 @@ def _weights_digest(model, samples: int = 4096) -> str:
     return hasher.hexdigest()[:16]
 
 
+@dataclass
+class RunState:
+    """What a run carries from one step to the next. A checkpoint saves it (with the weights, the optimizer, the
+    scheduler and the random states), and a resumed run starts from it."""
+
+    step: int = 0  # optimizer steps taken, skipped ones included
+    position: int = 0  # training-stream items consumed (``Batches.at``), every rank's
+    nan_run: int = 0  # non-finite steps in a row
+    skipped: int = 0  # non-finite steps in all
+    selection: Selection | None = None  # the blocks training now
+    ever_trained: set = field(default_factory=set)  # every block trained so far (re-selection moves the set)
+    metrics: dict = field(default_factory=dict)  # the last evaluation
+    step_times: list = field(default_factory=list)  # wall seconds of each step of this process
+
+
+@dataclass
+class RunSetup:
+    """What ``Trainer.setup`` builds for the loop: the accelerator, the batches, the model made to train the chosen
+    blocks (``task_model``; ``module`` is it as the accelerator wrapped it), the optimizer and the scheduler."""
+
+    accelerator: Accelerator
+    trackers: list
+    cuda: bool
+    train_batches: Batches
+    eval_batches: Batches
+    task_model: TaskModel
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    accel_optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_steps: int
+    reselector: object
+    probe: object
+    apply_report: ApplyReport
+    bar: object
+    trainable: list
+    scoring_time: float  # seconds from the start to the blocks chosen (or the checkpoint read)
+    started: float  # perf_counter when training began
+    step_began: float = 0.0  # perf_counter when the current step began
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def _finite(value: torch.Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(value)).all())
 
@@ -162,6 +216,7 @@ class Trainer:
         self.model_name = model_name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
         self.layers = layers
         self.scores = None
+        self.state = RunState()  # fit(): the run's step, stream position, selection...
         self.log_path = os.path.join(config.out, LOG)
         self.probe_baseline = None  # fit(): the evaluation before any training step (_probe_baseline)
         self._weights = None
@@ -256,8 +311,6 @@ class Trainer:
         heads = {}
         if cfg.task == "classify":
             if probes is not None:
-                from .heads import head_from_probe
-
                 heads = {i: head_from_probe(probes, i) for i in selection.layers}
             else:
                 heads = {num_layers - 1: self._last_block_head(score_data, num_layers - 1)}
@@ -309,8 +362,6 @@ class Trainer:
         with torch.no_grad():
             feats = torch.cat([probe_model(b["input_ids"], b["attention_mask"])[1][0] for b in score_data])
         if is_distributed():  # standardize by the global scoring batches, as one process would
-            from ..methods import gather_batch_rows
-
             feats, _ = gather_batch_rows(feats, torch.cat([b["labels"] for b in score_data]), score_data)
         torch.manual_seed(self.config.seed)
         return ProbeHead(feats.shape[-1], len(self.classes), (), feats.mean(0), feats.std(0).clamp_min(1e-6))
@@ -325,12 +376,17 @@ class Trainer:
             TrainError: training had to stop (NaN losses in a row, out of memory, a full disk); checkpoints are kept.
             RunComplete: ``resume`` on a run that has finished; nothing was trained or written.
         """
-        from accelerate import Accelerator
-        from transformers import get_scheduler
+        run = self.setup()
+        with open(self.log_path, "a", encoding="utf-8") if run.main else nullcontext() as log:
+            while self.state.step < run.total_steps:
+                entry = self.train_step(run)
+                self.after_step(run, entry, log)
+        return self.finish(run)
 
-        from ..apply import apply_selection, build_optimizer, export_model
-        from ..selection import Selection
-
+    def setup(self) -> "RunSetup":
+        """Everything before the first step: the accelerator (and the process group), the run folder, the
+        batches, the blocks (chosen, or the checkpoint's), the model made to train them, the optimizer, the
+        scheduler and ``self.state`` (fresh, or the checkpoint's)."""
         cfg = self.config
         cuda = torch.cuda.is_available()
         # Under torchrun / accelerate launch this joins the process group (DDP, one rank per process). Told
@@ -340,11 +396,10 @@ class Trainer:
         accelerator = Accelerator(mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
                                   cpu=on_cpu, log_with=trackers or None, project_dir=cfg.out)
         device, main = accelerator.device, accelerator.is_main_process
-        rank, world = accelerator.process_index, accelerator.num_processes
         if not cfg.resume and run_exists(cfg.out):
-            raise ValueError(f"--out {cfg.out} holds another run (log.jsonl or checkpoints); resume it with --resume, "
-                             f"or choose another --out folder.")
-        accelerator.wait_for_everyone()  # every rank has looked at --out before rank 0 writes there
+            raise ValueError(f"out={cfg.out!r} holds another run (log.jsonl or checkpoints); resume it with "
+                             f"resume=True, or choose another out folder.")
+        accelerator.wait_for_everyone()  # every rank has looked at the run folder before rank 0 writes there
         if main:
             os.makedirs(cfg.out, exist_ok=True)
         self.fingerprint()  # the weights' digest, taken before training changes them
@@ -356,33 +411,19 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
 
         train_batches, eval_batches = self.batches(self.train_data), self.batches(self.eval_data)
-        truncated = train_batches.truncated() + eval_batches.truncated()
-        if truncated and main:
-            what = "examples" if cfg.task == "sft" else "texts"
-            print(f"note: {truncated} of {len(self.train_data) + len(self.eval_data)} {what} are longer than "
-                  f"max_length={cfg.max_length} tokens and were truncated.", file=sys.stderr)
+        self._say_what_was_cut(train_batches, eval_batches, main)
         self.loss_chunk = self._chunked_loss_check(main)
-        if cfg.task == "sft":
-            dropped = train_batches.units.dropped + eval_batches.units.dropped
-            if dropped and main:
-                print(f"note: {dropped} of {len(self.train_data) + len(self.eval_data)} examples were left out: "
-                      f"max_length={cfg.max_length} cut away all of their answer.", file=sys.stderr)
-            if cfg.packing:
-                from .sft import check_packing
+        if cfg.packing:
+            from .sft import check_packing
 
-                check_packing(self.model)
+            check_packing(self.model)
 
         t_start = time.perf_counter()
-        saved = None
-        resumed = checkpoints.newest(cfg.out, _say if main else lambda line: None) if cfg.resume else None
-        if resumed is not None:
-            resume_from, saved_tensors, saved = resumed
-            checkpoints.check_same_run(saved["fingerprint"], self.fingerprint(), resume_from)
+        saved, saved_tensors = self.load_checkpoint(main)
+        if saved is not None:
             selection = Selection.from_dict(saved["selection"])
             heads = {int(i): ProbeHead.from_spec(spec) for i, spec in saved["heads"].items()}
             if saved.get("scores"):
-                from ..scores import LayerScores
-
                 self.scores = LayerScores.from_dict(saved["scores"])
         else:
             selection, heads = self.choose_blocks(train_batches, device)
@@ -395,20 +436,22 @@ class Trainer:
             # quantize_frozen never rounds them.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                apply_selection(task_model, saved["ever_trained"], **apply_kwargs)
-        report = apply_selection(task_model, selection, **apply_kwargs)
+                apply.apply_selection(task_model, saved["ever_trained"], **apply_kwargs)
+        apply_report = apply.apply_selection(task_model, selection, **apply_kwargs)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = build_optimizer(task_model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = apply.build_optimizer(task_model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total_steps = self._total_steps()
         scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=total_steps)
-        step, position, nan_run, skipped = 0, 0, 0, 0
+        self.state = RunState(selection=selection, ever_trained=set(selection.layers))
         if saved is not None:
             self._restore(task_model, optimizer, scheduler, saved_tensors, saved)
-            step, position, nan_run, skipped = saved["step"], saved["position"], saved["nan_run"], saved["skipped"]
+            self.state = RunState(step=saved["step"], position=saved["position"], nan_run=saved["nan_run"],
+                                  skipped=saved["skipped"], selection=selection,
+                                  ever_trained=set(selection.layers) | set(saved["ever_trained"]))
         if main:
-            self._truncate_log(step)
+            self._truncate_log(self.state.step)
             for name, text in self.run_files.items():  # the run is accepted: a refused one writes nothing
                 write_text(os.path.join(cfg.out, name), text)
         if trackers:
@@ -421,7 +464,7 @@ class Trainer:
 
         reselector, probe = self._reselector(task_model, optimizer)
         if reselector is not None:
-            reselector.steps = step
+            reselector.steps = self.state.step
         # The scheduler stays ours: accelerate's would step world-size times per optimizer step (it assumes each
         # rank's loader is the 1/world shard of one epoch), while total_steps already counts global steps.
         module, accel_optimizer = accelerator.prepare(task_model, optimizer)
@@ -430,125 +473,161 @@ class Trainer:
         elif cfg.task == "classify":
             self.probe_baseline = self._probe_baseline(task_model, eval_batches, device, accelerator)
         module.train()
-        trainable = [p for p in task_model.parameters() if p.requires_grad]
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", file=sys.stderr,
+        bar = tqdm(total=total_steps, initial=self.state.step, desc="training", unit="step", file=sys.stderr,
                    disable=not (cfg.progress and main))
-        step_times, metrics, ever_trained = [], {}, set(selection.layers) | set(saved["ever_trained"] if saved else ())
-        with open(self.log_path, "a", encoding="utf-8") if main else nullcontext() as log:
-            while step < total_steps:
-                t0 = time.perf_counter()
-                losses, tokens = [], 0
-                micro_batches = [train_batches.at(position + micro * cfg.batch_size * world, rank, world)
-                                 for micro in range(cfg.grad_accum)]
-                position += cfg.grad_accum * cfg.batch_size * world
-                # The step's loss is the mean over all its loss units (rows, tokens, answer tokens), so each
-                # micro-batch weighs by its share of them: sft's micro-batches hold unequal numbers of answer tokens.
-                step_units = self._global_units(micro_batches, world)
-                for micro, batch in enumerate(micro_batches):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    # DDP all-reduces the gradients once per optimizer step, at the last micro-batch.
-                    last = micro == cfg.grad_accum - 1
-                    try:
-                        with nullcontext() if last else accelerator.no_sync(module):
-                            with accelerator.autocast():
-                                # the loss alone: the model's logits (plain lm loss) would stay alive through
-                                # the backward and the optimizer step, 0.24 GiB at 8B x 1024 tokens in bf16
-                                loss = module(**self._loss_inputs(batch))[0]
-                            global_loss, global_units, batch_tokens = self._across_ranks(loss.detach(), batch, world)
-                            if _finite(global_loss):  # the same on every rank: all skip, or none does
-                                accelerator.backward(loss * (world * self._loss_units(batch) / step_units))
-                    except torch.OutOfMemoryError:
-                        raise TrainError(self._oom_message(step, selection)) from None
-                    losses.append((global_loss, global_units))
-                    tokens += batch_tokens
-                loss_value = sum(value * units for value, units in losses) / step_units
-                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM) if math.isfinite(loss_value)
-                             else None)
-                entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0]}
-                if grad_norm is None or not _finite(grad_norm):
-                    accel_optimizer.zero_grad(set_to_none=True)
-                    nan_run, skipped = nan_run + 1, skipped + 1
-                    entry.update(loss=None, skipped="non-finite loss or gradient")
-                else:
-                    try:
-                        accel_optimizer.step()
-                    except torch.OutOfMemoryError:
-                        raise TrainError(self._oom_message(step, selection)) from None
-                    scheduler.step()
-                    accel_optimizer.zero_grad(set_to_none=True)
-                    nan_run = 0
-                    entry.update(loss=loss_value, grad_norm=float(grad_norm))
-                step += 1
-                entry["tokens"] = tokens
-                if reselector is not None and step < total_steps:  # a choice after the last step would never train
-                    made = reselector.step()
-                    if made is not None:
-                        if made.metric is not None:  # random draws without scores
-                            entry["layer_scores"] = {made.metric: list(made.scores)}  # NaN: null, with a note
-                        if made.layers != selection.layers:
-                            entry["selection"] = list(made.layers)
-                            ever_trained |= set(made.layers)
-                            trainable = [p for p in task_model.parameters() if p.requires_grad]
-                            if isinstance(module, nn.parallel.DistributedDataParallel):
-                                from ..distributed import rebuild_ddp
+        return RunSetup(accelerator=accelerator, trackers=trackers, cuda=cuda, train_batches=train_batches,
+                        eval_batches=eval_batches, task_model=task_model, module=module, optimizer=optimizer,
+                        accel_optimizer=accel_optimizer, scheduler=scheduler, total_steps=total_steps,
+                        reselector=reselector, probe=probe, apply_report=apply_report, bar=bar,
+                        trainable=[p for p in task_model.parameters() if p.requires_grad],
+                        scoring_time=t_scored - t_start, started=t_scored)
 
-                                rebuild_ddp(module)  # DDP's buckets hold the blocks trained now, only
-                        selection = made
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-                    # The unwrapped model: DDP's forward would sync buffers, a collective, in every pass.
-                    metrics = self.evaluate(task_model, eval_batches, device, accelerator, probe)
-                    entry["eval"] = metrics
-                step_times.append(time.perf_counter() - t0)
-                if main:
-                    line, non_finite = finite_or_null(entry)
-                    if non_finite:
-                        line["note"] = f"non-finite {', '.join(non_finite)} written as null"
-                    log.write(json.dumps(line, allow_nan=False) + "\n")
-                    log.flush()
-                if trackers:
-                    accelerator.log(tracker_scalars(entry, num_layers=selection.num_layers), step=step)
-                bar.update(1)
-                bar.set_postfix(loss="nan" if entry["loss"] is None else f"{loss_value:.4f}",
-                                tok_s=f"{tokens / step_times[-1]:.0f}", mem=_memory_text(cuda))
-                if nan_run >= cfg.max_nan_steps:
-                    bar.close()
-                    raise TrainError(f"training stopped at step {step}: {nan_run} non-finite losses in a row (each "
-                                     f"step skipped, {skipped} in all); the last checkpoint holds the last good "
-                                     f"weights. Lower --lr, or check the data.")
-                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                    self._save(task_model, optimizer, scheduler, step, position, nan_run, skipped, selection,
-                               ever_trained)
-        bar.close()
-        if probe is not None:
-            probe.detach()
-        t_trained = time.perf_counter()
-        peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def train_step(self, run: "RunSetup") -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches (every rank's slice of the global batch); returns
+        its log entry (step, lr, loss or why it was skipped, gradient norm, tokens)."""
+        cfg, state, accelerator = self.config, self.state, run.accelerator
+        rank, world = accelerator.process_index, accelerator.num_processes
+        run.step_began = time.perf_counter()
+        losses, tokens = [], 0
+        micro_batches = [run.train_batches.at(state.position + micro * cfg.batch_size * world, rank, world)
+                         for micro in range(cfg.grad_accum)]
+        state.position += cfg.grad_accum * cfg.batch_size * world
+        # The step's loss is the mean over all its loss units (rows, tokens, answer tokens), so each micro-batch
+        # weighs by its share of them: sft's micro-batches hold unequal numbers of answer tokens.
+        step_units = self._global_units(micro_batches, world)
+        for micro, batch in enumerate(micro_batches):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            # DDP all-reduces the gradients once per optimizer step, at the last micro-batch.
+            last = micro == cfg.grad_accum - 1
+            try:
+                with nullcontext() if last else accelerator.no_sync(run.module):
+                    with accelerator.autocast():
+                        # the loss alone: the model's logits (plain lm loss) would stay alive through the backward
+                        # and the optimizer step, 0.24 GiB at 8B x 1024 tokens in bf16
+                        loss = run.module(**self._loss_inputs(batch))[0]
+                    global_loss, global_units, batch_tokens = self._across_ranks(loss.detach(), batch, world)
+                    if _finite(global_loss):  # the same on every rank: all skip, or none does
+                        accelerator.backward(loss * (world * self._loss_units(batch) / step_units))
+            except torch.OutOfMemoryError:
+                raise TrainError(self._oom_message(state.step, state.selection)) from None
+            losses.append((global_loss, global_units))
+            tokens += batch_tokens
+        loss_value = sum(value * units for value, units in losses) / step_units
+        grad_norm = (torch.nn.utils.clip_grad_norm_(run.trainable, MAX_GRAD_NORM) if math.isfinite(loss_value)
+                     else None)
+        entry = {"step": state.step + 1, "lr": run.scheduler.get_last_lr()[0]}
+        if grad_norm is None or not _finite(grad_norm):
+            run.accel_optimizer.zero_grad(set_to_none=True)
+            state.nan_run, state.skipped = state.nan_run + 1, state.skipped + 1
+            entry.update(loss=None, skipped="non-finite loss or gradient")
+        else:
+            try:
+                run.accel_optimizer.step()
+            except torch.OutOfMemoryError:
+                raise TrainError(self._oom_message(state.step, state.selection)) from None
+            run.scheduler.step()
+            run.accel_optimizer.zero_grad(set_to_none=True)
+            state.nan_run = 0
+            entry.update(loss=loss_value, grad_norm=float(grad_norm))
+        state.step += 1
+        entry["tokens"] = tokens
+        return entry
 
+    def after_step(self, run: "RunSetup", entry: dict, log) -> None:
+        """What follows a step: re-selection, evaluation, the log line (and the trackers), the progress bar, the
+        stop after too many non-finite steps, and the checkpoint."""
+        cfg, state = self.config, self.state
+        if run.reselector is not None and state.step < run.total_steps:  # a choice after the last step never trains
+            self._reselect(run, entry)
+        if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == run.total_steps:
+            # The unwrapped model: DDP's forward would sync buffers, a collective, in every pass.
+            state.metrics = self.evaluate(run.task_model, run.eval_batches, run.accelerator.device, run.accelerator,
+                                          run.probe)
+            entry["eval"] = state.metrics
+        state.step_times.append(time.perf_counter() - run.step_began)
+        if log is not None:
+            line, non_finite = finite_or_null(entry)
+            if non_finite:
+                line["note"] = f"non-finite {', '.join(non_finite)} written as null"
+            log.write(json.dumps(line, allow_nan=False) + "\n")
+            log.flush()
+        if run.trackers:
+            run.accelerator.log(tracker_scalars(entry, num_layers=state.selection.num_layers), step=state.step)
+        run.bar.update(1)
+        run.bar.set_postfix(loss="nan" if entry["loss"] is None else f"{entry['loss']:.4f}",
+                            tok_s=f"{entry['tokens'] / state.step_times[-1]:.0f}", mem=_memory_text(run.cuda))
+        if state.nan_run >= cfg.max_nan_steps:
+            run.bar.close()
+            raise TrainError(f"training stopped at step {state.step}: {state.nan_run} non-finite losses in a row "
+                             f"(each step skipped, {state.skipped} in all); the last checkpoint holds the last good "
+                             f"weights. Lower the learning rate (lr), or check the data.")
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps:
+            self.save_checkpoint(run)
+
+    def _reselect(self, run: "RunSetup", entry: dict) -> None:
+        """The re-selector's turn: a new choice (every ``reselect_every`` steps) moves the trained set."""
+        state = self.state
+        made = run.reselector.step()
+        if made is None:
+            return
+        if made.metric is not None:  # random draws without scores
+            entry["layer_scores"] = {made.metric: list(made.scores)}  # NaN: null, with a note
+        if made.layers != state.selection.layers:
+            entry["selection"] = list(made.layers)
+            state.ever_trained |= set(made.layers)
+            run.trainable = [p for p in run.task_model.parameters() if p.requires_grad]
+            if isinstance(run.module, nn.parallel.DistributedDataParallel):
+                rebuild_ddp(run.module)  # DDP's buckets hold the blocks trained now, only
+        state.selection = made
+
+    def finish(self, run: "RunSetup") -> TrainReport:
+        """After the last step: the export (rank 0), the report, and the mark that says the run is complete."""
+        cfg, state, main = self.config, self.state, run.accelerator.is_main_process
+        run.bar.close()
+        if run.probe is not None:
+            run.probe.detach()
+        training_time = time.perf_counter() - run.started
+        peak = (torch.cuda.max_memory_allocated() if run.cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         export_dir = os.path.join(cfg.out, "model")
-        from .export import export_trained
-
         # laet_fast's hooks off, frozen blocks read again from the source as loaded
         if main:
-            with _no_space_is_one_line("the run's model", export_dir, task_model):
-                export_trained(task_model, export_dir, self.tokenizer, self.classes, cfg)
+            with _no_space_is_one_line("the run's model", export_dir, run.task_model):
+                export.export_trained(run.task_model, export_dir, self.tokenizer, self.classes, cfg)
         else:
-            export_model(task_model)
-        result = TrainReport.build(self, task_model, selection, report, metrics, step_times, total_steps, skipped,
-                                   peak, cuda, t_scored - t_start, t_trained - t_scored, export_dir)
+            apply.export_model(run.task_model)
+        result = TrainReport.build(
+            cfg, state, model_name=self.model_name, classes=self.classes, scores=self.scores,
+            probe_baseline=self.probe_baseline, planned=plan_for_run(self.model, cfg, state.selection, self.loss_chunk),
+            task_model=run.task_model, apply_report=run.apply_report, steps=run.total_steps, peak=peak, cuda=run.cuda,
+            scoring_time=run.scoring_time, training_time=training_time, export_dir=export_dir)
         if main:
             with _no_space_is_one_line("the report", os.path.join(cfg.out, "report.json"), None):
                 result.write(cfg.out, self.scores)
             try:
-                checkpoints.mark_finished(cfg.out, step, self.fingerprint())  # last: the run's outputs are complete
+                checkpoints.mark_finished(cfg.out, state.step, self.fingerprint())  # last: the outputs are complete
             except checkpoints.NoSpace as err:
                 raise TrainError(str(err)) from None
-        if trackers:
-            accelerator.end_training()
-        accelerator.wait_for_everyone()  # the run folder is complete when fit() returns, on every rank
+        if run.trackers:
+            run.accelerator.end_training()
+        run.accelerator.wait_for_everyone()  # the run folder is complete when fit() returns, on every rank
         return result
+
+    def _say_what_was_cut(self, train_batches: Batches, eval_batches: Batches, main: bool) -> None:
+        """Notes on stderr: texts cut to ``max_length``, and sft examples it left nothing to learn in."""
+        if not main:
+            return
+        cfg = self.config
+        total = len(self.train_data) + len(self.eval_data)
+        truncated = train_batches.truncated() + eval_batches.truncated()
+        if truncated:
+            what = "examples" if cfg.task == "sft" else "texts"
+            print(f"note: {truncated} of {total} {what} are longer than max_length={cfg.max_length} tokens and were "
+                  f"truncated.", file=sys.stderr)
+        dropped = (train_batches.units.dropped + eval_batches.units.dropped) if cfg.task == "sft" else 0
+        if dropped:
+            print(f"note: {dropped} of {total} examples were left out: max_length={cfg.max_length} cut away all of "
+                  f"their answer.", file=sys.stderr)
 
     def _across_ranks(self, loss: torch.Tensor, batch: dict, world: int) -> tuple[float, int, int]:
         """(the global micro-batch's loss, its loss units, its real tokens) for one micro-batch.
@@ -616,8 +695,6 @@ class Trainer:
         if probe is not None:
             probe.detach()  # evaluation passes are no part of the re-selection window
         total_loss, count, preds, golds, head_preds = 0.0, 0, [], [], []
-        from tqdm.auto import tqdm
-
         shown = self.config.progress and rank == 0
         try:
             for batch in tqdm(batches.in_order(rank, world), desc="evaluating", unit="batch", file=sys.stderr,
@@ -641,7 +718,6 @@ class Trainer:
             if probe is not None:
                 probe.attach()
         if world > 1:
-            from ..distributed import gather_rows
 
             total_loss, count = all_reduce_sum(torch.tensor([total_loss, count], dtype=torch.float64)).tolist()
             if self.config.task == "classify":
@@ -695,20 +771,35 @@ class Trainer:
         path, meta = found
         total = self._total_steps()
         if meta["step"] > total:
-            raise ValueError(f"--out {cfg.out} holds a finished run of {meta['step']} steps, and this run of {total} "
-                             f"steps would replace its model and report; choose another --out folder.")
+            raise ValueError(f"out={cfg.out!r} holds a finished run of {meta['step']} steps, and this run of {total} "
+                             f"steps would replace its model and report; choose another out folder.")
         if cfg.resume:
             checkpoints.check_same_run(meta["fingerprint"], self.fingerprint(), path)
             raise RunComplete(f"the run in {cfg.out} is complete ({meta['step']} steps; its report is "
                               f"{os.path.join(cfg.out, 'report.txt')}); nothing to resume.")
 
-    def _save(self, task_model, optimizer, scheduler, step, position, nan_run, skipped, selection, ever_trained):
-        prefixes = tuple(f"{task_model.layers_path}.{i}." for i in sorted(ever_trained)) + ("classifier.",)
-        state = task_model.state_dict()
-        trained = {name: t for name, t in state.items() if name.startswith(prefixes)}
+    def load_checkpoint(self, main: bool) -> tuple[dict | None, dict | None]:
+        """``(meta, tensors)`` of the newest checkpoint that verifies, when resuming (``(None, None)`` otherwise);
+        a checkpoint of another run is refused (``checkpoints.check_same_run``)."""
+        if not self.config.resume:
+            return None, None
+        found = checkpoints.newest(self.config.out, _say if main else lambda line: None)
+        if found is None:
+            return None, None
+        path, tensors, meta = found
+        checkpoints.check_same_run(meta["fingerprint"], self.fingerprint(), path)
+        return meta, tensors
+
+    def save_checkpoint(self, run: "RunSetup") -> None:
+        """A checkpoint of the run state (``self.state``), the trained blocks and heads, the optimizer, the
+        scheduler and the random states: what a resumed run needs to take the same steps as one never cut."""
+        state, task_model, optimizer = self.state, run.task_model, run.optimizer
+        prefixes = tuple(f"{task_model.layers_path}.{i}." for i in sorted(state.ever_trained)) + ("classifier.",)
+        trained = {name: t for name, t in task_model.state_dict().items() if name.startswith(prefixes)}
         bad = [name for name, t in trained.items() if t.is_floating_point() and not _finite(t)]
         if bad:
-            raise TrainError(f"not saving step {step}: {bad[0]} holds non-finite values; the last checkpoint is kept.")
+            raise TrainError(f"not saving step {state.step}: {bad[0]} holds non-finite values; the last checkpoint is "
+                             f"kept.")
         if rank_and_world()[0] != 0:
             return  # the ranks hold the same weights and optimizer state; rank 0 writes them
         names = {id(p): n for n, p in task_model.named_parameters()}
@@ -725,17 +816,18 @@ class Trainer:
         if torch.cuda.is_available():
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         meta = {
-            "step": step, "position": position, "nan_run": nan_run, "skipped": skipped,
-            "fingerprint": self.fingerprint(), "selection": selection.to_dict(), "ever_trained": sorted(ever_trained),
+            "step": state.step, "position": state.position, "nan_run": state.nan_run, "skipped": state.skipped,
+            "fingerprint": self.fingerprint(), "selection": state.selection.to_dict(),
+            "ever_trained": sorted(state.ever_trained),
             "heads": {str(i): task_model.classifier[str(i)].spec() for i in task_model.head_layers},
-            "optimizer": {"groups": groups, "extra": opt_extra}, "scheduler": scheduler.state_dict(),
+            "optimizer": {"groups": groups, "extra": opt_extra}, "scheduler": run.scheduler.state_dict(),
             "python_rng": _json_rng(random.getstate()),
             "scores": None if self.scores is None else _strict(self.scores.to_dict()),
             "probe_baseline": _strict(self.probe_baseline),
         }
         try:
-            checkpoints.save(self.config.out, step, {"trained": trained, "optimizer": opt_tensors, "rng": rng}, meta,
-                             self.config.keep)
+            checkpoints.save(self.config.out, state.step, {"trained": trained, "optimizer": opt_tensors, "rng": rng},
+                             meta, self.config.keep)
         except checkpoints.NoSpace as err:
             raise TrainError(str(err)) from None
 
@@ -779,9 +871,8 @@ class Trainer:
         write_text(self.log_path, "".join(kept))
 
     def _oom_message(self, step: int, selection) -> str:
-
         cfg = self.config
-        planned = plan_for_run(self, selection)
+        planned = plan_for_run(self.model, cfg, selection, self.loss_chunk)
         estimate = ("the planner cannot model this architecture" if planned is None else
                     f"the planner predicts {planned / GIB:.3f} GiB peak allocated for it")
         if torch.cuda.is_available():
