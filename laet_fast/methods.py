@@ -230,6 +230,36 @@ def probe_spread(scores: "LayerScores", margin: float = 0.5) -> dict | None:
             "uncertainty": uncertainty, "gap": gap, "too_wide": uncertainty >= gap}
 
 
+def choose_blocks(model: "nn.Module", batches: Iterable[dict], method, *, k: int | None = None,
+                  labels: "Sequence | torch.Tensor | None" = None, layers: str | None = None, seed: int = 0,
+                  own_loss: bool = False, progress: bool = False, probe_examples: int | None = None,
+                  keep_probes: bool = False, select_kwargs: dict | None = None, **probe_kwargs):
+    """Score the blocks of ``model`` on ``batches`` by ``method``, then choose: the one way laet_fast.Trainer and
+    LaetCallback choose blocks.
+
+    Args:
+        model, batches, method, labels, layers, seed, own_loss, progress, probe_examples, **probe_kwargs: as
+            ``score_layers`` takes them (``seed`` is the choice's too: ``random``'s draw).
+        k: the number of blocks, for the methods that take it (``choose_layers``).
+        keep_probes: LAET's methods: also return the ``BatchedProbe`` (the probes become the training heads).
+        select_kwargs: further ``choose_layers`` arguments (``splits``; ``cost_model``, ``budget_s``... for
+            ``laet-cost``).
+
+    Returns:
+        ``(selection, scores, probes)``: ``scores`` None for a method that does not score, ``probes`` None
+        unless ``keep_probes`` for a LAET method.
+    """
+    from .layers import find_layers
+
+    keep_probes = keep_probes and method in PROBE_METHODS
+    scored = score_layers(model, batches, method, labels=labels, layers=layers, return_probes=keep_probes, seed=seed,
+                          own_loss=own_loss, progress=progress, probe_examples=probe_examples, **probe_kwargs)
+    scores, probes = scored if keep_probes else (scored, None)
+    selection = choose_layers(scores, method, k=k, num_layers=len(find_layers(model, layers)), seed=seed,
+                              **(select_kwargs or {}))
+    return selection, scores, probes
+
+
 def choose_layers(scores: "LayerScores | None", method, *, k: int | None = None, num_layers: int, seed: int = 0,
                   **select_kwargs) -> Selection:
     """The blocks to train for ``method``, from ``score_layers``' scores.

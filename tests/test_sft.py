@@ -184,18 +184,18 @@ def test_the_trainer_trains_sft_and_scores_grad_norm_on_the_completion_only_loss
                                                                                  packing):
     from datasets import Dataset
 
-    import laet_fast.train.trainer as trainer_module
+    import laet_fast.methods as methods
     from laet_fast.loading import load_model_and_tokenizer
     from laet_fast.train.trainer import Trainer
 
     seen = {}
-    score_layers = trainer_module.score_layers
+    score_layers = methods.score_layers
 
     def spy(model, batches, method, **kwargs):
         seen.update(batches=batches, own_loss=kwargs.get("own_loss"))
         return score_layers(model, batches, method, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "score_layers", spy)
+    monkeypatch.setattr(methods, "score_layers", spy)
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device="cpu")
     cfg = TrainConfig(task="sft", method="grad_norm", max_steps=2, batch_size=4, max_length=32, packing=packing,
                       score_batches=1, out=str(tmp_path / "run"), progress=False)

@@ -127,8 +127,8 @@ def test_batches_are_a_function_of_the_position(model_dir):
 
 
 def test_a_block_that_joins_on_reselection_trains_from_its_next_step(model_dir, tmp_path, monkeypatch):
+    import laet_fast.methods as methods
     import laet_fast.reselect as reselect
-    import laet_fast.train.trainer as trainer_module
     from laet_fast.selection import Selection
 
     # Choices that move the trained block: 3 (the first choice), then 1, then 0; the first call is
@@ -136,7 +136,7 @@ def test_a_block_that_joins_on_reselection_trains_from_its_next_step(model_dir, 
     plan = iter([(3,), (1,), (0,), (0,)])
     monkeypatch.setattr(reselect, "select_layers", lambda scores, **kw: Selection(next(plan), 4, "top",
                                                                                   "block_influence", (0.0,) * 4))
-    monkeypatch.setattr(trainer_module, "choose_layers", lambda *a, **kw: Selection((3,), 4, "top"))
+    monkeypatch.setattr(methods, "choose_layers", lambda *a, **kw: Selection((3,), 4, "top"))
     model, tok = load(model_dir)
     texts, labels = labelled_texts(60, 3)
     snapshots = []

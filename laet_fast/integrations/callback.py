@@ -37,10 +37,8 @@ from transformers import TrainerCallback
 
 from ..apply import apply_selection
 from ..distributed import broadcast_object, rank_and_world
-from ..layers import find_layers
+from ..methods import PROBE_EXAMPLES, PROBE_METHODS, check_reselectable, choose_blocks, parse_method, reselector_for
 from ..quantize import mode_name
-from ..methods import (PROBE_EXAMPLES, PROBE_METHODS, check_reselectable, choose_layers, parse_method,
-                             reselector_for, score_layers)
 
 
 class LaetCallback(TrainerCallback):
@@ -108,16 +106,12 @@ class LaetCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         self._trainer = self._find_trainer(model)
         self._refuse_sharding()
-        num_layers = len(find_layers(model))
         batches = self._first_batches(train_dataloader, model)
         select_kwargs = dict(self.select_kwargs)
-        if self.method in PROBE_METHODS:
-            self.scores = self._score_laet(model, batches)
-        else:  # gradient norms of the loss the Trainer trains on: the model's own, on the batch's own labels
-            self.scores = score_layers(model, batches, self.method, own_loss=True)
+        seed = select_kwargs.pop("seed", 0)
         if self.method == "laet-cost":
             select_kwargs["cost_model"] = _cost_model(model, batches[0], self.quantize_frozen)
-        selection = choose_layers(self.scores, self.method, k=self.k, num_layers=num_layers, **select_kwargs)
+        selection, self.scores = self._choose(model, batches, seed, select_kwargs)
         # Every rank scored the same global statistics; rank 0's choice is handed to all, so that no rounding
         # difference between ranks can make them train different blocks.
         self.scores, selection = broadcast_object((self.scores, selection))
@@ -195,13 +189,16 @@ class LaetCallback(TrainerCallback):
             raise NotImplementedError("LaetCallback works on one device and under DDP; FSDP and DeepSpeed shard "
                                       "the blocks it freezes and quantizes (see the README's Integrations).")
 
-    def _score_laet(self, model, batches):
-        """LAET's probe sweep on the scoring batches of every rank: pooled block outputs, one probe per block.
-
-        Each rank pools its own rows; the rows of each batch are then gathered in rank order, which under
-        the Trainer's sharding (rank r holds the r-th slice of each global batch) is the global batch's own
-        order, so the probes see the rows one process would, in the same order.
-        """
+    def _choose(self, model, batches: list[dict], seed: int, select_kwargs: dict):
+        """(selection, scores) by ``laet_fast.methods.choose_blocks``, the Trainer's way, on the first batches of
+        every rank. LAET's methods train their probes on the pooled block outputs of the labelled rows (each rank
+        pools its own rows, gathered batch by batch in rank order: under the Trainer's sharding, rank r holds the
+        r-th slice of each global batch, so the probes see the rows one process would, in the same order); the
+        others score the gradient norms of the loss the Trainer trains on, the model's own."""
+        if self.method not in PROBE_METHODS:
+            selection, scores, _ = choose_blocks(model, batches, self.method, k=self.k, seed=seed, own_loss=True,
+                                                 select_kwargs=select_kwargs)
+            return selection, scores
         for batch in batches:
             labels = batch.get("labels")
             if labels is None or labels.dim() != 1 or labels.is_floating_point():
@@ -215,11 +212,12 @@ class LaetCallback(TrainerCallback):
         labels = torch.cat([b["labels"].cpu() for b in batches])
         was_training = model.training
         model.eval()  # no dropout in the features the probes are trained on
-        try:  # under DDP, score_layers gathers each batch's rows in rank order (methods.gather_batch_rows)
-            return score_layers(model, texts, self.method, labels=labels, seed=self.select_kwargs.get("seed", 0),
-                                probe_examples=self.probe_examples)
+        try:
+            selection, scores, _ = choose_blocks(model, texts, self.method, k=self.k, labels=labels, seed=seed,
+                                                 probe_examples=self.probe_examples, select_kwargs=select_kwargs)
         finally:
             model.train(was_training)
+        return selection, scores
 
     def _first_batches(self, dataloader, model) -> list[dict]:
         if dataloader is None:

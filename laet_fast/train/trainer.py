@@ -46,7 +46,7 @@ from ..data.labels import label_key
 from ..data.examples import is_dataset, is_dataset_dict
 from .batches import Batches
 from .heads import ProbeHead, TaskModel, head_from_probe, vote
-from ..methods import PROBE_METHODS, choose_layers, gather_batch_rows, reselector_for, score_layers
+from ..methods import PROBE_METHODS, choose_blocks, gather_batch_rows, reselector_for
 from .report import GIB, TrainReport, plan_for_run, finite_or_null
 
 LOG = "log.jsonl"
@@ -297,17 +297,14 @@ class Trainer:
                       for i in range(count)]
         labels = torch.cat([b["labels"] for b in score_data]) if cfg.task == "classify" else None
         extra = {"hidden": cfg.head_hidden, "probe_examples": probe_examples} if probes_choose else {}
-        if cfg.task == "sft":
-            extra["own_loss"] = True  # grad_norm: the gradient of the completion-only loss the run trains on
-        scored = score_layers(self.model, score_data, cfg.method, labels=labels, layers=self.layers,
-                              return_probes=probes_choose, seed=cfg.seed, progress=cfg.progress and rank == 0,
-                              **extra)
-        scores, probes = scored if probes_choose else (scored, None)
-        self.scores = scores
         select_kwargs = {"splits": cfg.splits} if cfg.method == "grad_norm" and cfg.k is None else {}
         if cfg.method == "laet-cost":
             select_kwargs = {"cost_model": self._cost_model(), "budget_s": cfg.budget_s, "budget_gb": cfg.budget_gb}
-        selection = choose_layers(scores, cfg.method, k=cfg.k, num_layers=num_layers, seed=cfg.seed, **select_kwargs)
+        # sft's grad_norm: the gradient of the completion-only loss the run trains on (own_loss)
+        selection, self.scores, probes = choose_blocks(
+            self.model, score_data, cfg.method, k=cfg.k, labels=labels, layers=self.layers, seed=cfg.seed,
+            own_loss=cfg.task == "sft", progress=cfg.progress and rank == 0, keep_probes=True,
+            select_kwargs=select_kwargs, **extra)
         heads = {}
         if cfg.task == "classify":
             if probes is not None:
