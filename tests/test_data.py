@@ -295,3 +295,21 @@ def test_laet_cost_refuses_arguments_it_does_not_take():
     scores = {"probe_acc": [0.5, 0.9, 0.6], "probe_f1": [0.5, 0.9, 0.6]}
     with pytest.raises(ValueError, match="takes cost_model, margin, budget_s and budget_gb, not tradeoff"):
         choose_layers(scores, "laet-cost", num_layers=3, tradeoff=1.0)
+
+
+def test_a_hub_dataset_brings_its_validation_split(monkeypatch, tmp_path):
+    """The hub cannot be reached here: its answer is stood in for, to test what the data layer does with it."""
+    datasets = pytest.importorskip("datasets")
+    import laet_fast.data.tables as tables
+    from laet_fast.data.tables import is_hub_name
+
+    table = datasets.Dataset.from_dict({"text": [t for t, _ in ROWS], "label": [y for _, y in ROWS]})
+    asked = []
+    monkeypatch.setattr(tables, "_hub_dataset", lambda name: (asked.append(name),
+                                                              datasets.DatasetDict(train=table,
+                                                                                   validation=table.select([1, 2])))[1])
+    splits = read_splits("someone/reviews", subset=4, seed=0)
+    assert asked == ["someone/reviews"] and len(splits["train"]) == 4
+    assert splits["eval"].texts == [ROWS[1][0], ROWS[2][0]] and splits["eval"].classes == ["neg", "pos"]
+    assert is_hub_name("someone/reviews") and not is_hub_name("someone/reviews.csv")
+    assert not is_hub_name(str(tmp_path)) and not is_hub_name(None)

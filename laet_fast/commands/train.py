@@ -189,14 +189,15 @@ def _run(args) -> int:
 
     from laet_fast.distributed import rank_and_world
     from laet_fast.loading import load_model_and_tokenizer
-    from laet_fast.data import read_examples
+    from laet_fast.data import read_examples, read_splits
     from laet_fast.train.trainer import run_exists
 
     subset = args.subset if args.subset is not None else (DEMO_SUBSET if demo_data else None)
     try:
-        train = read_examples(args.data, args.task, args.text_column, args.label_column, subset=subset,
-                              seed=args.seed, encoding=args.encoding)
-        evaluation = None
+        # a hub dataset brings its own splits: its validation (else test) split evaluates unless --eval-data
+        splits = read_splits(args.data, args.task, args.text_column, args.label_column, subset=subset,
+                             seed=args.seed, encoding=args.encoding)
+        train, evaluation = splits["train"], splits.get("eval")
         if args.eval_data is not None:
             evaluation = read_examples(args.eval_data, args.task, args.text_column, args.label_column,
                                        classes=train.classes, encoding=args.encoding)

@@ -14,7 +14,7 @@ from typing import Sequence
 from ..names import TASKS
 from .labels import encode_labels, label_key
 from .splits import stratified_split
-from .tables import DEMO_LABEL_COLUMN, DEMO_TEXT_COLUMN, demo_table, file_format, read_table
+from .tables import DEMO_LABEL_COLUMN, DEMO_TEXT_COLUMN, demo_table, file_format, is_hub_name, read_table
 
 _JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
 
@@ -198,15 +198,17 @@ def text_column_of(source, text_column: str) -> str:
     return "text" if isinstance(source, str) and file_format(source) == ".txt" else text_column
 
 
-def read_splits(source, task: str = "classify", text_column: str = "text", label_column: str = "label",
-                encoding: str = "utf-8") -> dict[str, TextData]:
+def read_splits(source, task: str = "classify", text_column: str = "text", label_column: str = "label", *,
+                subset: int | None = None, seed: int = 0, encoding: str = "utf-8") -> dict[str, TextData]:
     """A ``DatasetDict``'s (or a hub dataset's) ``train`` split and, for evaluation, its ``validation`` split
-    (else ``test``), as ``{"train": ..., "eval": ...}``; anything else as ``{"train": ...}``. Evaluation labels
-    must fall among the training classes."""
-    table = source if is_dataset_dict(source) or not isinstance(source, str) else read_table(source, encoding)
+    (else ``test``), as ``{"train": ..., "eval": ...}``; any other source (see ``read_examples``) as
+    ``{"train": ...}``. ``subset`` samples the training split. Evaluation labels must fall among the training
+    classes."""
+    table = read_table(source) if is_hub_name(source) else source
     if not is_dataset_dict(table):
-        return {"train": read_examples(source, task, text_column, label_column, encoding=encoding)}
-    train = read_examples(table, task, text_column, label_column)
+        return {"train": read_examples(source, task, text_column, label_column, subset=subset, seed=seed,
+                                       encoding=encoding)}
+    train = read_examples(table, task, text_column, label_column, subset=subset, seed=seed)
     out = {"train": train}
     held = next((split for split in ("validation", "test") if split in table), None)
     if held is not None:

@@ -61,6 +61,13 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
+def is_hub_name(source) -> bool:
+    """A hub dataset name (``owner/name``): a string that is no local path and has no data file's suffix."""
+    if not isinstance(source, str) or file_format(source) in FORMATS or not _HUB_NAME.match(source):
+        return False
+    return not os.path.exists(os.path.expanduser(source))
+
+
 def read_table(source, encoding: str = "utf-8"):
     """A local data file, or a hub dataset name, as a ``datasets`` table.
 
@@ -76,14 +83,14 @@ def read_table(source, encoding: str = "utf-8"):
         an unknown suffix, bytes that are not ``encoding``, a CSV row with more fields than the header, invalid
         JSON, or a hub name that cannot be loaded (this machine may be offline).
     """
+    if is_hub_name(source):
+        return _hub_dataset(str(source))
     path = os.path.expanduser(str(source))
     if os.path.isdir(path):
         raise ValueError(f"data file {path} is a directory; give a file in it ({', '.join(FORMATS)}, optionally "
                          f"compressed).")
     if not os.path.isfile(path):
-        if file_format(path) in FORMATS or not _HUB_NAME.match(str(source)):
-            raise ValueError(f"data file {path} does not exist.")
-        return _hub_dataset(str(source))
+        raise ValueError(f"data file {path} does not exist.")
     fmt = file_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"data file {path} has an unknown format; use {', '.join(FORMATS)} (optionally "
