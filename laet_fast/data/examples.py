@@ -13,6 +13,7 @@ from typing import Sequence
 
 from ..names import TASKS
 from .labels import encode_labels, label_key
+from .sft_rows import row_format, without_nulls
 from .splits import stratified_split
 from .tables import DEMO_LABEL_COLUMN, DEMO_TEXT_COLUMN, demo_table, file_format, is_hub_name, read_table
 
@@ -123,8 +124,6 @@ def _column(table, name: str) -> list:
 
 
 def _sft_rows(table, name: str, blank_is_missing: bool = False) -> TextData:
-    from ..train.sft import row_format, without_nulls
-
     rows = table.to_list() if is_dataset(table) else list(table)
     if not rows:
         raise ValueError(f"{name} holds no rows.")

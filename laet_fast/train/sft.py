@@ -1,6 +1,6 @@
 """Supervised fine-tuning data (``task="sft"``): instruction and chat rows as token ids, the loss on the answers only.
 
-Three row formats are accepted, told apart by their fields (:func:`row_format`):
+Three row formats are accepted, told apart by their fields (``laet_fast.data.sft_rows.row_format``):
 
 ==================  ========================================================================================
 ``messages``        a chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
@@ -32,27 +32,13 @@ from typing import Sequence
 import torch
 
 from ..data import TextData
+from ..data.sft_rows import row_format
 from .batches import Batches
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_part}### Response:\n")
-
-
-def row_format(row) -> str:
-    """``"messages"``, ``"prompt_completion"`` or ``"alpaca"``; ValueError naming the fields otherwise."""
-    if not isinstance(row, dict):
-        raise ValueError(f"an sft example is a dict (messages, prompt/completion or instruction/output), got "
-                         f"{type(row).__name__}.")
-    if "messages" in row:
-        return "messages"
-    if "prompt" in row and "completion" in row:
-        return "prompt_completion"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    raise ValueError(f"an sft example needs 'messages', 'prompt' and 'completion', or 'instruction' and 'output'; "
-                     f"this one has {', '.join(map(repr, row)) or 'no fields'}.")
 
 
 def _check_messages(messages) -> list[dict]:
@@ -290,9 +276,3 @@ def check_packing(model) -> None:
     if (packed - apart).abs().max() > 1e-2 * apart.abs().max() + 1e-3:
         raise ValueError(f"this model ({type(model).__name__}, attention {model.config._attn_implementation!r}) "
                          f"lets packed examples attend to each other; drop --packing.")
-
-
-def without_nulls(row: dict) -> dict:
-    """The row without the None fields that a ``datasets`` table gives every row for the other rows' columns
-    (a file mixing the formats, or a row lacking a field), so that each row's format is its own."""
-    return {key: value for key, value in row.items() if value is not None}
