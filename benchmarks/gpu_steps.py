@@ -705,7 +705,7 @@ def measure_memory(config, k: int, seq: int, kind: str, warmup: int, steps: int)
     """
     import cases as suite
 
-    from laet_fast.memory import measure_cpu_peak
+    from laet_fast.measure import measure_cpu_peak
 
     device = _device()
     release()

@@ -1,7 +1,7 @@
 """The 8B memory claim measured on a CPU: a model of Llama-3.1-8B's shape with random weights, built block by block
 straight into NF4 frozen blocks and bf16 trained blocks (the whole model never exists in bf16), real training
 steps at 1 x 1024 tokens for ``lm`` (with the chunked LM-head loss and without) and for ``classify``, and the
-peak of live tensors (``laet_fast.memory.measure_cpu_peak``) against ``plan_memory``, part by part: the
+peak of live tensors (``laet_fast.measure.measure_cpu_peak``) against ``plan_memory``, part by part: the
 forward and backward pass, then the optimizer step.
 
 What a GPU adds on top of these tensors (the CUDA context, the caching allocator's rounding, cuBLAS
@@ -77,7 +77,8 @@ def one_step(task_model, optimizer, batch: dict) -> None:
 
 def measure(shape: str, task: str, k: int, seq_len: int, optimizer_name: str, loss_chunk: int) -> dict:
     from laet_fast.apply import apply_selection, build_optimizer
-    from laet_fast.memory import measure_cpu_peak, plan_memory
+    from laet_fast.measure import measure_cpu_peak
+    from laet_fast.memory import plan_memory
     from laet_fast.train.heads import ProbeHead, TaskModel
 
     started = time.perf_counter()

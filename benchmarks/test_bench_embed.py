@@ -6,7 +6,7 @@
   dequantized to float32), 16 sequences x 512 tokens (random token ids, rows right-padded by 0 to 240
   tokens), mean pooling. Both give the same ``[16, 30, 576]`` vectors (``layer_embeddings`` with
   ``final_norm=True`` against ``hidden_states[1:]``, to fp32 tolerance; asserted). Peak = the live
-  bytes of the CPU tensors each call creates (``tests/live_bytes.py``; weights excluded), on a GPU
+  bytes of the CPU tensors each call creates (``laet_fast.measure.LiveBytes``; weights excluded), on a GPU
   ``torch.cuda.max_memory_allocated`` above what was allocated before; time = wall clock of the same
   call (the best of ``rounds``).
 * ``probes``: ``probe_layers`` (all L probes as one batched model) against a Python loop of L
@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from bench_utils import RESULTS_DIR, write_result  # noqa: E402
 
 RESULT = "embed_bench"
@@ -91,7 +90,7 @@ def _measure(fn, device) -> tuple[object, int, float]:
         result = fn()
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() - base, time.perf_counter() - start
-    from live_bytes import LiveBytes
+    from laet_fast.measure import LiveBytes
 
     with LiveBytes() as tracker:
         start = time.perf_counter()
@@ -138,9 +137,9 @@ def run_extraction(full: bool) -> dict:
         name = "SmolLM2-135M-Instruct (demo GGUF, float32)"
         batch = _batch(model.config.vocab_size, device=device, **FULL_EXTRACTION)
     else:
-        from tiny_models import tiny_model
+        from cases import tiny_llama
 
-        model = tiny_model("llama", seed=0).to(device)
+        model = tiny_llama(seed=0).to(device)
         name = "tiny random Llama"
         batch = _batch(model.config.vocab_size, batch=3, seq=24, device=device)
     result = bench_extraction(model, batch, rounds=2 if full else 1)

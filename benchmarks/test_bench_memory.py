@@ -38,7 +38,7 @@ import torch
 from bench_utils import write_result
 from cases import BATCH, LORA_TARGETS, SEQ, build_model, release, row_setup, steady_peak, train_step  # noqa: F401
 
-from laet_fast.memory import measure_cpu_peak
+from laet_fast.measure import measure_cpu_peak
 
 ON_CUDA = torch.cuda.is_available()
 GIB = 1024**3

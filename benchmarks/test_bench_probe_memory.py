@@ -13,7 +13,7 @@ every block. Routes:
 
 Each with gradient checkpointing off and on (non-reentrant). Peak = the largest memory allocated
 above what was allocated before the forward (weights excluded): ``torch.cuda.max_memory_allocated``
-on a GPU, the live bytes of the storages created (``tests/live_bytes.py``) on a CPU.
+on a GPU, the live bytes of the storages created (``laet_fast.measure.LiveBytes``) on a CPU.
 Goal: probe peak <= 1.05x the plain peak. Over checkpointed blocks the probe takes each frozen
 layer's input from the checkpoint's recomputation, so what remains is one block's layer inputs;
 without checkpointing it keeps every frozen linear's input (those a trainable layer would save).
@@ -24,8 +24,6 @@ runs a small smoke size (1 x 24 tokens) and writes nothing.
     python -m pytest benchmarks/test_bench_probe_memory.py -q
 """
 import contextlib
-import os
-import sys
 
 import pytest
 import torch
@@ -87,8 +85,7 @@ def _peak_bytes(step, device) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from live_bytes import LiveBytes
+    from laet_fast.measure import LiveBytes
 
     with LiveBytes() as tracker:
         step()

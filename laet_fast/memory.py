@@ -618,35 +618,3 @@ def max_layers_for_budget(
         else:
             high = mid - 1
     return low
-
-
-def measure_cpu_peak(fn) -> int:
-    """Run ``fn()`` and return the peak of live CPU tensor memory above the level at entry, in bytes.
-
-    Read from the PyTorch profiler's allocation trace, and sampled at the end of every operator
-    (nested ones included): the CPU counterpart of ``torch.cuda.max_memory_allocated`` for checking a
-    plan without a GPU. Sampling at operator ends leaves out the scratch a CPU kernel allocates and
-    frees inside one operator without making a tensor of it (oneDNN's reordered weights and fp32
-    accumulators of a bf16 matmul), which depends on the CPU's vector extensions and thread count
-    (about 5% of a small model's step on an AVX512-BF16 CPU, none with ``ONEDNN_MAX_CPU_ISA=AVX2``);
-    the plan models tensors. Every tensor an operator returns, temporaries of composite operators
-    included, is live at some operator's end and counted.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # (time, 0, bytes) for an allocation (> 0) or a free (< 0), (time, 1, 0) for an operator's end:
-    # at equal times the allocations come first.
-    timeline = []
-    for event in prof.profiler.kineto_results.events():
-        if event.name() == "[memory]":
-            timeline.append((event.start_ns(), 0, event.nbytes()))
-        else:
-            timeline.append((event.end_ns(), 1, 0))
-    level = peak = 0
-    for _, is_op_end, nbytes in sorted(timeline):
-        level += nbytes
-        if is_op_end:
-            peak = max(peak, level)
-    return peak

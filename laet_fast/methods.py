@@ -251,6 +251,7 @@ def choose_blocks(model: "nn.Module", batches: Iterable[dict], method, *, k: int
     """
     from .layers import find_layers
 
+    method = parse_method(method)
     keep_probes = keep_probes and method in PROBE_METHODS
     scored = score_layers(model, batches, method, labels=labels, layers=layers, return_probes=keep_probes, seed=seed,
                           own_loss=own_loss, progress=progress, probe_examples=probe_examples, **probe_kwargs)

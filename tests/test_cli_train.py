@@ -464,3 +464,15 @@ def test_predict_bad_input(trained, model_dir, tmp_path, capsys, case):
     assert main(["predict", *argv]) == 2
     assert expected in error_line(capsys, "predict")
     assert folder_digest(trained) == before
+
+
+def test_library_errors_are_said_as_options_but_paths_are_left_alone():
+    from laet_fast.commands.train import as_flags
+
+    assert as_flags("out='/tmp/my run' holds another run; resume it with resume=True, or choose another out "
+                    "folder.") == "--out '/tmp/my run' holds another run; resume it with --resume, or choose another " \
+                                  "--out folder."
+    assert as_flags("batch_size=0 must be an integer >= 1.") == "--batch-size 0 must be an integer >= 1."
+    assert as_flags("Lower the learning rate (lr).") == "Lower the learning rate (--lr)."
+    path = "No space left on device: 'runs/lr=1e-4/model'"
+    assert as_flags(path) == path

@@ -424,7 +424,7 @@ def test_grouped_sq_norms_torch_path_is_not_biased_on_a_large_weight(monkeypatch
 def test_torch_tiled_path_peak_is_an_eighth_of_the_weight_gradient(monkeypatch, dtype):
     """The PyTorch "tiled" path forms X^T dY in column chunks; chunk + its square stay below 0.25x a
     float32 [in, out] gradient (it was 1.00x with two chunks), beyond float32 copies of bf16 inputs."""
-    from live_bytes import LiveBytes
+    from laet_fast.measure import LiveBytes
 
     monkeypatch.setenv("LAET_FAST_BACKEND", "torch")
     tokens, d_in, d_out = 300, 576, 1536

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from live_bytes import LiveBytes
+from laet_fast.measure import LiveBytes
 from tiny_models import random_batch, tiny_model
 from laet_fast.grad_norms import GENERIC_MAX_NUMEL, GradNormRecorder
 from laet_fast.layers import LayerStack, find_layers

@@ -12,10 +12,10 @@ from laet_fast.memory import (
     MemoryPlan,
     block_shape,
     max_layers_for_budget,
-    measure_cpu_peak,
     plan_memory,
     shape_config,
 )
+from laet_fast.measure import measure_cpu_peak
 from laet_fast.selection import Selection
 
 # Big enough that bitsandbytes' blocks (64 for 4-bit weights, 256 for 8-bit optimizer states) divide

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import laet_fast.merge.impact as impact
 from laet_fast.kernels.slerp import slerp_reference
-from laet_fast.memory import measure_cpu_peak
+from laet_fast.measure import measure_cpu_peak
 from laet_fast.merge import layer_impact, policy_t, restore
 from laet_fast.merge.checkpoint import Checkpoint, SafetensorsWriter
 from laet_fast.scores import LayerScores

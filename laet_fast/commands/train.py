@@ -47,7 +47,8 @@ def register(subparsers) -> None:
                              "rows of messages, prompt/completion or instruction/input/output for sft; compressed "
                              "too, or a hub dataset name (default: the demo Rotten Tomatoes sentences, fresh/rotten)")
     parser.add_argument("--eval-data", metavar="FILE", default=None,
-                        help="evaluation file (default: a seeded, stratified 20%% of --data)")
+                        help="evaluation file (default: a hub dataset's validation, else test, split, whole; else a "
+                             "seeded, stratified 20%% of --data)")
     parser.add_argument("--text-column", default="text", help="column / key of the texts (default: text)")
     parser.add_argument("--label-column", default="label",
                         help="column / key of the labels, any values (default: label)")
@@ -194,11 +195,13 @@ def _run(args) -> int:
 
     subset = args.subset if args.subset is not None else (DEMO_SUBSET if demo_data else None)
     try:
-        # a hub dataset brings its own splits: its validation (else test) split evaluates unless --eval-data
-        splits = read_splits(args.data, args.task, args.text_column, args.label_column, subset=subset,
-                             seed=args.seed, encoding=args.encoding)
-        train, evaluation = splits["train"], splits.get("eval")
-        if args.eval_data is not None:
+        if args.eval_data is None:  # a hub dataset brings its own splits: its validation (else test) split evaluates
+            splits = read_splits(args.data, args.task, args.text_column, args.label_column, subset=subset,
+                                 seed=args.seed, encoding=args.encoding)
+            train, evaluation = splits["train"], splits.get("eval")
+        else:
+            train = read_examples(args.data, args.task, args.text_column, args.label_column, subset=subset,
+                                  seed=args.seed, encoding=args.encoding)
             evaluation = read_examples(args.eval_data, args.task, args.text_column, args.label_column,
                                        classes=train.classes, encoding=args.encoding)
     except ValueError as err:
@@ -259,7 +262,8 @@ def _fit(args, config, model, tokenizer, train, evaluation):
         raise UsageError(as_flags(one_line(err))) from None
 
 
-_FIELD_VALUE = re.compile(r"\b([a-z_]+)=('[^']*'|[^\s,;:)]+)")
+# ``field=value`` as a word of its own: not inside a path (``runs/lr=1e-4/model``) or another word
+_FIELD_VALUE = re.compile(r"(?<![\w/.\-=])([a-z_]+)=('[^']*'|[^\s,;:)/]+)(?![/\w])")
 
 
 def as_flags(message: str) -> str:
@@ -276,7 +280,7 @@ def as_flags(message: str) -> str:
         if name not in names:
             return match.group(0)
         option = "--" + name.replace("_", "-")
-        return option if value == "True" else f"{option} {value.strip(chr(39))}"
+        return option if value == "True" else f"{option} {shlex.quote(value.strip(chr(39)))}"
 
     message = _FIELD_VALUE.sub(flag, message)
     for name in names:

@@ -125,8 +125,9 @@ def _weights_digest(model, samples: int = 4096) -> str:
 
 @dataclass
 class RunState:
-    """What a run carries from one step to the next. A checkpoint saves it (with the weights, the optimizer, the
-    scheduler and the random states), and a resumed run starts from it."""
+    """What a run carries from one step to the next. A checkpoint saves its step, position, counts of non-finite
+    steps, selection and blocks ever trained (with the weights, the optimizer, the scheduler and the random
+    states), and a resumed run starts from them; the last evaluation and the step times are this process's."""
 
     step: int = 0  # optimizer steps taken, skipped ones included
     position: int = 0  # training-stream items consumed (``Batches.at``), every rank's
@@ -160,7 +161,7 @@ class RunSetup:
     bar: object
     trainable: list
     scoring_time: float  # seconds from the start to the blocks chosen (or the checkpoint read)
-    started: float  # perf_counter when training began
+    started: float  # perf_counter when the blocks were chosen (or read from the checkpoint): training time from here
     step_began: float = 0.0  # perf_counter when the current step began
 
     @property
@@ -374,10 +375,13 @@ class Trainer:
             RunComplete: ``resume`` on a run that has finished; nothing was trained or written.
         """
         run = self.setup()
-        with open(self.log_path, "a", encoding="utf-8") if run.main else nullcontext() as log:
-            while self.state.step < run.total_steps:
-                entry = self.train_step(run)
-                self.after_step(run, entry, log)
+        try:
+            with open(self.log_path, "a", encoding="utf-8") if run.main else nullcontext() as log:
+                while self.state.step < run.total_steps:
+                    entry = self.train_step(run)
+                    self.after_step(run, entry, log)
+        finally:
+            run.bar.close()
         return self.finish(run)
 
     def setup(self) -> "RunSetup":
