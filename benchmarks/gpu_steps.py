@@ -340,7 +340,8 @@ def compile_table_summary(target: str) -> dict:
     if not os.path.isfile(path):
         return {"missing": "benchmarks/results/aot_compile.json (run benchmarks/aot_table.py)"}
     with open(path, encoding="utf-8") as handle:
-        rows = [row for row in json.load(handle).get("rows", []) if row.get("target") == target]
+        table = json.load(handle)
+    rows = [row for row in table.get("rows", []) if row.get("target") == target]
     if not rows:
         return {"missing": f"no compile of {target} in aot_compile.json"}
     summary = {}
@@ -354,15 +355,7 @@ def compile_table_summary(target: str) -> dict:
     for entry in summary.values():
         entry["registers"] = [min(entry["registers"]), max(entry["registers"])]
         entry["occupancy"] = [min(entry["occupancy"]), max(entry["occupancy"])]
-    return {"target": target, "source": "aot_compile.json (Triton " + _aot_triton_version(path) + ")",
-            "kernels": summary}
-
-
-def _aot_triton_version(path: str) -> str:
-    import json
-
-    with open(path, encoding="utf-8") as handle:
-        return str(json.load(handle).get("triton_version"))
+    return {"target": target, "source": f"aot_compile.json (Triton {table.get('triton_version')})", "kernels": summary}
 
 
 def _timed_row(fn, device, min_bytes: int, copy_gbps: float | None, target_s: float, **extra) -> dict:
