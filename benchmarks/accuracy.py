@@ -643,6 +643,54 @@ def summarize(parts: list[dict]) -> dict:
     return out
 
 
+def recommend(block: dict) -> dict:
+    """The issue's rule for the defaults, on one dataset's summary: the best accuracy per CPU-second among rows
+    whose mean test accuracy is within one standard deviation (over seeds) of the best row's.
+
+    Applied twice: over every row (the frozen probe and the probe vote included, since training nothing is a
+    choice a user can make) and over the fine-tuned rows only (what the trainer's default method can be).
+    ``complete`` is False while any row has fewer than 3 seeds: the spread, and so the pick, can still move.
+
+    Returns ``{"best", "pick", "within", "best_fine_tuned", "pick_fine_tuned", "within_fine_tuned",
+    "fine_tuning_gain", "complete"}``: row names, lists of them, and the best fine-tuned row's mean accuracy
+    minus the frozen probe's (None without both).
+    """
+    rows = [r for r in block["rows"] if r["test_accuracy"] is not None and r["total_time"]]
+    out = {"complete": bool(rows) and all(len(r["seeds"]) >= 3 for r in rows)}
+    for suffix, pool in (("", rows), ("_fine_tuned", [r for r in rows if r["row"] not in NO_TRAINING])):
+        if not pool:
+            out.update({"best" + suffix: None, "pick" + suffix: None, "within" + suffix: []})
+            continue
+        best = max(pool, key=lambda r: r["test_accuracy"])
+        within = [r for r in pool if r["test_accuracy"] >= best["test_accuracy"] - (best["test_accuracy_std"] or 0.0)]
+        pick = max(within, key=lambda r: r["test_accuracy"] / r["total_time"])
+        out.update({"best" + suffix: best["row"], "pick" + suffix: pick["row"],
+                    "within" + suffix: [r["row"] for r in within]})
+    by_row = {r["row"]: r for r in rows}
+    out["fine_tuning_gain"] = (by_row[out["best_fine_tuned"]]["test_accuracy"] - by_row["frozen_probe"]["test_accuracy"]
+                               if out["best_fine_tuned"] and "frozen_probe" in by_row else None)
+    return out
+
+
+def _recommendation_lines(block: dict) -> list[str]:
+    rec = recommend(block)
+    if rec["best"] is None:
+        return []
+    titles = {r["row"]: r["title"] for r in block["rows"]}
+    status = "" if rec["complete"] else " (provisional: some rows have fewer than 3 seeds)"
+    lines = [f"Rule for the defaults{status}: among the rows within one std of the best mean test accuracy, "
+             f"the best accuracy per total CPU second.",
+             f"- every row: best {titles[rec['best']]}; within one std: {len(rec['within'])} row(s); "
+             f"pick **{titles[rec['pick']]}**."]
+    if rec["best_fine_tuned"] is not None:
+        lines.append(f"- fine-tuned rows: best {titles[rec['best_fine_tuned']]}; within one std: "
+                     f"{', '.join(rec['within_fine_tuned'])}; pick **{titles[rec['pick_fine_tuned']]}**.")
+    if rec["fine_tuning_gain"] is not None:
+        lines.append(f"- the best fine-tuned row minus the frozen probe: {100 * rec['fine_tuning_gain']:+.1f} "
+                     f"points of test accuracy.")
+    return lines + [""]
+
+
 def _pm(mean, std, digits=3, scale=1.0, seeds=2):
     """``mean ± std``; one seed has no spread to show, so it is the value alone."""
     if mean is None:
@@ -687,6 +735,7 @@ def markdown(summary: dict) -> str:
                 f"{_pm(r['total_time'], r['total_time_std'], 0, seeds=n)}"
                 f" | {low_text} | {len(r['seeds'])}{'' if len(r['seeds']) >= 3 else ' (incomplete)'} |")
         lines.append("")
+        lines += _recommendation_lines(block)
     return "\n".join(lines)
 
 
@@ -736,6 +785,7 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
         raise SystemExit(f"no part files in {parts_dir}; run parts first (see --help).")
     os.makedirs(results_dir, exist_ok=True)
     payload = {**device_info(), "datasets": summary,
+               "recommendation": {ds: recommend(block) for ds, block in summary.items()},
                "notes": ["learning rate searched on seed 0 only (validation accuracy), then used for every seed",
                          "peak memory: RSS from the end of apply_selection to the end of the run, minus the RSS "
                          "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included)",

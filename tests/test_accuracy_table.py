@@ -204,3 +204,27 @@ def test_a_row_with_one_seed_shows_no_spread_and_is_marked_incomplete():
     summary = accuracy.summarize([_part("last", [0], rng), _part("laet", [0, 1, 2], rng)])
     lines = [line for line in accuracy.markdown(summary).splitlines() if line.startswith("| last-k")]
     assert len(lines) == 1 and "±" not in lines[0] and lines[0].endswith("| 1 (incomplete) |")
+
+
+def _row(row, accuracies, total_time):
+    return {"row": row, "title": row, "seeds": list(range(len(accuracies))), "total_time": total_time,
+            "test_accuracy": statistics.mean(accuracies),
+            "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}
+
+
+def test_the_defaults_rule_picks_the_cheapest_row_within_one_std_of_the_best():
+    # best: full (0.84 ± 0.02); laet (0.83) is within one std and costs half; last (0.80) is not.
+    block = {"rows": [_row("frozen_probe", [0.78, 0.79, 0.80], 200.0), _row("full", [0.82, 0.84, 0.86], 700.0),
+                      _row("laet", [0.82, 0.83, 0.84], 350.0), _row("last", [0.79, 0.80, 0.81], 100.0)]}
+    rec = accuracy.recommend(block)
+    assert (rec["best"], rec["pick"], rec["pick_fine_tuned"]) == ("full", "laet", "laet")
+    assert rec["within_fine_tuned"] == ["full", "laet"] and rec["complete"]
+    assert rec["fine_tuning_gain"] == pytest.approx(0.84 - 0.79)
+    # A frozen probe within one std of the best wins on cost among every row, not among the fine-tuned ones.
+    block["rows"][0] = _row("frozen_probe", [0.81, 0.83, 0.85], 200.0)
+    rec = accuracy.recommend(block)
+    assert (rec["pick"], rec["pick_fine_tuned"]) == ("frozen_probe", "laet")
+    # A row with one seed makes the pick provisional, and the markdown says so.
+    block["rows"].append(_row("random", [0.5], 300.0))
+    assert not accuracy.recommend(block)["complete"]
+    assert "provisional" in "\n".join(accuracy._recommendation_lines(block))
