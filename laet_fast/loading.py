@@ -197,7 +197,8 @@ def resolve_device(device) -> torch.device:
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for but no CUDA device is available; use --device cpu.")
+        raise ValueError(f"device {device} was asked for but no CUDA device is available; use device='cpu' "
+                         f"(--device cpu).")
     return device
 
 

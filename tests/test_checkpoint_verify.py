@@ -133,7 +133,7 @@ def test_newest_without_a_checkpoint_that_verifies(tmp_path):
     save(tmp_path, 4)
     cut(str(tmp_path / "checkpoints" / "step-00000004" / "rng.safetensors"))
     with pytest.raises(checkpoints.Damaged, match=r"^none of the 1 checkpoints in .* verifies \(each is named above; "
-                                                  r"nothing was deleted\); start the run again in another --out"):
+                                                  r"nothing was deleted\); start the run again in another out folder"):
         checkpoints.newest(str(tmp_path), said.append)
     assert len(said) == 1 and said[0].startswith("checkpoint step-00000004 is damaged: ")
 

@@ -194,7 +194,7 @@ def test_cuda_out_of_memory_names_the_plan_and_what_to_lower(model_dir, data_csv
     plan = plan_memory(AutoConfig.from_pretrained(model_dir), Selection((2, 3), 4), seq_len=16, batch_size=4,
                        optimizer="adamw", dtype="fp32", keep_logits=False, lm_head=False)
     assert "out of memory at step 6" in line and f"{plan.peak_allocated / 2**30:.3f} GiB" in line
-    for knob in ("--batch-size", "--max-length", "--k", "--quantize-frozen nf4"):
+    for knob in ("(--batch-size)", "(--max-length)", "(--k)", "--quantize-frozen nf4", "--optimizer adamw8bit"):
         assert knob in line
     assert checkpoints.latest(str(out)).endswith("step-00000004")
     assert [json.loads(log_line)["step"] for log_line in open(out / "log.jsonl")] == [1, 2, 3, 4, 5]

@@ -163,14 +163,14 @@ def test_packing_is_refused_for_a_model_that_lets_examples_attend_to_each_other(
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", no_packing)
-    with pytest.raises(ValueError, match="drop --packing"):
+    with pytest.raises(ValueError, match=r"turn packing off \(packing\)"):
         check_packing(model)
 
 
 def test_laet_and_packing_outside_sft_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="choose another method .*e.g. method='grad_norm'"):
         TrainConfig(task="sft", method="laet")
-    with pytest.raises(ValueError, match="Drop packing"):
+    with pytest.raises(ValueError, match=r"turn packing off \(packing\)"):
         TrainConfig(task="lm", method="last", k=1, packing=True)
 
 

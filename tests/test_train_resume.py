@@ -562,7 +562,7 @@ def test_a_full_disk_during_a_save_is_one_line(files, tmp_path, capsys, monkeypa
     scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
     # The tensors and the meta data (tens of KiB here), within the one decimal printed.
     assert sizes["tensors"] - scale / 20 <= float(number) * scale <= sizes["tensors"] + 2**16 + scale / 20, err[0]
-    assert "(the earlier checkpoints are intact)" in err[0]
+    assert "resume with --resume (the earlier checkpoints are intact)" in err[0]
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000004"]
     assert folder_digest(out / "checkpoints" / "step-00000004") == good["digest"]
 

@@ -86,7 +86,7 @@ def no_space(what: str, path: str, needed: int) -> NoSpace:
     """The one-line error of a write of ``what`` to ``path`` that filled the disk, with about ``needed`` bytes."""
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     return NoSpace(f"no space left to write {what} {path}: it needs about {_size_text(needed)}, "
-                   f"{_size_text(free)} are free; free some space there and resume with --resume (the earlier "
+                   f"{_size_text(free)} are free; free some space there and resume with resume=True (the earlier "
                    f"checkpoints are intact).")
 
 
@@ -244,7 +244,7 @@ def newest(run_dir: str, say) -> tuple[str, dict[str, dict[str, torch.Tensor]], 
         return path, tensors, meta
     if found:
         raise Damaged(f"none of the {len(found)} checkpoints in {os.path.join(run_dir, FOLDER)} verifies (each is "
-                      f"named above; nothing was deleted); start the run again in another --out folder.")
+                      f"named above; nothing was deleted); start the run again in another out folder.")
     return None
 
 
@@ -279,7 +279,7 @@ def check_same_run(saved: dict, current: dict, path: str) -> None:
                          f"{_short(current.get(key, _ABSENT))}")
     if diffs:
         raise ValueError(f"cannot resume from {path}, it is from another run ({'; '.join(diffs)}); resume with the "
-                         f"same settings, or start a new run in another --out folder.")
+                         f"same settings, or start a new run in another out folder.")
 
 
 _ABSENT = object()

@@ -103,7 +103,8 @@ class TrainConfig:
         if self.k is None and self.method in NEEDS_K:
             raise ValueError(f"method {self.method!r} needs k, the number of blocks to train.")
         if self.packing and self.task != "sft":
-            raise ValueError(f"packing lays sft examples end to end; task={self.task!r} does not pack. Drop packing.")
+            raise ValueError(f"packing lays sft examples end to end; task={self.task!r} does not pack; turn packing "
+                             f"off (packing).")
         budgets = [name for name in ("budget_s", "budget_gb") if getattr(self, name) is not None]
         if budgets and self.method != "laet-cost":
             raise ValueError(f"{budgets[0]} caps the blocks of method 'laet-cost' only; drop it, or use "

@@ -85,12 +85,12 @@ class TrainReport:
                 notes.append(f"the probes' spread is too wide to separate the blocks: a block's mean probe accuracy "
                              f"is uncertain by {spread['uncertainty']:.4f} (median std over {spread['folds']} folds / "
                              f"sqrt({spread['folds']})), as much as LAET's gap between kept and dropped blocks "
-                             f"({spread['gap']:.4f}); more examples (--probe-examples) narrow it")
+                             f"({spread['gap']:.4f}); more examples (probe_examples, --probe-examples) narrow it")
         _, non_finite = finite_or_null(metrics)
         if non_finite:
             notes.append(f"the final evaluation's {', '.join(non_finite)} {'is' if len(non_finite) == 1 else 'are'} "
                          f"not finite (NaN or inf; null in report.json): the model's outputs overflowed or the "
-                         f"weights diverged. Lower --lr, or check the data")
+                         f"weights diverged. Lower the learning rate (lr, --lr), or check the data")
         return cls(
             model=model_name, task=cfg.task, method=cfg.method, selection=list(selection.layers),
             num_layers=selection.num_layers, head_layers=task_model.head_layers,

@@ -182,7 +182,7 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int, packing: boo
         ids.append(row_ids)
         labels.append(row_labels)
     if not ids:
-        raise ValueError(f"max_length={max_length} cuts away every answer ({dropped} examples); raise --max-length.")
+        raise ValueError(f"max_length={max_length} cuts away every answer ({dropped} examples); raise it (max_length).")
     examples = Tokenized(ids, labels, [list(range(len(row))) for row in ids], dropped, cut)
     return pack(examples, max_length) if packing else examples
 
@@ -258,7 +258,7 @@ def check_packing(model) -> None:
 
     if not accepts_argument(model, "position_ids"):
         raise ValueError(f"this model ({type(model).__name__}) takes no position_ids, so packed examples cannot be "
-                         f"kept apart; drop --packing.")
+                         f"kept apart; turn packing off (packing).")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     first, second = (torch.randint(0, vocab, (1, n), generator=gen) for n in (5, 4))
@@ -275,4 +275,4 @@ def check_packing(model) -> None:
     # A leak moves the second example's logits by their own scale; low-precision matmuls of other shapes, by far less.
     if (packed - apart).abs().max() > 1e-2 * apart.abs().max() + 1e-3:
         raise ValueError(f"this model ({type(model).__name__}, attention {model.config._attn_implementation!r}) "
-                         f"lets packed examples attend to each other; drop --packing.")
+                         f"lets packed examples attend to each other; turn packing off (packing).")

@@ -881,8 +881,8 @@ class Trainer:
         return (f"CUDA out of memory at step {step + 1} (batch {cfg.batch_size} x {cfg.max_length} tokens, "
                 f"{len(selection)} trained blocks, frozen blocks {cfg.quantize_frozen or 'not quantized'}); "
                 f"{estimate}. "
-                f"Lower --batch-size or --max-length, train fewer blocks (--k), or use --quantize-frozen nf4 and "
-                f"--optimizer adamw8bit; the last checkpoint is kept.")
+                f"Lower the batch (batch_size) or the length (max_length), train fewer blocks (k), or use "
+                f"quantize_frozen=nf4 and optimizer=adamw8bit; the last checkpoint is kept.")
 
 
 def tracker_scalars(entry: dict, num_layers: int | None = None, keep_text: bool = False) -> dict:
