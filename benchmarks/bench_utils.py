@@ -80,6 +80,15 @@ def copy_bandwidth_gbps(device, nbytes: int = 1 << 30, repeats: int = 10) -> flo
     return bandwidth_gbps(2 * nbytes * repeats, seconds)
 
 
+def read_result(name: str) -> dict | None:
+    """The committed ``benchmarks/results/<name>.json`` as a dict; None when there is no such file."""
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def write_result(name: str, payload: dict) -> str:
     """Write ``benchmarks/results/<name>.json`` (``payload`` merged over ``device_info()``); returns the path.
 

@@ -334,13 +334,11 @@ def compile_table_summary(target: str) -> dict:
     """Per kernel, the registers, spills and occupancy ``benchmarks/aot_table.py`` found compiling it for ``target``
     (e.g. ``sm_90``) on a CPU, over the launch configurations it compiled; ``{"missing": ...}`` without its
     results file or that target."""
-    import json
+    from bench_utils import read_result
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aot_compile.json")
-    if not os.path.isfile(path):
+    table = read_result("aot_compile")
+    if table is None:
         return {"missing": "benchmarks/results/aot_compile.json (run benchmarks/aot_table.py)"}
-    with open(path, encoding="utf-8") as handle:
-        table = json.load(handle)
     rows = [row for row in table.get("rows", []) if row.get("target") == target]
     if not rows:
         return {"missing": f"no compile of {target} in aot_compile.json"}
@@ -673,19 +671,15 @@ def step_memory(ctx, shapes: list, ks: list, seq: int, batch: int, quantize: str
 def cpu_figure(shape: str, k: int, seq: int, optimizer: str) -> dict | None:
     """What ``benchmarks/memory_cpu.py`` measured on a CPU for this shape and k (lm task, the model's own loss),
     from its committed results, to set beside the GPU's peak: None when it has no such run."""
-    import json
+    from bench_utils import read_result
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"memory_cpu_{shape}.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        saved = json.load(handle)
-    for run in saved.get("runs", []):
+    name = f"memory_cpu_{shape}"
+    for run in (read_result(name) or {}).get("runs", []):
         if (run.get("task"), run.get("k"), run.get("seq_len"), run.get("optimizer"), run.get("loss_chunk")) == \
                 ("lm", k, seq, optimizer, 0):
             keep = ("measured_forward_backward_peak_gib", "measured_optimizer_step_peak_gib", "measured_peak_gib",
                     "planned_peak_allocated_gib")
-            return {name: run[name] for name in keep if name in run} | {"source": os.path.basename(path)}
+            return {name: run[name] for name in keep if name in run} | {"source": f"{name}.json"}
     return None
 
 

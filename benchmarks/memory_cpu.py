@@ -152,15 +152,9 @@ def _setting(run: dict) -> tuple:
 
 
 def _saved_runs(shape: str) -> list[dict]:
-    import json
+    from bench_utils import read_result
 
-    from bench_utils import RESULTS_DIR
-
-    path = os.path.join(RESULTS_DIR, f"memory_cpu_{shape}.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle).get("runs", [])
+    return (read_result(f"memory_cpu_{shape}") or {}).get("runs", [])
 
 
 def main(argv=None) -> None:
