@@ -439,14 +439,15 @@ def _probe_vote(trainer, model, tokenizer, cfg, test, rss_before) -> dict:
     }
 
 
-_FEATURES: dict = {}
-
-
-def _frozen_probe(model, tokenizer, cfg, train, val, test, rss_before) -> dict:
+def _frozen_probe(base_model, tokenizer, cfg, train, val, test, rss_before) -> dict:
     """Zero training: a probe per block on the frozen model's pooled block outputs (LAET's probe: an MLP,
     ``cfg.head_hidden``), trained on every training example; the block whose probe is best on validation is
-    scored on test. The features are computed once per split (cached: they do not depend on the seed) and their
-    CPU seconds are counted in every seed's total."""
+    scored on test.
+
+    Measured like the other rows: on its own copy of the model, the features extracted again on every seed
+    (their CPU seconds and their memory are the row's cost; a copy kept from an earlier run would count in
+    one seed and not in the next).
+    """
     import resource
 
     import torch
@@ -456,15 +457,11 @@ def _frozen_probe(model, tokenizer, cfg, train, val, test, rss_before) -> dict:
     from laet_fast.train.trainer import macro_f1
 
     reset_peak()
-    key = (id(train), cfg.max_length)
-    if key not in _FEATURES:
-        cpu = time.process_time()
-        feats = [layer_embeddings(model, d.texts, tokenizer=tokenizer, batch_size=EVAL_BATCH,
-                                  max_length=cfg.max_length, progress=False).as_subclass(torch.Tensor)
-                 for d in (train, val, test)]
-        _FEATURES[key] = (feats, time.process_time() - cpu)
-    (f_train, f_val, f_test), feature_cpu = _FEATURES[key]
     cpu = time.process_time()
+    model = copy.deepcopy(base_model)
+    f_train, f_val, f_test = [layer_embeddings(model, d.texts, tokenizer=tokenizer, batch_size=EVAL_BATCH,
+                                               max_length=cfg.max_length, progress=False).as_subclass(torch.Tensor)
+                              for d in (train, val, test)]
     labels = [torch.tensor(d.labels) for d in (train, val, test)]
     num_classes = len(train.classes)
     probe = BatchedProbe(f_train.shape[1], f_train.shape[2], num_classes,
@@ -473,7 +470,7 @@ def _frozen_probe(model, tokenizer, cfg, train, val, test, rss_before) -> dict:
     best = max(range(len(val_acc)), key=lambda i: (float(val_acc[i]), -i))
     with torch.no_grad():
         pred = probe(f_test)[:, best].argmax(-1)
-    cpu = time.process_time() - cpu + feature_cpu
+    cpu = time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "row": "frozen_probe", "lr": None, "seed": cfg.seed, "method": "frozen probe", "selection": [best],

@@ -165,6 +165,22 @@ def test_frozen_probe_picks_its_block_on_validation_and_k_rows_take_laets_k(tmp_
     per_block = probe["val_accuracy_per_block"]
     assert len(per_block) == 4 and probe["selection"] == [per_block.index(max(per_block))]
     assert probe["val_accuracy"] == max(per_block) and probe["trainable_params"] == 0
+    # Every seed extracts its features on its own copy of the model, inside its measured window, as the training
+    # rows train their own copy: a cache of features from an earlier seed counted them in one seed's cost only.
+    import laet_fast.embed
+
+    extracted_from = []
+    real_extract = laet_fast.embed.layer_embeddings
+
+    def counted(model_, *args, **kwargs):
+        extracted_from.append(model_)
+        return real_extract(model_, *args, **kwargs)
+
+    monkeypatch.setattr(laet_fast.embed, "layer_embeddings", counted)
+    for seed in (1, 2):
+        accuracy.run_one(model, tokenizer, "frozen_probe", train, val, test, lr=None, k=None,
+                         out=str(tmp_path / f"p{seed}"), **{**common, "seed": seed})
+    assert len(extracted_from) == 6 and all(m is not model for m in extracted_from)  # train, val, test per seed
     laet = accuracy.run_one(model, tokenizer, "laet", train, val, test, lr=1e-3, k=None, out=str(tmp_path / "a"),
                             **common)
     last = accuracy.run_one(model, tokenizer, "last", train, val, test, lr=1e-3, k=None, out=str(tmp_path / "b"),
