@@ -737,29 +737,40 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: str, cost: str) -> str:
-    """Test accuracy (mean ± std over seeds) against ``cost`` ("time_per_step" or "peak_memory").
-
-    A panel per dataset.
+    """Test accuracy (mean ± std over seeds) against ``cost`` ("total_time" or "peak_memory"), a panel per
+    dataset. Every row is a labelled point, the rows that train nothing too; the frozen probe's accuracy (its band
+    of one std) and the majority class are horizontal lines, so a row under the band did not pay for its training.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scale, label = {"time_per_step": (1.0, "CPU seconds per optimizer step (1 thread)"),
+    scale, label = {"total_time": (1.0, "total CPU seconds of the run (1 thread; scoring + training)"),
                     "peak_memory": (1 / 2**30, "peak memory of the run (GiB, RSS)")}[cost]
-    fig, axes = plt.subplots(1, len(summary), figsize=(6.4 * len(summary), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(summary), figsize=(7.2 * len(summary), 5.2), squeeze=False)
     for ax, (ds, block) in zip(axes[0], summary.items()):
+        frozen = next((r for r in block["rows"] if r["row"] == "frozen_probe" and r["test_accuracy"] is not None),
+                      None)
+        if frozen is not None:
+            low, high = (frozen["test_accuracy"] + sign * (frozen["test_accuracy_std"] or 0.0) for sign in (-1, 1))
+            ax.axhspan(low, high, color="0.85", zorder=0)
+            ax.axhline(frozen["test_accuracy"], color="0.4", ls="--", lw=1, label="frozen probe (± 1 std)")
+        majority = block["settings"].get("majority")
+        if majority is not None:
+            ax.axhline(majority, color="C3", ls=":", lw=1, label=f"majority class ({majority:.3f})")
         for i, r in enumerate(block["rows"]):
             if r[cost] is None or r["test_accuracy"] is None:
                 continue
-            ax.errorbar(r[cost] * scale, r["test_accuracy"], xerr=r[cost + "_std"] * scale,
-                        yerr=r["test_accuracy_std"], fmt="o", ms=5, capsize=3, color=f"C{i % 10}", label=r["title"])
+            x, y = r[cost] * scale, r["test_accuracy"]
+            ax.errorbar(x, y, xerr=(r[cost + "_std"] or 0.0) * scale, yerr=r["test_accuracy_std"] or 0.0, fmt="o",
+                        ms=5, capsize=3, color=f"C{i % 10}")
+            ax.annotate(r["row"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
-        ax.set_title(f"{ds}")
+        ax.set_title(ds)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     from laet_fast.atomic import write_file
 
@@ -793,7 +804,7 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
                          "evaluation is left out"]}
     write_text(os.path.join(results_dir, f"{name}.json"), json.dumps(payload, indent=2, sort_keys=True) + "\n")
     write_text(os.path.join(results_dir, f"{name}.md"), markdown(summary))
-    plot(summary, os.path.join(results_dir, f"{name}_time.png"), "time_per_step")
+    plot(summary, os.path.join(results_dir, f"{name}_time.png"), "total_time")
     plot(summary, os.path.join(results_dir, f"{name}_memory.png"), "peak_memory")
     return summary
 
