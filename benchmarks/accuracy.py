@@ -3,8 +3,9 @@
 Each row trains SmolLM2-135M (the demo model, fp32, CPU) with ``laet_fast.Trainer`` on one fixed split of a
 dataset, for one epoch of the training split at the same batch and sequence length; only the method (which
 blocks train, and how) changes. Per row, a learning-rate search on the validation split picks one rate of
-:data:`LR_GRID` (the same grid for every row) on seed 0; every seed then trains at that rate and is scored on
-the test split (on seed 0 the validation and test metrics come from the same end-of-run evaluation).
+:data:`LR_GRID` (the same grid for every row) on seed 0, and tries the rate of :data:`LR_BEYOND` past the
+grid's edge when that edge wins; every seed then trains at the chosen rate and is scored on the test split (on
+seed 0 the validation and test metrics come from the same end-of-run evaluation).
 
 Rows (:data:`ROWS`, the issue's list; :data:`EXTRA_ROWS` run on request):
 
@@ -68,6 +69,17 @@ from bench_utils import RESULTS_DIR, write_result  # noqa: E402
 
 PARTS_DIR = os.path.join(RESULTS_DIR, "accuracy_parts")
 LR_GRID = (3e-5, 3e-4)
+# When the best rate of the grid is an edge of it, strictly better than its neighbour, the search tries the rate
+# beyond that edge too, once: with two points, a row that wants a higher rate would otherwise be capped at the top.
+LR_BEYOND = (1e-5, 1e-3)
+# What a part's numbers mean: bumped whenever the way a run is measured changes, so that parts measured the old
+# way are never pooled with new ones. 2: the frozen probe on its own model copy with its features extracted every
+# seed (its test extraction left out of its total, as every row's evaluation is); the search beyond the grid's
+# edge; no report plot inside the timed steps; LoRA's wrapping and cost-aware's selection charged.
+PROTOCOL = 2
+# Total CPU seconds within this fraction of each other are a tie for the rule for the defaults: the same run
+# measured 5-8% apart with the 2 cores' load.
+TIME_TIE = 0.10
 ROWS = ("frozen_probe", "probe_vote", "full", "last", "laet", "laet_cost", "lora_laet", "lora_all", "random",
         "grad_norm", "cost_aware")
 EXTRA_ROWS = ("block_influence", "grad_norm_reselect", "laet_nf4")
@@ -299,8 +311,9 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
 
     import laet_fast.apply as apply_module
     import laet_fast.train.export as export_module
-    from laet_fast.train.config import TrainConfig
     from laet_fast.train.batches import Batches
+    from laet_fast.train.config import TrainConfig
+    from laet_fast.train.report import TrainReport
 
     release_free_memory()
     rss_before = _rss_kib("VmRSS") * 1024
@@ -313,7 +326,7 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
         return _frozen_probe(base_model, tokenizer, TrainConfig(**cfg_kwargs), train, val, test, rss_before)
     model = copy.deepcopy(base_model)
     method, quantize, kwargs, extra = row, None, {"k": k}, {}
-    extra_wall, extra_cpu = 0.0, 0.0
+    extra_cpu = 0.0
     if row == "full":
         method, kwargs = "all", {}
     elif row in ("grad_norm", "grad_norm_reselect"):
@@ -333,7 +346,9 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
         if row in ("cost_aware", "lora_laet"):  # these rows' choice is made from LAET's scores: charged to them
             extra_cpu += laet_cpu
     if row == "cost_aware":
+        cpu = time.process_time()
         selection, budget = _cost_aware_layers(model, scores, TrainConfig(**cfg_kwargs), k)
+        extra_cpu += time.process_time() - cpu
         method, kwargs = ",".join(map(str, selection.layers)), {}
         extra.update(budget_s=budget, predicted_s=selection.params["predicted_s"])
     elif row in ("lora_all", "lora_laet"):
@@ -344,10 +359,10 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
 
         num_layers = model.config.num_hidden_layers
         selection = laet if row == "lora_laet" else Selection(layers=tuple(range(num_layers)), num_layers=num_layers)
-        t0 = time.perf_counter()
+        cpu = time.process_time()
         peft_config = to_peft_config(selection, r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", model=model)
         model = get_peft_model(model, peft_config)
-        extra_wall += time.perf_counter() - t0
+        extra_cpu += time.process_time() - cpu  # wrapping the blocks is part of this row's setup
         method, kwargs = ",".join(map(str, selection.layers)), {}
     cfg = TrainConfig(method=method, quantize_frozen=quantize, **kwargs, **cfg_kwargs)
 
@@ -360,11 +375,15 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
 
     original_apply, original_export = apply_module.apply_selection, export_module.export_trained
 
+    original_write = TrainReport.write
     apply_cpu = []
 
     def measured_apply(*args, **kw):
+        prepare = _lora_only(original_apply) if row.startswith("lora") else original_apply
+        if apply_cpu:  # a re-selection: part of the training, and of its peak
+            return prepare(*args, **kw)
         cpu = time.process_time()
-        report = (_lora_only(original_apply) if row.startswith("lora") else original_apply)(*args, **kw)
+        report = prepare(*args, **kw)
         release_free_memory()
         apply_cpu.append(time.process_time() - cpu)
         reset_peak()  # the peak from here on: the prepared model, gradients, optimizer state, activations
@@ -372,12 +391,15 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
 
     apply_module.apply_selection = measured_apply
     export_module.export_trained = lambda *a, **kw: None  # no 0.5 GB export per run
+    # No report.png: only the scored rows would draw one, inside their last step's seconds.
+    TrainReport.write = lambda self, out, scores=None: original_write(self, out)
     fit_cpu = time.process_time()
     try:
         report = trainer.fit()
         fit_cpu = time.process_time() - fit_cpu
     finally:
         apply_module.apply_selection, export_module.export_trained = original_apply, original_export
+        TrainReport.write = original_write
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     first = list(trainer.first_selection.layers)
     layers = set(report.selection) | set(first)
@@ -456,21 +478,25 @@ def _frozen_probe(base_model, tokenizer, cfg, train, val, test, rss_before) -> d
     from laet_fast.embed.probes import BatchedProbe, ProbeConfig
     from laet_fast.train.trainer import macro_f1
 
+    def features(data):
+        return layer_embeddings(model, data.texts, tokenizer=tokenizer, batch_size=EVAL_BATCH,
+                                max_length=cfg.max_length, progress=False).as_subclass(torch.Tensor)
+
     reset_peak()
+    model = copy.deepcopy(base_model)  # inside the measured memory, outside the CPU seconds, as every row's copy
     cpu = time.process_time()
-    model = copy.deepcopy(base_model)
-    f_train, f_val, f_test = [layer_embeddings(model, d.texts, tokenizer=tokenizer, batch_size=EVAL_BATCH,
-                                               max_length=cfg.max_length, progress=False).as_subclass(torch.Tensor)
-                              for d in (train, val, test)]
+    f_train, f_val = features(train), features(val)  # validation picks the block: part of the row's cost
     labels = [torch.tensor(d.labels) for d in (train, val, test)]
     num_classes = len(train.classes)
     probe = BatchedProbe(f_train.shape[1], f_train.shape[2], num_classes,
                          ProbeConfig(hidden=tuple(cfg.head_hidden), seed=cfg.seed)).fit(f_train, labels[0])
     val_acc = probe.evaluate(f_val, labels[1])["probe_acc"]
     best = max(range(len(val_acc)), key=lambda i: (float(val_acc[i]), -i))
-    with torch.no_grad():
-        pred = probe(f_test)[:, best].argmax(-1)
     cpu = time.process_time() - cpu
+    eval_cpu = time.process_time()  # the test score is the evaluation, left out of the total as in every row
+    with torch.no_grad():
+        pred = probe(features(test))[:, best].argmax(-1)
+    eval_cpu = time.process_time() - eval_cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "row": "frozen_probe", "lr": None, "seed": cfg.seed, "method": "frozen probe", "selection": [best],
@@ -481,7 +507,7 @@ def _frozen_probe(base_model, tokenizer, cfg, train, val, test, rss_before) -> d
         "val_accuracy_per_block": [float(v) for v in val_acc],
         "trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()),
         "peak_memory": max(peak - rss_before, 0), "planned_memory": None, "time_per_step": None,
-        "total_time": cpu, "wall_per_step": None, "steps": 0, "skipped_steps": 0,
+        "total_time": cpu, "eval_cpu": eval_cpu, "wall_per_step": None, "steps": 0, "skipped_steps": 0,
     }
 
 
@@ -492,7 +518,8 @@ def _settings(args, dataset, train, val, test, grid) -> dict:
             "majority": majority_share(test), "steps": args.steps, "epochs": 1 if args.steps is None else None,
             "k": args.k, "batch_size": args.batch_size, "max_length": args.max_length,
             "score_batches": args.score_batches, "probe_examples": args.probe_examples,
-            "reselect_every": args.reselect_every, "lr_grid": grid, "threads": args.threads}
+            "reselect_every": args.reselect_every, "lr_grid": grid, "lr_beyond": list(LR_BEYOND),
+            "threads": args.threads, "protocol": PROTOCOL}
 
 
 def _part_path(dataset: str, row: str, seed: int) -> str:
@@ -506,8 +533,26 @@ def _done(dataset: str, row: str, seed: int, settings: dict) -> dict | None:
         return None
     with open(path, encoding="utf-8") as handle:
         part = json.load(handle)
-    same = all(part["settings"].get(k) == v for k, v in settings.items() if k != "threads")
-    return part if same else None
+    return part if part["settings"] == settings else None
+
+
+def _best(search: list[dict]) -> dict:
+    """The search's run with the best validation accuracy (then macro-F1); a tie goes to the lower rate."""
+    return max(sorted(search, key=lambda r: r["lr"]), key=lambda r: (r["val_accuracy"], r.get("val_macro_f1") or 0.0))
+
+
+def beyond_edge(search: list[dict], grid, beyond=LR_BEYOND) -> float | None:
+    """The rate the search still has to try: the one beyond the grid's edge when the edge's run is strictly better
+    than its neighbour on the grid and the rate beyond has not run; else None (the search is complete)."""
+    tried = {r["lr"] for r in search}
+    on_grid = sorted((r for r in search if r["lr"] in grid), key=lambda r: r["lr"])
+    if len(on_grid) < 2:
+        return None
+    score = lambda r: (r["val_accuracy"], r.get("val_macro_f1") or 0.0)  # noqa: E731
+    for edge, neighbour, rate in ((on_grid[-1], on_grid[-2], beyond[1]), (on_grid[0], on_grid[1], beyond[0])):
+        if score(edge) > score(neighbour) and _best(on_grid) is edge:
+            return None if rate in tried else rate
+    return None
 
 
 def run_part(args) -> list[str]:
@@ -540,9 +585,14 @@ def run_part(args) -> list[str]:
     os.makedirs(PARTS_DIR, exist_ok=True)
     paths = []
     pending = [(seed, dataset, row) for seed in seeds for dataset in datasets for row in rows]
+
+    def searched(dataset, row):  # seed 0's part, when its search is complete: the rate later seeds train at
+        part = _done(dataset, row, 0, settings[dataset])
+        return part if part is not None and beyond_edge(part["lr_search"], grid) is None else None
+
     while pending:
         ready = [job for job in pending if job[0] == 0 or job[2] in NO_TRAINING
-                 or _done(job[1], job[2], 0, settings[job[1]]) is not None]
+                 or searched(job[1], job[2]) is not None]
         if not ready:
             if not args.wait:
                 print(f"skipping {len(pending)} runs: seed 0 (the learning-rate search) of their rows has not run",
@@ -552,7 +602,13 @@ def run_part(args) -> list[str]:
             continue
         seed, dataset, row = ready[0]
         pending.remove(ready[0])
-        if _done(dataset, row, seed, settings[dataset]) is not None:
+        done = _done(dataset, row, seed, settings[dataset])
+        if done is not None and row not in NO_TRAINING:  # a search to finish, or a rate that seed 0 changed
+            if seed == 0 and beyond_edge(done["lr_search"], grid) is not None:
+                done = None
+            elif seed > 0 and done["chosen_lr"] != searched(dataset, row)["chosen_lr"]:
+                done = None
+        if done is not None:
             continue
         train, val, test = splits[dataset]
 
@@ -572,12 +628,18 @@ def run_part(args) -> list[str]:
         search = []
         if row in NO_TRAINING:  # nothing trains, so there is no learning rate to search
             chosen, run = None, one(None, row == "frozen_probe")
-        elif seed == 0:
-            search = [one(lr, True) for lr in grid]
-            run = max(search, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
+        elif seed == 0:  # the grid, or the runs a part holds already; then the rate beyond its edge if called for
+            search = ((_done(dataset, row, 0, settings[dataset]) or {}).get("lr_search")
+                      or [one(lr, True) for lr in grid])
+            rate = beyond_edge(search, grid)
+            if rate is not None:
+                print(f"{dataset}/{row}: the best rate is an edge of the grid; trying {rate} beyond it",
+                      file=sys.stderr)
+                search = search + [one(rate, True)]
+            run = _best(search)
             chosen = run["lr"]
         else:  # later seeds: the rate seed 0's search chose
-            chosen = _done(dataset, row, 0, settings[dataset])["chosen_lr"]
+            chosen = searched(dataset, row)["chosen_lr"]
             run = one(chosen, False)
         part = {"settings": settings[dataset], "row": row, "lr_search": search, "chosen_lr": chosen,
                 "runs": [run], "seeds": [seed]}
@@ -602,24 +664,33 @@ def read_parts(folder: str) -> list[dict]:
 
 
 def summarize(parts: list[dict]) -> dict:
-    """{dataset: {"settings", "rows": [one summary per row, in ROWS order]}} from part files.
+    """{dataset: {"settings", "rows": [one summary per row, in ROWS order], "stale": [...]}} from part files.
 
-    Parts of the same dataset and row (other seeds) are pooled; a seed run twice keeps its first run.
-    Raises ValueError when pooled parts chose different learning rates or ran with different settings.
+    Parts of the same dataset and row (other seeds) are pooled; a seed run twice keeps its first run. A later
+    seed's part trained at another rate than its row's seed 0 chose (seed 0's search went on beyond the grid
+    since) is stale: left out and named in ``stale``, to be run again. Raises ValueError when parts ran with
+    different settings, or when parts of a row without seed 0 chose different rates.
     """
-    grouped: dict[str, dict[str, dict]] = {}
     settings: dict[str, dict] = {}
     for part in parts:
         ds = part["settings"]["dataset"]
-        same = {k: v for k, v in part["settings"].items() if k != "threads"}
-        if ds in settings and settings[ds] != same:
-            raise ValueError(f"parts of dataset {ds!r} ran with different settings: {settings[ds]} vs {same}; "
-                             f"re-run them with the same options.")
-        settings[ds] = same
-        slot = grouped.setdefault(ds, {}).setdefault(part["row"], {"runs": {}, "lr": part["chosen_lr"],
-                                                                      "search": part["lr_search"]})
+        if ds in settings and settings[ds] != part["settings"]:
+            raise ValueError(f"parts of dataset {ds!r} ran with different settings: {settings[ds]} vs "
+                             f"{part['settings']}; re-run them with the same options.")
+        settings[ds] = part["settings"]
+    searched = {(p["settings"]["dataset"], p["row"]): p["chosen_lr"] for p in parts if 0 in p["seeds"]}
+    grouped: dict[str, dict[str, dict]] = {}
+    stale: dict[str, list[str]] = {}
+    for part in parts:
+        ds, row = part["settings"]["dataset"], part["row"]
+        if (ds, row) in searched and part["chosen_lr"] != searched[ds, row]:
+            stale.setdefault(ds, []).append(f"{row} seed {','.join(map(str, part['seeds']))} "
+                                            f"(rate {part['chosen_lr']}, seed 0 chose {searched[ds, row]})")
+            continue
+        slot = grouped.setdefault(ds, {}).setdefault(row, {"runs": {}, "lr": part["chosen_lr"], "search": []})
         if slot["lr"] != part["chosen_lr"]:
-            raise ValueError(f"{ds}/{part['row']}: parts chose learning rates {slot['lr']} and {part['chosen_lr']}.")
+            raise ValueError(f"{ds}/{row}: parts chose learning rates {slot['lr']} and {part['chosen_lr']}.")
+        slot["search"] = slot["search"] or part["lr_search"]
         for run in part["runs"]:
             slot["runs"].setdefault(run["seed"], run)
     out = {}
@@ -628,7 +699,10 @@ def summarize(parts: list[dict]) -> dict:
         for row in sorted(rows, key=lambda r: ROWS.index(r) if r in ROWS else len(ROWS)):
             runs = [rows[row]["runs"][s] for s in sorted(rows[row]["runs"])]
             entry = {"row": row, "title": ROW_TITLES.get(row, row), "lr": rows[row]["lr"],
-                     "lr_search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"]} for r in rows[row]["search"]],
+                     "lr_search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"]}
+                                   for r in sorted(rows[row]["search"], key=lambda r: r["lr"])],
+                     "lr_to_try": beyond_edge(rows[row]["search"], settings[ds]["lr_grid"],
+                                              settings[ds].get("lr_beyond", LR_BEYOND)),
                      "seeds": [r["seed"] for r in runs], "selections": [r["selection"] for r in runs]}
             for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "peak_memory", "time_per_step",
                         "total_time", "trainable_params", "lowest_block"):
@@ -636,31 +710,39 @@ def summarize(parts: list[dict]) -> dict:
             lows = [r["lowest_block"] for r in runs if r["lowest_block"] is not None]
             entry["lowest_block_range"] = [min(lows), max(lows)] if lows else None
             table.append(entry)
-        out[ds] = {"settings": settings[ds], "rows": table}
+        out[ds] = {"settings": settings[ds], "rows": table, "stale": stale.get(ds, [])}
     return out
 
 
 def recommend(block: dict) -> dict:
     """The issue's rule for the defaults, on one dataset's summary: the best accuracy per CPU-second among rows
-    whose mean test accuracy is within one standard deviation (over seeds) of the best row's.
+    whose mean test accuracy is within one standard deviation (over seeds) of the best row's. Read as: the
+    cheapest of those rows in total CPU seconds, a total within :data:`TIME_TIE` of the cheapest counting as a
+    tie that the higher accuracy wins (CPU seconds move that much with the machine's load).
 
     Applied twice: over every row (the frozen probe and the probe vote included, since training nothing is a
     choice a user can make) and over the fine-tuned rows only (what the trainer's default method can be).
-    ``complete`` is False while any row has fewer than 3 seeds: the spread, and so the pick, can still move.
+    ``complete`` is False while a row of :data:`ROWS` is missing, has fewer than 3 seeds or a search to finish,
+    or a part is stale: the pick can still move.
 
     Returns ``{"best", "pick", "within", "best_fine_tuned", "pick_fine_tuned", "within_fine_tuned",
     "fine_tuning_gain", "complete"}``: row names, lists of them, and the best fine-tuned row's mean accuracy
     minus the frozen probe's (None without both).
     """
     rows = [r for r in block["rows"] if r["test_accuracy"] is not None and r["total_time"]]
-    out = {"complete": bool(rows) and all(len(r["seeds"]) >= 3 for r in rows)}
+    present = {r["row"] for r in rows}
+    out = {"complete": set(ROWS) <= present and all(len(r["seeds"]) >= 3 and r.get("lr_to_try") is None
+                                                    for r in rows) and not block.get("stale")}
     for suffix, pool in (("", rows), ("_fine_tuned", [r for r in rows if r["row"] not in NO_TRAINING])):
         if not pool:
             out.update({"best" + suffix: None, "pick" + suffix: None, "within" + suffix: []})
             continue
         best = max(pool, key=lambda r: r["test_accuracy"])
         within = [r for r in pool if r["test_accuracy"] >= best["test_accuracy"] - (best["test_accuracy_std"] or 0.0)]
-        pick = max(within, key=lambda r: r["test_accuracy"] / r["total_time"])
+        # The cheapest of them, where a total within TIME_TIE of the cheapest is a tie that accuracy breaks.
+        cheapest = min(r["total_time"] for r in within)
+        pick = max((r for r in within if r["total_time"] <= cheapest * (1 + TIME_TIE)),
+                   key=lambda r: r["test_accuracy"])
         out.update({"best" + suffix: best["row"], "pick" + suffix: pick["row"],
                     "within" + suffix: [r["row"] for r in within]})
     by_row = {r["row"]: r for r in rows}
@@ -674,9 +756,9 @@ def _recommendation_lines(block: dict) -> list[str]:
     if rec["best"] is None:
         return []
     titles = {r["row"]: r["title"] for r in block["rows"]}
-    status = "" if rec["complete"] else " (provisional: some rows have fewer than 3 seeds)"
+    status = "" if rec["complete"] else " (provisional: rows missing, with fewer than 3 seeds or to be run again)"
     lines = [f"Rule for the defaults{status}: among the rows within one std of the best mean test accuracy, "
-             f"the best accuracy per total CPU second.",
+             f"the cheapest in total CPU seconds (within {TIME_TIE:.0%} of the cheapest: a tie, won by accuracy).",
              f"- every row: best {titles[rec['best']]}; within one std: {len(rec['within'])} row(s); "
              f"pick **{titles[rec['pick']]}**."]
     if rec["best_fine_tuned"] is not None:
@@ -697,6 +779,15 @@ def _pm(mean, std, digits=3, scale=1.0, seeds=2):
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def _lr_text(row: dict, settings: dict) -> str:
+    """The chosen rate; "beyond the grid" when the search went past its edge, or the rate it still has to try."""
+    if row["lr"] is None:
+        return "-"
+    if row.get("lr_to_try") is not None:
+        return f"{row['lr']} (grid edge; {row['lr_to_try']} to try)"
+    return f"{row['lr']}" + (" (beyond the grid)" if row["lr"] not in settings["lr_grid"] else "")
+
+
 def markdown(summary: dict) -> str:
     lines = []
     for ds, block in summary.items():
@@ -705,7 +796,8 @@ def markdown(summary: dict) -> str:
         majority = s.get("majority")
         lines += [f"### {ds}: {len(s['classes'])} classes ({', '.join(s['classes'])}); {s['n_train']} train / "
                   f"{s['n_val']} val / {s['n_test']} test; {length} in batches of {s['batch_size']} x "
-                  f"{s['max_length']} tokens; k={s['k']}; LR grid {s['lr_grid']} searched on seed 0", ""]
+                  f"{s['max_length']} tokens; k={s['k']}; LR grid {s['lr_grid']} searched on seed 0 (and "
+                  f"{s.get('lr_beyond', list(LR_BEYOND))} beyond an edge that wins)", ""]
         full = next((r for r in block["rows"] if r["row"] == "full"), None)
         if majority is not None:
             verdict = ""
@@ -726,12 +818,14 @@ def markdown(summary: dict) -> str:
             lines.append(
                 f"| {r['title']} | {_pm(r['test_accuracy'], r['test_accuracy_std'], seeds=n)} | "
                 f"{_pm(r['test_macro_f1'], r['test_macro_f1_std'], seeds=n)} | "
-                f"{r['lr'] if r['lr'] is not None else '-'} | "
+                f"{_lr_text(r, s)} | "
                 f"{params} | {_pm(r['peak_memory'], r['peak_memory_std'], 2, 1 / 2**30, seeds=n)} | "
                 f"{_pm(r['time_per_step'], r['time_per_step_std'], 2, seeds=n)} | "
                 f"{_pm(r['total_time'], r['total_time_std'], 0, seeds=n)}"
                 f" | {low_text} | {len(r['seeds'])}{'' if len(r['seeds']) >= 3 else ' (incomplete)'} |")
         lines.append("")
+        if block.get("stale"):
+            lines += [f"Stale parts, left out until run again: {'; '.join(block['stale'])}.", ""]
         lines += _recommendation_lines(block)
     return "\n".join(lines)
 
@@ -770,7 +864,8 @@ def plot(summary: dict, path: str, cost: str) -> str:
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
         ax.set_title(ds)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     from laet_fast.atomic import write_file
 
@@ -801,7 +896,11 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
                          f"the 2-core machine's 1-minute load average as runs ended: {min(loads, default=0):.1f} to "
                          f"{max(loads, default=0):.1f} (wall times, wall_per_step in the parts, grow with it)",
                          "total: scoring + any selection made before the Trainer + setup + steps; the final "
-                         "evaluation is left out"]}
+                         "evaluation is left out",
+                         "last-k and random-k train at the k LAET chose on the same seed; LAET's scoring is not "
+                         "charged to them (a user of last-k picks k without it); cost-aware and LoRA on LAET's "
+                         "blocks are charged it, since they choose from its scores",
+                         f"protocol {PROTOCOL}: see PROTOCOL in benchmarks/accuracy.py"]}
     write_text(os.path.join(results_dir, f"{name}.json"), json.dumps(payload, indent=2, sort_keys=True) + "\n")
     write_text(os.path.join(results_dir, f"{name}.md"), markdown(summary))
     plot(summary, os.path.join(results_dir, f"{name}_time.png"), "total_time")

@@ -13,7 +13,7 @@ import accuracy  # noqa: E402
 
 SETTINGS = {"dataset": "toy", "model": "m", "n_train": 10, "n_val": 4, "n_test": 6, "classes": ["a", "b", "c"],
             "steps": 3, "k": 2, "batch_size": 2, "max_length": 8, "score_batches": 1, "reselect_every": 1,
-            "lr_grid": [1e-4, 1e-3], "threads": 1}
+            "lr_grid": [1e-4, 1e-3], "lr_beyond": [1e-5, 1e-2], "threads": 1, "protocol": accuracy.PROTOCOL}
 
 
 def _run(row, seed, rng, lowest=3):
@@ -25,7 +25,9 @@ def _run(row, seed, rng, lowest=3):
 
 def _part(row, seeds, rng, lr=1e-3, settings=SETTINGS, lowest=3):
     return {"settings": dict(settings), "row": row, "chosen_lr": lr, "seeds": list(seeds),
-            "lr_search": [{"lr": 1e-4, "val_accuracy": 0.1}, {"lr": lr, "val_accuracy": 0.2}] if 0 in seeds else [],
+            # the top of the grid won, and the rate beyond it (1e-2) was tried: a complete search
+            "lr_search": [{"lr": 1e-4, "val_accuracy": 0.1}, {"lr": lr, "val_accuracy": 0.2},
+                          {"lr": 1e-2, "val_accuracy": 0.15}] if 0 in seeds else [],
             "runs": [_run(row, s, rng, lowest + s) for s in seeds]}
 
 
@@ -62,13 +64,36 @@ def test_a_seed_run_twice_counts_once():
 
 def test_parts_that_disagree_are_refused():
     rng = random.Random(2)
-    with pytest.raises(ValueError, match="learning rates"):
-        accuracy.summarize([_part("last", [0], rng, lr=1e-3), _part("last", [1], rng, lr=1e-4)])
-    other = {**SETTINGS, "steps": 4}
-    with pytest.raises(ValueError, match="different settings"):
-        accuracy.summarize([_part("last", [0], rng), _part("full", [0], rng, settings=other)])
-    # The thread count is not part of the run's definition.
-    accuracy.summarize([_part("last", [0], rng), _part("full", [0], rng, settings={**SETTINGS, "threads": 2})])
+    with pytest.raises(ValueError, match="learning rates"):  # no seed 0 to say which rate is the row's
+        accuracy.summarize([_part("last", [1], rng, lr=1e-3), _part("last", [2], rng, lr=1e-4)])
+    # CPU seconds at 2 threads are not those at 1, and another protocol measured differently: refused too.
+    for other in ({**SETTINGS, "steps": 4}, {**SETTINGS, "threads": 2}, {**SETTINGS, "protocol": 1}):
+        with pytest.raises(ValueError, match="different settings"):
+            accuracy.summarize([_part("last", [0], rng), _part("full", [0], rng, settings=other)])
+
+
+def test_a_later_seed_at_a_rate_seed_0_no_longer_chose_is_stale():
+    rng = random.Random(5)
+    parts = [_part("last", [0], rng, lr=1e-3), _part("last", [1], rng, lr=1e-4), _part("last", [2], rng, lr=1e-3)]
+    summary = accuracy.summarize(parts)
+    assert summary["toy"]["rows"][0]["seeds"] == [0, 2]
+    assert summary["toy"]["stale"] == ["last seed 1 (rate 0.0001, seed 0 chose 0.001)"]
+    assert "Stale parts, left out until run again: last seed 1" in accuracy.markdown(summary)
+
+
+@pytest.mark.parametrize("scores, to_try", [
+    ((0.6, 0.7), 1e-2),   # the top of the grid is strictly best: the rate above it
+    ((0.7, 0.6), 1e-5),   # the bottom is strictly best: the rate below it
+    ((0.7, 0.7), None),   # a tie: the best rate lies between, nothing beyond to try
+])
+def test_the_search_goes_beyond_the_edge_of_the_grid_that_wins(scores, to_try):
+    grid, beyond = [1e-4, 1e-3], [1e-5, 1e-2]
+    search = [{"lr": lr, "val_accuracy": acc, "val_macro_f1": 0.5} for lr, acc in zip(grid, scores)]
+    assert accuracy.beyond_edge(search, grid, beyond) == to_try
+    if to_try is not None:  # once tried, the search is complete, whatever the rate beyond scored
+        assert accuracy.beyond_edge(search + [{"lr": to_try, "val_accuracy": 0.9, "val_macro_f1": 0.5}],
+                                    grid, beyond) is None
+    assert accuracy._best(search)["lr"] == (1e-3 if scores == (0.6, 0.7) else 1e-4)  # a tie goes lower
 
 
 def test_markdown_has_one_line_per_row_with_mean_and_std():
@@ -234,13 +259,65 @@ def test_the_defaults_rule_picks_the_cheapest_row_within_one_std_of_the_best():
                       _row("laet", [0.82, 0.83, 0.84], 350.0), _row("last", [0.79, 0.80, 0.81], 100.0)]}
     rec = accuracy.recommend(block)
     assert (rec["best"], rec["pick"], rec["pick_fine_tuned"]) == ("full", "laet", "laet")
-    assert rec["within_fine_tuned"] == ["full", "laet"] and rec["complete"]
+    assert rec["within_fine_tuned"] == ["full", "laet"]
+    assert not rec["complete"]  # rows of the issue's list are missing
+    others = [_row(row, [0.6, 0.61, 0.62], 50.0) for row in accuracy.ROWS if row not in ("frozen_probe", "full",
+                                                                                          "laet", "last")]
+    assert accuracy.recommend({"rows": block["rows"] + others})["complete"]
     assert rec["fine_tuning_gain"] == pytest.approx(0.84 - 0.79)
     # A frozen probe within one std of the best wins on cost among every row, not among the fine-tuned ones.
     block["rows"][0] = _row("frozen_probe", [0.81, 0.83, 0.85], 200.0)
     rec = accuracy.recommend(block)
     assert (rec["pick"], rec["pick_fine_tuned"]) == ("frozen_probe", "laet")
+    # Totals within TIME_TIE of the cheapest are a tie, which accuracy breaks: full at 700 s against laet's 660 s.
+    tied = {"rows": [_row("full", [0.82, 0.84, 0.86], 700.0), _row("laet", [0.82, 0.83, 0.84], 660.0)]}
+    assert accuracy.recommend(tied)["pick"] == "full"
+    tied["rows"][0]["total_time"] = 800.0  # 21% dearer: no longer a tie
+    assert accuracy.recommend(tied)["pick"] == "laet"
     # A row with one seed makes the pick provisional, and the markdown says so.
     block["rows"].append(_row("random", [0.5], 300.0))
     assert not accuracy.recommend(block)["complete"]
     assert "provisional" in "\n".join(accuracy._recommendation_lines(block))
+
+
+def test_a_search_won_at_the_grid_edge_goes_beyond_it_on_resume_and_later_seeds_follow(tmp_path, monkeypatch):
+    """Parts from a search that stopped at the grid's winning edge are finished on resume: the rate beyond runs,
+    and when it wins, the later seeds trained at the old rate run again at the new one."""
+    import bench_utils
+
+    import laet_fast.loading
+    from laet_fast.data import TextData
+
+    data = TextData(["a", "b", "c", "d"], [0, 1, 0, 1], ["neg", "pos"])
+    monkeypatch.setattr(accuracy, "load_split", lambda *a: (data, data, data))
+    monkeypatch.setattr(laet_fast.loading, "load_model_and_tokenizer", lambda *a, **k: (None, None))
+    monkeypatch.setattr(bench_utils, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(accuracy, "PARTS_DIR", str(tmp_path / "accuracy_parts"))
+    val = {3e-5: 0.6, 3e-4: 0.7, 1e-3: 0.8}
+    calls = []
+
+    def run_one(model, tokenizer, row, train, val_data, test, *, lr, seed, **kwargs):
+        calls.append((lr, seed))
+        return {"row": row, "lr": lr, "seed": seed, "selection": [1], "val_accuracy": val[lr], "val_macro_f1": 0.5,
+                "test_accuracy": val[lr], "time_per_step": 1.0, "wall_per_step": 1.0, "total_time": 9.0,
+                "peak_memory": 1, "lowest_block": 1}
+
+    monkeypatch.setattr(accuracy, "run_one", run_one)
+    argv = ["--dataset", "rt", "--rows", "last", "--seeds", "0,1"]
+    accuracy.main(argv)
+    assert calls == [(3e-5, 0), (3e-4, 0), (1e-3, 0), (1e-3, 1)]
+    # The parts as the old search left them: it stopped at the grid's top, and seed 1 trained at that rate.
+    parts = tmp_path / "accuracy_parts"
+    first, second = (json.loads((parts / f"rt__last__s{s}.json").read_text()) for s in (0, 1))
+    first["lr_search"] = first["lr_search"][:2]
+    first["chosen_lr"], first["runs"] = 3e-4, [first["lr_search"][1]]
+    second["chosen_lr"], second["runs"][0]["lr"] = 3e-4, 3e-4
+    (parts / "rt__last__s0.json").write_text(json.dumps(first))
+    (parts / "rt__last__s1.json").write_text(json.dumps(second))
+    calls.clear()
+    accuracy.main(argv)
+    assert calls == [(1e-3, 0), (1e-3, 1)]  # the rate beyond the edge, then seed 1 again at it
+    assert [json.loads((parts / f"rt__last__s{s}.json").read_text())["chosen_lr"] for s in (0, 1)] == [1e-3, 1e-3]
+    calls.clear()
+    accuracy.main(argv)
+    assert calls == []  # complete: nothing runs again
