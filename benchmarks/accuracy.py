@@ -568,6 +568,7 @@ def run_part(args) -> list[str]:
     import torch
 
     from laet_fast.loading import load_model_and_tokenizer
+    from laet_fast.train.trainer import TrainError
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -579,6 +580,9 @@ def run_part(args) -> list[str]:
         raise SystemExit(f"unknown rows or datasets {unknown}; rows: {', '.join(ALL_ROWS)}; datasets: "
                          f"{', '.join(DATASETS)}.")
     grid = [float(x) for x in args.lrs.split(",")]
+    if not LR_BEYOND[0] < min(grid) <= max(grid) < LR_BEYOND[1]:
+        raise SystemExit(f"--lrs {args.lrs}: the grid must lie between the rates tried beyond its edges, "
+                         f"{LR_BEYOND[0]} and {LR_BEYOND[1]} (LR_BEYOND).")
     splits = {d: load_split(d, args.train, args.val, args.test) for d in datasets}
     settings = {d: _settings(args, d, *splits[d], grid) for d in datasets}
     model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32", device="cpu")
@@ -590,6 +594,7 @@ def run_part(args) -> list[str]:
         part = _done(dataset, row, 0, settings[dataset])
         return part if part is not None and beyond_edge(part["lr_search"], grid) is None else None
 
+    waiting = []
     while pending:
         ready = [job for job in pending if job[0] == 0 or job[2] in NO_TRAINING
                  or searched(job[1], job[2]) is not None]
@@ -598,7 +603,11 @@ def run_part(args) -> list[str]:
                 print(f"skipping {len(pending)} runs: seed 0 (the learning-rate search) of their rows has not run",
                       file=sys.stderr)
                 break
-            time.sleep(30)  # another process is running the seed-0 searches these runs need
+            if not waiting:
+                waiting = sorted({f"{dataset}/{row}" for _, dataset, row in pending})
+                print(f"waiting for seed 0's search of {', '.join(waiting)} (another process runs it)",
+                      file=sys.stderr)
+            time.sleep(30)
             continue
         seed, dataset, row = ready[0]
         pending.remove(ready[0])
@@ -635,7 +644,12 @@ def run_part(args) -> list[str]:
             if rate is not None:
                 print(f"{dataset}/{row}: the best rate is an edge of the grid; trying {rate} beyond it",
                       file=sys.stderr)
-                search = search + [one(rate, True)]
+                try:
+                    search = search + [one(rate, True)]
+                except TrainError as err:  # diverged: the search is complete, the grid's rate stays
+                    print(f"{dataset}/{row} at {rate}: {err}", file=sys.stderr)
+                    search = search + [{"lr": rate, "val_accuracy": 0.0, "val_macro_f1": 0.0,
+                                        "failed": str(err).splitlines()[0]}]
             run = _best(search)
             chosen = run["lr"]
         else:  # later seeds: the rate seed 0's search chose
@@ -699,7 +713,8 @@ def summarize(parts: list[dict]) -> dict:
         for row in sorted(rows, key=lambda r: ROWS.index(r) if r in ROWS else len(ROWS)):
             runs = [rows[row]["runs"][s] for s in sorted(rows[row]["runs"])]
             entry = {"row": row, "title": ROW_TITLES.get(row, row), "lr": rows[row]["lr"],
-                     "lr_search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"]}
+                     "lr_search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"],
+                                    **({"failed": r["failed"]} if "failed" in r else {})}
                                    for r in sorted(rows[row]["search"], key=lambda r: r["lr"])],
                      "lr_to_try": beyond_edge(rows[row]["search"], settings[ds]["lr_grid"],
                                               settings[ds].get("lr_beyond", LR_BEYOND)),
@@ -763,7 +778,8 @@ def _recommendation_lines(block: dict) -> list[str]:
              f"pick **{titles[rec['pick']]}**."]
     if rec["best_fine_tuned"] is not None:
         lines.append(f"- fine-tuned rows: best {titles[rec['best_fine_tuned']]}; within one std: "
-                     f"{', '.join(rec['within_fine_tuned'])}; pick **{titles[rec['pick_fine_tuned']]}**.")
+                     f"{', '.join(titles[r] for r in rec['within_fine_tuned'])}; "
+                     f"pick **{titles[rec['pick_fine_tuned']]}**.")
     if rec["fine_tuning_gain"] is not None:
         lines.append(f"- the best fine-tuned row minus the frozen probe: {100 * rec['fine_tuning_gain']:+.1f} "
                      f"points of test accuracy.")

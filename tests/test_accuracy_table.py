@@ -280,29 +280,48 @@ def test_the_defaults_rule_picks_the_cheapest_row_within_one_std_of_the_best():
     assert "provisional" in "\n".join(accuracy._recommendation_lines(block))
 
 
-def test_a_search_won_at_the_grid_edge_goes_beyond_it_on_resume_and_later_seeds_follow(tmp_path, monkeypatch):
-    """Parts from a search that stopped at the grid's winning edge are finished on resume: the rate beyond runs,
-    and when it wins, the later seeds trained at the old rate run again at the new one."""
+def _fake_table_run(tmp_path, monkeypatch, val, fail_at=None):
+    """accuracy.main with load_split, the model and run_one faked: run_one scores ``val[lr]`` (raising TrainError
+    at ``fail_at``) and records (lr, seed) in the list returned."""
     import bench_utils
 
     import laet_fast.loading
     from laet_fast.data import TextData
+    from laet_fast.train.trainer import TrainError
 
     data = TextData(["a", "b", "c", "d"], [0, 1, 0, 1], ["neg", "pos"])
     monkeypatch.setattr(accuracy, "load_split", lambda *a: (data, data, data))
     monkeypatch.setattr(laet_fast.loading, "load_model_and_tokenizer", lambda *a, **k: (None, None))
     monkeypatch.setattr(bench_utils, "RESULTS_DIR", str(tmp_path))
     monkeypatch.setattr(accuracy, "PARTS_DIR", str(tmp_path / "accuracy_parts"))
-    val = {3e-5: 0.6, 3e-4: 0.7, 1e-3: 0.8}
     calls = []
 
     def run_one(model, tokenizer, row, train, val_data, test, *, lr, seed, **kwargs):
         calls.append((lr, seed))
+        if lr == fail_at:
+            raise TrainError("the loss was NaN or inf 5 steps in a row")
         return {"row": row, "lr": lr, "seed": seed, "selection": [1], "val_accuracy": val[lr], "val_macro_f1": 0.5,
                 "test_accuracy": val[lr], "time_per_step": 1.0, "wall_per_step": 1.0, "total_time": 9.0,
-                "peak_memory": 1, "lowest_block": 1}
+                "peak_memory": 1, "lowest_block": 1, "test_macro_f1": 0.5, "trainable_params": 1}
 
     monkeypatch.setattr(accuracy, "run_one", run_one)
+    return calls
+
+
+def test_a_rate_beyond_the_grid_that_diverges_ends_the_search_at_the_grid(tmp_path, monkeypatch):
+    calls = _fake_table_run(tmp_path, monkeypatch, {3e-5: 0.6, 3e-4: 0.7}, fail_at=1e-3)
+    accuracy.main(["--dataset", "rt", "--rows", "last", "--seeds", "0,1"])
+    assert calls == [(3e-5, 0), (3e-4, 0), (1e-3, 0), (3e-4, 1)]  # the process went on
+    part = json.loads((tmp_path / "accuracy_parts" / "rt__last__s0.json").read_text())
+    assert part["chosen_lr"] == 3e-4 and "NaN" in part["lr_search"][2]["failed"]
+    row = accuracy.summarize([part])["rt"]["rows"][0]
+    assert row["lr_to_try"] is None and row["lr_search"][2]["failed"]
+
+
+def test_a_search_won_at_the_grid_edge_goes_beyond_it_on_resume_and_later_seeds_follow(tmp_path, monkeypatch):
+    """Parts from a search that stopped at the grid's winning edge are finished on resume: the rate beyond runs,
+    and when it wins, the later seeds trained at the old rate run again at the new one."""
+    calls = _fake_table_run(tmp_path, monkeypatch, {3e-5: 0.6, 3e-4: 0.7, 1e-3: 0.8})
     argv = ["--dataset", "rt", "--rows", "last", "--seeds", "0,1"]
     accuracy.main(argv)
     assert calls == [(3e-5, 0), (3e-4, 0), (1e-3, 0), (1e-3, 1)]
@@ -321,3 +340,8 @@ def test_a_search_won_at_the_grid_edge_goes_beyond_it_on_resume_and_later_seeds_
     calls.clear()
     accuracy.main(argv)
     assert calls == []  # complete: nothing runs again
+
+
+def test_a_grid_outside_the_rates_beyond_it_is_refused():
+    with pytest.raises(SystemExit, match="must lie between the rates tried beyond its edges"):
+        accuracy.main(["--dataset", "rt", "--rows", "last", "--lrs", "1e-4,3e-3"])
