@@ -13,7 +13,7 @@ import accuracy  # noqa: E402
 
 SETTINGS = {"dataset": "toy", "model": "m", "n_train": 10, "n_val": 4, "n_test": 6, "classes": ["a", "b", "c"],
             "steps": 3, "k": 2, "batch_size": 2, "max_length": 8, "score_batches": 1, "reselect_every": 1,
-            "lr_grid": [1e-4, 1e-3], "lr_beyond": [1e-5, 1e-2], "threads": 1, "protocol": accuracy.PROTOCOL}
+            "lr_grid": [1e-4, 1e-3], "lr_beyond": [[1e-5], [1e-2]], "threads": 1, "protocol": accuracy.PROTOCOL}
 
 
 def _run(row, seed, rng, lowest=3):
@@ -87,13 +87,27 @@ def test_a_later_seed_at_a_rate_seed_0_no_longer_chose_is_stale():
     ((0.7, 0.7), None),   # a tie: the best rate lies between, nothing beyond to try
 ])
 def test_the_search_goes_beyond_the_edge_of_the_grid_that_wins(scores, to_try):
-    grid, beyond = [1e-4, 1e-3], [1e-5, 1e-2]
+    grid, beyond = [1e-4, 1e-3], [[1e-5], [1e-2]]
     search = [{"lr": lr, "val_accuracy": acc, "val_macro_f1": 0.5} for lr, acc in zip(grid, scores)]
     assert accuracy.beyond_edge(search, grid, beyond) == to_try
     if to_try is not None:  # once tried, the search is complete, whatever the rate beyond scored
         assert accuracy.beyond_edge(search + [{"lr": to_try, "val_accuracy": 0.9, "val_macro_f1": 0.5}],
                                     grid, beyond) is None
     assert accuracy._best(search)["lr"] == (1e-3 if scores == (0.6, 0.7) else 1e-4)  # a tie goes lower
+
+
+def test_the_search_goes_on_past_the_edge_while_the_outermost_rate_wins():
+    grid, beyond = [1e-4, 1e-3], [[1e-5], [3e-3, 1e-2, 3e-2]]
+
+    def search(*scores):
+        return [{"lr": lr, "val_accuracy": acc} for lr, acc in zip([1e-4, 1e-3, 3e-3, 1e-2], scores)]
+
+    assert accuracy.beyond_edge(search(0.6, 0.7), grid, beyond) == 3e-3
+    assert accuracy.beyond_edge(search(0.6, 0.7, 0.8), grid, beyond) == 1e-2      # 3e-3 won too: on
+    assert accuracy.beyond_edge(search(0.6, 0.7, 0.65), grid, beyond) is None     # 3e-3 lost: 1e-3 is the rate
+    assert accuracy.beyond_edge(search(0.6, 0.7, 0.8, 0.9), grid, beyond) == 3e-2
+    assert accuracy.beyond_edge(search(0.6, 0.7, 0.8, 0.9) + [{"lr": 3e-2, "val_accuracy": 0.95}], grid,
+                                beyond) is None                                       # the ladder is spent
 
 
 def test_markdown_has_one_line_per_row_with_mean_and_std():
@@ -321,10 +335,10 @@ def test_a_rate_beyond_the_grid_that_diverges_ends_the_search_at_the_grid(tmp_pa
 def test_a_search_won_at_the_grid_edge_goes_beyond_it_on_resume_and_later_seeds_follow(tmp_path, monkeypatch):
     """Parts from a search that stopped at the grid's winning edge are finished on resume: the rate beyond runs,
     and when it wins, the later seeds trained at the old rate run again at the new one."""
-    calls = _fake_table_run(tmp_path, monkeypatch, {3e-5: 0.6, 3e-4: 0.7, 1e-3: 0.8})
+    calls = _fake_table_run(tmp_path, monkeypatch, {3e-5: 0.6, 3e-4: 0.7, 1e-3: 0.8, 3e-3: 0.75})
     argv = ["--dataset", "rt", "--rows", "last", "--seeds", "0,1"]
     accuracy.main(argv)
-    assert calls == [(3e-5, 0), (3e-4, 0), (1e-3, 0), (1e-3, 1)]
+    assert calls == [(3e-5, 0), (3e-4, 0), (1e-3, 0), (3e-3, 0), (1e-3, 1)]  # on past 1e-3 until 3e-3 lost
     # The parts as the old search left them: it stopped at the grid's top, and seed 1 trained at that rate.
     parts = tmp_path / "accuracy_parts"
     first, second = (json.loads((parts / f"rt__last__s{s}.json").read_text()) for s in (0, 1))
@@ -335,7 +349,7 @@ def test_a_search_won_at_the_grid_edge_goes_beyond_it_on_resume_and_later_seeds_
     (parts / "rt__last__s1.json").write_text(json.dumps(second))
     calls.clear()
     accuracy.main(argv)
-    assert calls == [(1e-3, 0), (1e-3, 1)]  # the rate beyond the edge, then seed 1 again at it
+    assert calls == [(1e-3, 0), (3e-3, 0), (1e-3, 1)]  # the search goes on from the edge; seed 1 again at 1e-3
     assert [json.loads((parts / f"rt__last__s{s}.json").read_text())["chosen_lr"] for s in (0, 1)] == [1e-3, 1e-3]
     calls.clear()
     accuracy.main(argv)
