@@ -622,13 +622,10 @@ def run_part(args) -> list[str]:
             continue
         seed, dataset, row = ready[0]
         pending.remove(ready[0])
-        done = _done(dataset, row, seed, settings[dataset])
-        if done is not None and row not in NO_TRAINING:  # a search to finish, or a rate that seed 0 changed
-            if seed == 0 and beyond_edge(done["lr_search"], grid) is not None:
-                done = None
-            elif seed > 0 and done["chosen_lr"] != searched(dataset, row)["chosen_lr"]:
-                done = None
-        if done is not None:
+        written = _done(dataset, row, seed, settings[dataset])
+        if written is not None and (row in NO_TRAINING or (  # else a search to finish, or a rate seed 0 changed
+                beyond_edge(written["lr_search"], grid) is None if seed == 0
+                else written["chosen_lr"] == searched(dataset, row)["chosen_lr"])):
             continue
         train, val, test = splits[dataset]
 
@@ -649,8 +646,7 @@ def run_part(args) -> list[str]:
         if row in NO_TRAINING:  # nothing trains, so there is no learning rate to search
             chosen, run = None, one(None, row == "frozen_probe")
         elif seed == 0:  # the grid, or the runs a part holds already; then the rate beyond its edge if called for
-            search = ((_done(dataset, row, 0, settings[dataset]) or {}).get("lr_search")
-                      or [one(lr, True) for lr in grid])
+            search = (written or {}).get("lr_search") or [one(lr, True) for lr in grid]
             while (rate := beyond_edge(search, grid)) is not None:
                 print(f"{dataset}/{row}: the best rate is the outermost tried; trying {rate}", file=sys.stderr)
                 try:
