@@ -100,6 +100,9 @@ ROW_TITLES = {
     "laet_nf4": "LAET, frozen blocks NF4", "cost_aware": "cost-aware at last-k's time",
     "lora_all": "LoRA r=8, all blocks", "lora_laet": "LoRA r=8 on LAET's blocks",
 }
+# The TrainConfig.method that trains what a row trains (the k-block rows take LAET's k, the LoRA rows a PEFT
+# wrapper: no method name alone reproduces them).
+ROW_METHODS = {"full": "all", "laet": "laet", "laet_cost": "laet-cost", "grad_norm": "grad_norm"}
 VADER_SDIST = "vaderSentiment==3.3.2"
 VADER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_NEUTRAL = 0.5  # |mean rating| <= this is neutral (ratings lie on [-4, 4])
@@ -771,6 +774,46 @@ def recommend(block: dict) -> dict:
     return out
 
 
+def recommend_default(summary: dict) -> dict:
+    """One default method for every dataset, from :func:`recommend`'s fine-tuned pick on each.
+
+    The candidates are the fine-tuned rows within one std of the best on every dataset (on the most datasets,
+    when no row is on all). Of those, the cheapest in CPU seconds summed over the datasets, a sum within
+    :data:`TIME_TIE` of the cheapest counting as a tie that the higher mean accuracy wins: the same rule as on
+    one dataset. Its learning rate is the one its seed-0 search chose on the most datasets (the lower on a tie:
+    the safer of two rates that won somewhere).
+
+    Returns ``{"row", "method", "lr", "lrs", "candidates", "within_on", "complete"}``: the row, its
+    ``TrainConfig.method`` (None for a row no method name reproduces, such as LoRA), the rate, the rate per
+    dataset, the candidates, the datasets each fine-tuned row was within one std on, and whether every dataset's
+    table is complete. ``row`` is None without a fine-tuned row.
+    """
+    recs = {ds: recommend(block) for ds, block in summary.items()}
+    by_ds = {ds: {r["row"]: r for r in block["rows"] if r["test_accuracy"] is not None and r["total_time"]}
+             for ds, block in summary.items()}
+    within_on: dict[str, list[str]] = {}
+    for ds, rec in recs.items():
+        for row in rec["within_fine_tuned"]:
+            within_on.setdefault(row, []).append(ds)
+    out = {"row": None, "method": None, "lr": None, "lrs": {}, "candidates": [], "within_on": within_on,
+           "complete": bool(recs) and all(rec["complete"] for rec in recs.values())}
+    # Only rows measured on every dataset can be summed and compared.
+    measured = [row for row in within_on if all(row in rows for rows in by_ds.values())]
+    if not measured:
+        return out
+    most = max(len(within_on[row]) for row in measured)
+    candidates = [row for row in measured if len(within_on[row]) == most]
+    cost = {row: sum(rows[row]["total_time"] for rows in by_ds.values()) for row in candidates}
+    accuracy = {row: statistics.mean(rows[row]["test_accuracy"] for rows in by_ds.values()) for row in candidates}
+    cheapest = min(cost.values())
+    pick = max((row for row in candidates if cost[row] <= cheapest * (1 + TIME_TIE)), key=accuracy.get)
+    lrs = {ds: rows[pick]["lr"] for ds, rows in by_ds.items()}
+    counts = {lr: list(lrs.values()).count(lr) for lr in lrs.values()}
+    lr = min(lr for lr, n in counts.items() if n == max(counts.values()))
+    out.update(row=pick, method=ROW_METHODS.get(pick), lr=lr, lrs=lrs, candidates=candidates)
+    return out
+
+
 def _recommendation_lines(block: dict) -> list[str]:
     rec = recommend(block)
     if rec["best"] is None:
@@ -789,6 +832,22 @@ def _recommendation_lines(block: dict) -> list[str]:
         lines.append(f"- the best fine-tuned row minus the frozen probe: {100 * rec['fine_tuning_gain']:+.1f} "
                      f"points of test accuracy.")
     return lines + [""]
+
+
+def _default_lines(summary: dict) -> list[str]:
+    rec = recommend_default(summary)
+    if rec["row"] is None:
+        return []
+    status = "" if rec["complete"] else " (provisional)"
+    on = ", ".join(f"{row} on {len(ds)}" for row, ds in sorted(rec["within_on"].items(), key=lambda kv: -len(kv[1])))
+    rates = ", ".join(f"{ds} {lr}" for ds, lr in rec["lrs"].items())
+    method = (f"`--method {rec['method']}`" if rec["method"] else "no method name (a PEFT wrapper or LAET's k): "
+              "the trainer's default cannot be it")
+    return ["### The default across the datasets" + status, "",
+            f"Fine-tuned rows within one std of the best, by how many of the {len(summary)} datasets: {on}. "
+            f"Of those on the most, the cheapest in CPU seconds summed over the datasets (within {TIME_TIE:.0%}: a "
+            f"tie, won by mean accuracy): **{ROW_TITLES.get(rec['row'], rec['row'])}**, {method}, at learning rate "
+            f"{rec['lr']} (chosen per dataset: {rates}).", ""]
 
 
 def _pm(mean, std, digits=3, scale=1.0, seeds=2):
@@ -848,7 +907,7 @@ def markdown(summary: dict) -> str:
         if block.get("stale"):
             lines += [f"Stale parts, left out until run again: {'; '.join(block['stale'])}.", ""]
         lines += _recommendation_lines(block)
-    return "\n".join(lines)
+    return "\n".join(lines + _default_lines(summary))
 
 
 def plot(summary: dict, path: str, cost: str) -> str:
@@ -910,6 +969,7 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
     os.makedirs(results_dir, exist_ok=True)
     payload = {**device_info(), "datasets": summary,
                "recommendation": {ds: recommend(block) for ds, block in summary.items()},
+               "default": recommend_default(summary),
                "notes": ["learning rate searched on seed 0 only (validation accuracy), then used for every seed",
                          "peak memory: RSS from the end of apply_selection to the end of the run, minus the RSS "
                          "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included)",

@@ -294,6 +294,39 @@ def test_the_defaults_rule_picks_the_cheapest_row_within_one_std_of_the_best():
     assert "provisional" in "\n".join(accuracy._recommendation_lines(block))
 
 
+def test_the_default_across_datasets_is_within_one_std_on_the_most_datasets_then_cheapest():
+    def lr_row(row, accuracies, total_time, lr):
+        return {**_row(row, accuracies, total_time), "lr": lr}
+
+    # a: full best (0.84 ± 0.02), laet and grad_norm within; b: laet best, grad_norm not within, full within.
+    summary = {"a": {"rows": [lr_row("full", [0.82, 0.84, 0.86], 700.0, 3e-4),
+                              lr_row("laet", [0.82, 0.83, 0.84], 400.0, 3e-3),
+                              lr_row("grad_norm", [0.82, 0.83, 0.84], 300.0, 3e-4)]},
+               "b": {"rows": [lr_row("full", [0.70, 0.72, 0.74], 700.0, 3e-4),
+                              lr_row("laet", [0.71, 0.73, 0.75], 380.0, 1e-3),
+                              lr_row("grad_norm", [0.60, 0.61, 0.62], 300.0, 3e-4)]}}
+    rec = accuracy.recommend_default(summary)
+    assert rec["within_on"] == {"full": ["a", "b"], "laet": ["a", "b"], "grad_norm": ["a"]}
+    assert (rec["candidates"], rec["row"], rec["method"]) == (["full", "laet"], "laet", "laet")
+    assert rec["lrs"] == {"a": 3e-3, "b": 1e-3} and rec["lr"] == 1e-3  # one each: the lower
+    assert not rec["complete"]
+    # Summed costs within TIME_TIE are a tie that mean accuracy breaks: full at 790 s against laet's 780 s.
+    summary["a"]["rows"][0]["total_time"] = summary["b"]["rows"][0]["total_time"] = 395.0
+    assert accuracy.recommend_default(summary)["row"] == "full"
+    # A row no method name reproduces is named with method None, and the markdown says so.
+    for block in summary.values():
+        block["rows"] = [lr_row("lora_laet", [0.9, 0.9, 0.9], 100.0, 1e-3)] + block["rows"]
+        block["settings"] = {**SETTINGS, "majority": 0.5}
+        block["stale"] = []
+        for r in block["rows"]:
+            r.update(test_macro_f1=None, test_macro_f1_std=None, peak_memory=None, peak_memory_std=None,
+                     time_per_step=None, time_per_step_std=None, total_time_std=0.0, trainable_params=0,
+                     lowest_block_range=None)
+    rec = accuracy.recommend_default(summary)
+    assert (rec["row"], rec["method"]) == ("lora_laet", None)
+    assert "the trainer's default cannot be it" in accuracy.markdown(summary)
+
+
 def _fake_table_run(tmp_path, monkeypatch, val, fail_at=None):
     """accuracy.main with load_split, the model and run_one faked: run_one scores ``val[lr]`` (raising TrainError
     at ``fail_at``) and records (lr, seed) in the list returned."""
