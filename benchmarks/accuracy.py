@@ -44,7 +44,8 @@ training examples, so they are not a dataset here.
     python benchmarks/accuracy.py --merge        # accuracy.{json,md}, accuracy_time.png, accuracy_memory.png
 
 A process runs its rows breadth first (seed 0 of every row and dataset, then seed 1...) and writes one part
-file per (dataset, row, seed); parts already written with the same settings are skipped, so a cut run resumes.
+file per (dataset, row, seed), seed 0's after every rate of its search; parts already written with the same
+settings are skipped and a search is taken up where it was, so a cut run resumes.
 Several processes with disjoint ``--rows`` run side by side (benchmarks/README.md gives the commands).
 """
 from __future__ import annotations
@@ -550,15 +551,20 @@ def _best(search: list[dict]) -> dict:
 def beyond_edge(search: list[dict], grid, beyond=LR_BEYOND) -> float | None:
     """The rate the search has to try next, or None when it is complete.
 
-    ``beyond``: (rates below the grid, rates above it), nearest first. When the highest rate tried is the best and
-    strictly better than the next lower one tried, the next rate above it that has not run; the same downwards.
-    A run that failed (``val_accuracy`` 0) is never the best, so the search stops at the rate before it.
+    First the grid's rates not run yet (a search cut short and resumed). Then ``beyond``: (rates below the grid,
+    rates above it), nearest first. When the highest rate tried is the best and strictly better than the next
+    lower one tried, the next rate above it that has not run; the same downwards. A run that failed
+    (``val_accuracy`` 0) is never the best, so the search stops at the rate before it.
     """
+    tried = {r["lr"] for r in search}
+    untried_grid = [rate for rate in grid if rate not in tried]
+    if untried_grid:
+        return untried_grid[0]
     ranked = sorted(search, key=lambda r: r["lr"])
     if len(ranked) < 2 or len(grid) < 2:
         return None
     score = lambda r: (r["val_accuracy"], r.get("val_macro_f1") or 0.0)  # noqa: E731
-    best, tried = _best(ranked), {r["lr"] for r in ranked}
+    best = _best(ranked)
     below, above = beyond
     if best is ranked[-1] and score(ranked[-1]) > score(ranked[-2]):
         untried = [rate for rate in above if rate > best["lr"] and rate not in tried]
@@ -645,27 +651,32 @@ def run_part(args) -> list[str]:
                 "wall_per_step", "total_time", "peak_memory", "lowest_block", "load_avg")}}), flush=True)
             return result
 
-        search = []
+        def write(search, run):
+            part = {"settings": settings[dataset], "row": row, "lr_search": search,
+                    "chosen_lr": None if run is None else run["lr"], "runs": [run], "seeds": [seed]}
+            return write_result(f"accuracy_parts/{dataset}__{row}__s{seed}", part)
+
         if row in NO_TRAINING:  # nothing trains, so there is no learning rate to search
-            chosen, run = None, one(None, row == "frozen_probe")
-        elif seed == 0:  # the grid, or the runs a part holds already; then the rate beyond its edge if called for
-            search = (written or {}).get("lr_search") or [one(lr, True) for lr in grid]
+            paths.append(write([], one(None, row == "frozen_probe")))
+        elif seed == 0:  # the grid's rates, the runs a part holds already first; then past its edge if called for
+            search = list((written or {}).get("lr_search") or [])
             while (rate := beyond_edge(search, grid)) is not None:
-                print(f"{dataset}/{row}: the best rate is the outermost tried; trying {rate}", file=sys.stderr)
+                if rate not in grid:
+                    print(f"{dataset}/{row}: the best rate is the outermost tried; trying {rate}", file=sys.stderr)
                 try:
                     search = search + [one(rate, True)]
                 except TrainError as err:  # diverged: the search ends at the rate before it
                     print(f"{dataset}/{row} at {rate}: {err}", file=sys.stderr)
                     search = search + [{"lr": rate, "val_accuracy": 0.0, "val_macro_f1": 0.0,
                                         "failed": str(err).splitlines()[0]}]
-            run = _best(search)
-            chosen = run["lr"]
+                if "failed" not in _best(search):  # written after every run: a cut search resumes where it was
+                    path = write(search, _best(search))
+            if "failed" in _best(search):
+                raise SystemExit(f"{dataset}/{row}: every rate tried diverged "
+                                 f"({', '.join(str(r['lr']) for r in search)}); see the messages above.")
+            paths.append(path)
         else:  # later seeds: the rate seed 0's search chose
-            chosen = searched(dataset, row)["chosen_lr"]
-            run = one(chosen, False)
-        part = {"settings": settings[dataset], "row": row, "lr_search": search, "chosen_lr": chosen,
-                "runs": [run], "seeds": [seed]}
-        paths.append(write_result(f"accuracy_parts/{dataset}__{row}__s{seed}", part))
+            paths.append(write([], one(searched(dataset, row)["chosen_lr"], False)))
     return paths
 
 
@@ -864,7 +875,7 @@ def _lr_text(row: dict, settings: dict) -> str:
     if row["lr"] is None:
         return "-"
     if row.get("lr_to_try") is not None:
-        return f"{row['lr']} (grid edge; {row['lr_to_try']} to try)"
+        return f"{row['lr']} (search unfinished; {row['lr_to_try']} to try)"
     return f"{row['lr']}" + (" (beyond the grid)" if row["lr"] not in settings["lr_grid"] else "")
 
 

@@ -389,6 +389,37 @@ def test_a_search_won_at_the_grid_edge_goes_beyond_it_on_resume_and_later_seeds_
     assert calls == []  # complete: nothing runs again
 
 
+def test_a_search_cut_in_the_middle_resumes_where_it_was(tmp_path, monkeypatch):
+    """The seed-0 part is written after every run of the search: a process killed in the middle of it (the end
+    of a session) keeps the rates it finished, and the next process runs only the rest."""
+    calls = _fake_table_run(tmp_path, monkeypatch, {3e-5: 0.6, 3e-4: 0.7, 1e-3: 0.8, 3e-3: 0.75})
+    real_run_one = accuracy.run_one
+
+    def killed_at_1e_3(*args, lr, **kwargs):
+        if lr == 1e-3:
+            raise KeyboardInterrupt  # the process ends here
+        return real_run_one(*args, lr=lr, **kwargs)
+
+    monkeypatch.setattr(accuracy, "run_one", killed_at_1e_3)
+    argv = ["--dataset", "rt", "--rows", "last", "--seeds", "0"]
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main(argv)
+    part = json.loads((tmp_path / "accuracy_parts" / "rt__last__s0.json").read_text())
+    assert [r["lr"] for r in part["lr_search"]] == [3e-5, 3e-4] and part["chosen_lr"] == 3e-4
+    row = accuracy.summarize([part])["rt"]["rows"][0]
+    assert row["lr_to_try"] == 1e-3 and "search unfinished" in accuracy.markdown(accuracy.summarize([part]))
+    monkeypatch.setattr(accuracy, "run_one", real_run_one)
+    calls.clear()
+    accuracy.main(argv)
+    assert calls == [(1e-3, 0), (3e-3, 0)]
+    # Cut after the grid's first rate: the next process runs the grid's second one, then goes on.
+    (tmp_path / "accuracy_parts" / "rt__last__s0.json").write_text(json.dumps(
+        {**part, "lr_search": part["lr_search"][:1], "runs": part["lr_search"][:1], "chosen_lr": 3e-5}))
+    calls.clear()
+    accuracy.main(argv)
+    assert calls == [(3e-4, 0), (1e-3, 0), (3e-3, 0)]
+
+
 def test_a_grid_outside_the_rates_beyond_it_is_refused():
     with pytest.raises(SystemExit, match="must lie between the rates tried beyond its edges"):
         accuracy.main(["--dataset", "rt", "--rows", "last", "--lrs", "1e-4,3e-3"])
