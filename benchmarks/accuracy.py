@@ -104,6 +104,9 @@ ROW_TITLES = {
 # The TrainConfig.method that trains what a row trains (the k-block rows take LAET's k, the LoRA rows a PEFT
 # wrapper: no method name alone reproduces them).
 ROW_METHODS = {"full": "all", "laet": "laet", "laet_cost": "laet-cost", "grad_norm": "grad_norm"}
+# The rows LaetCallback trains as the table did: one head on the last block (its LAET methods put none on the
+# blocks they choose, so the LAET rows measure something else).
+CALLBACK_ROWS = ("full", "grad_norm")
 VADER_SDIST = "vaderSentiment==3.3.2"
 VADER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_NEUTRAL = 0.5  # |mean rating| <= this is neutral (ratings lie on [-4, 4])
@@ -785,35 +788,41 @@ def recommend(block: dict) -> dict:
     return out
 
 
-def recommend_default(summary: dict) -> dict:
-    """One default method for every dataset, from :func:`recommend`'s fine-tuned pick on each.
+def recommend_default(summary: dict, pool=None) -> dict:
+    """One default for every dataset: :func:`recommend`'s rule on each dataset's rows of ``pool``, then across.
 
-    The candidates are the fine-tuned rows within one std of the best on every dataset (on the most datasets,
-    when no row is on all). Of those, the cheapest in CPU seconds summed over the datasets, a sum within
-    :data:`TIME_TIE` of the cheapest counting as a tie that the higher mean accuracy wins: the same rule as on
-    one dataset. Its learning rate is the one its seed-0 search chose on the most datasets (the lower on a tie:
-    the safer of two rates that won somewhere).
+    ``pool``: the rows the default can be (None: :data:`ROW_METHODS`'s, what ``TrainConfig.method`` reproduces;
+    :data:`CALLBACK_ROWS`: what ``LaetCallback`` trains the same way). On each dataset, the pool's rows within
+    one std of the pool's best; the candidates are the rows within on every dataset (on the most datasets, when
+    no row is on all). Of those, the cheapest in CPU seconds summed over the datasets, a sum within
+    :data:`TIME_TIE` of the cheapest counting as a tie that the higher mean accuracy wins. Its learning rate is
+    the one its seed-0 search chose on the most datasets (the lower on a tie: the safer of two rates that won
+    somewhere).
 
-    Returns ``{"row", "method", "lr", "lrs", "candidates", "within_on", "complete"}``: the row, its
-    ``TrainConfig.method`` (None for a row no method name reproduces, such as LoRA), the rate, the rate per
-    dataset, the candidates, the datasets each fine-tuned row was within one std on, and whether every dataset's
-    table is complete. ``row`` is None without a fine-tuned row.
+    Returns ``{"row", "method", "lr", "lrs", "candidates", "within_on", "complete"}``: the row, its method name,
+    the rate, the rate per dataset, the candidates, the datasets each row of the pool was within one std on, and
+    whether every dataset's table is complete (:func:`recommend`). ``row`` is None when no row of the pool ran
+    on every dataset.
     """
-    recs = {ds: recommend(block) for ds, block in summary.items()}
-    by_ds = {ds: {r["row"]: r for r in block["rows"] if r["test_accuracy"] is not None and r["total_time"]}
+    pool = tuple(ROW_METHODS) if pool is None else tuple(pool)
+    by_ds = {ds: {r["row"]: r for r in block["rows"]
+                  if r["row"] in pool and r["test_accuracy"] is not None and r["total_time"]}
              for ds, block in summary.items()}
     within_on: dict[str, list[str]] = {}
-    for ds, rec in recs.items():
-        for row in rec["within_fine_tuned"]:
-            within_on.setdefault(row, []).append(ds)
+    for ds, rows in by_ds.items():
+        if not rows:
+            continue
+        best = max(rows.values(), key=lambda r: r["test_accuracy"])
+        for row, r in rows.items():
+            if r["test_accuracy"] >= best["test_accuracy"] - (best["test_accuracy_std"] or 0.0):
+                within_on.setdefault(row, []).append(ds)
     out = {"row": None, "method": None, "lr": None, "lrs": {}, "candidates": [], "within_on": within_on,
-           "complete": bool(recs) and all(rec["complete"] for rec in recs.values())}
-    # Only rows measured on every dataset can be summed and compared.
-    measured = [row for row in within_on if all(row in rows for rows in by_ds.values())]
+           "complete": bool(summary) and all(recommend(block)["complete"] for block in summary.values())}
+    measured = [row for row in within_on if all(row in rows for rows in by_ds.values())]  # summable costs
     if not measured:
         return out
     most = max(len(within_on[row]) for row in measured)
-    candidates = [row for row in measured if len(within_on[row]) == most]
+    candidates = [row for row in pool if row in measured and len(within_on[row]) == most]
     cost = {row: sum(rows[row]["total_time"] for rows in by_ds.values()) for row in candidates}
     accuracy = {row: statistics.mean(rows[row]["test_accuracy"] for rows in by_ds.values()) for row in candidates}
     cheapest = min(cost.values())
@@ -846,19 +855,22 @@ def _recommendation_lines(block: dict) -> list[str]:
 
 
 def _default_lines(summary: dict) -> list[str]:
-    rec = recommend_default(summary)
-    if rec["row"] is None:
-        return []
-    status = "" if rec["complete"] else " (provisional)"
-    on = ", ".join(f"{row} on {len(ds)}" for row, ds in sorted(rec["within_on"].items(), key=lambda kv: -len(kv[1])))
-    rates = ", ".join(f"{ds} {lr}" for ds, lr in rec["lrs"].items())
-    method = (f"`--method {rec['method']}`" if rec["method"] else "no method name (a PEFT wrapper or LAET's k): "
-              "the trainer's default cannot be it")
-    return ["### The default across the datasets" + status, "",
-            f"Fine-tuned rows within one std of the best, by how many of the {len(summary)} datasets: {on}. "
-            f"Of those on the most, the cheapest in CPU seconds summed over the datasets (within {TIME_TIE:.0%}: a "
-            f"tie, won by mean accuracy): **{ROW_TITLES.get(rec['row'], rec['row'])}**, {method}, at learning rate "
-            f"{rec['lr']} (chosen per dataset: {rates}).", ""]
+    lines = []
+    for title, pool, who in (("the trainer's default", None, "`laet-fast train` / `TrainConfig.method`"),
+                             ("LaetCallback's default", CALLBACK_ROWS, "`LaetCallback(method=...)`")):
+        rec = recommend_default(summary, pool)
+        if rec["row"] is None:
+            continue
+        on = ", ".join(f"{ROW_TITLES.get(row, row)} on {len(ds)}"
+                       for row, ds in sorted(rec["within_on"].items(), key=lambda kv: -len(kv[1])))
+        rates = ", ".join(f"{ds} {lr}" for ds, lr in rec["lrs"].items())
+        lines += [f"### Across the datasets: {title}" + ("" if rec["complete"] else " (provisional)"), "",
+                  f"The rows {who} can train, within one std of the best of them, by how many of the "
+                  f"{len(summary)} datasets: {on}. Of those on the most, the cheapest in CPU seconds summed over the "
+                  f"datasets (within {TIME_TIE:.0%}: a tie, won by mean accuracy): "
+                  f"**{ROW_TITLES.get(rec['row'], rec['row'])}** (`{rec['method']}`), at learning rate {rec['lr']} "
+                  f"(chosen per dataset: {rates}).", ""]
+    return lines
 
 
 def _pm(mean, std, digits=3, scale=1.0, seeds=2):
@@ -981,6 +993,7 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
     payload = {**device_info(), "datasets": summary,
                "recommendation": {ds: recommend(block) for ds, block in summary.items()},
                "default": recommend_default(summary),
+               "callback_default": recommend_default(summary, CALLBACK_ROWS),
                "notes": ["learning rate searched on seed 0 only (validation accuracy), then used for every seed",
                          "peak memory: RSS from the end of apply_selection to the end of the run, minus the RSS "
                          "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included)",

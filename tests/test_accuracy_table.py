@@ -298,33 +298,39 @@ def test_the_default_across_datasets_is_within_one_std_on_the_most_datasets_then
     def lr_row(row, accuracies, total_time, lr):
         return {**_row(row, accuracies, total_time), "lr": lr}
 
-    # a: full best (0.84 ± 0.02), laet and grad_norm within; b: laet best, grad_norm not within, full within.
+    # a: full best (0.84 ± 0.02), laet and grad_norm within; b: laet best (0.73 ± 0.02), full within, grad_norm
+    # not. LoRA is best on both, but no TrainConfig method trains it: not in the trainer's pool.
     summary = {"a": {"rows": [lr_row("full", [0.82, 0.84, 0.86], 700.0, 3e-4),
                               lr_row("laet", [0.82, 0.83, 0.84], 400.0, 3e-3),
-                              lr_row("grad_norm", [0.82, 0.83, 0.84], 300.0, 3e-4)]},
+                              lr_row("grad_norm", [0.82, 0.83, 0.84], 300.0, 3e-4),
+                              lr_row("lora_laet", [0.9, 0.9, 0.9], 100.0, 1e-3)]},
                "b": {"rows": [lr_row("full", [0.70, 0.72, 0.74], 700.0, 3e-4),
                               lr_row("laet", [0.71, 0.73, 0.75], 380.0, 1e-3),
-                              lr_row("grad_norm", [0.60, 0.61, 0.62], 300.0, 3e-4)]}}
+                              lr_row("grad_norm", [0.60, 0.61, 0.62], 300.0, 3e-4),
+                              lr_row("lora_laet", [0.9, 0.9, 0.9], 100.0, 1e-3)]}}
     rec = accuracy.recommend_default(summary)
     assert rec["within_on"] == {"full": ["a", "b"], "laet": ["a", "b"], "grad_norm": ["a"]}
     assert (rec["candidates"], rec["row"], rec["method"]) == (["full", "laet"], "laet", "laet")
     assert rec["lrs"] == {"a": 3e-3, "b": 1e-3} and rec["lr"] == 1e-3  # one each: the lower
     assert not rec["complete"]
+    # The callback's pool: full and grad_norm; on b grad_norm is not within one std of full.
+    callback = accuracy.recommend_default(summary, accuracy.CALLBACK_ROWS)
+    assert (callback["row"], callback["method"], callback["within_on"]) == ("full", "all", {"full": ["a", "b"],
+                                                                                             "grad_norm": ["a"]})
     # Summed costs within TIME_TIE are a tie that mean accuracy breaks: full at 790 s against laet's 780 s.
     summary["a"]["rows"][0]["total_time"] = summary["b"]["rows"][0]["total_time"] = 395.0
     assert accuracy.recommend_default(summary)["row"] == "full"
-    # A row no method name reproduces is named with method None, and the markdown says so.
+    # The markdown names both defaults.
     for block in summary.values():
-        block["rows"] = [lr_row("lora_laet", [0.9, 0.9, 0.9], 100.0, 1e-3)] + block["rows"]
-        block["settings"] = {**SETTINGS, "majority": 0.5}
-        block["stale"] = []
+        block.update(settings={**SETTINGS, "majority": 0.5}, stale=[])
         for r in block["rows"]:
             r.update(test_macro_f1=None, test_macro_f1_std=None, peak_memory=None, peak_memory_std=None,
                      time_per_step=None, time_per_step_std=None, total_time_std=0.0, trainable_params=0,
                      lowest_block_range=None)
-    rec = accuracy.recommend_default(summary)
-    assert (rec["row"], rec["method"]) == ("lora_laet", None)
-    assert "the trainer's default cannot be it" in accuracy.markdown(summary)
+    text = accuracy.markdown(summary)
+    assert "Across the datasets: the trainer's default (provisional)" in text
+    assert "**full fine-tuning (all blocks)** (`all`)" in text
+    assert "Across the datasets: LaetCallback's default (provisional)" in text
 
 
 def _fake_table_run(tmp_path, monkeypatch, val, fail_at=None):
