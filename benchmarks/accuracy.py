@@ -555,23 +555,24 @@ def beyond_edge(search: list[dict], grid, beyond=LR_BEYOND) -> float | None:
     """The rate the search has to try next, or None when it is complete.
 
     First the grid's rates not run yet (a search cut short and resumed). Then ``beyond``: (rates below the grid,
-    rates above it), nearest first. When the highest rate tried is the best and strictly better than the next
-    lower one tried, the next rate above it that has not run; the same downwards. A run that failed
-    (``val_accuracy`` 0) is never the best, so the search stops at the rate before it.
+    rates above it), nearest first. When the highest rate that trained is the best and strictly better than the
+    next lower one, the next rate above it that has not run; the same downwards. A rate that diverged (a run
+    marked ``failed``) ends the search in its direction: nothing past it is tried, and it is never the best.
     """
     tried = {r["lr"] for r in search}
     untried_grid = [rate for rate in grid if rate not in tried]
     if untried_grid:
         return untried_grid[0]
-    ranked = sorted(search, key=lambda r: r["lr"])
+    failed = [r["lr"] for r in search if "failed" in r]
+    ranked = sorted((r for r in search if "failed" not in r), key=lambda r: r["lr"])
     if len(ranked) < 2 or len(grid) < 2:
         return None
     score = lambda r: (r["val_accuracy"], r.get("val_macro_f1") or 0.0)  # noqa: E731
     best = _best(ranked)
     below, above = beyond
-    if best is ranked[-1] and score(ranked[-1]) > score(ranked[-2]):
+    if best is ranked[-1] and score(ranked[-1]) > score(ranked[-2]) and not any(f > best["lr"] for f in failed):
         untried = [rate for rate in above if rate > best["lr"] and rate not in tried]
-    elif best is ranked[0] and score(ranked[0]) > score(ranked[1]):
+    elif best is ranked[0] and score(ranked[0]) > score(ranked[1]) and not any(f < best["lr"] for f in failed):
         untried = [rate for rate in below if rate < best["lr"] and rate not in tried]
     else:
         return None
@@ -654,13 +655,14 @@ def run_part(args) -> list[str]:
                 "wall_per_step", "total_time", "peak_memory", "lowest_block", "load_avg")}}), flush=True)
             return result
 
-        def write(search, run):
+        def write_part(search, run):
             part = {"settings": settings[dataset], "row": row, "lr_search": search,
-                    "chosen_lr": None if run is None else run["lr"], "runs": [run], "seeds": [seed]}
+                    "chosen_lr": None if run is None else run["lr"], "runs": [] if run is None else [run],
+                    "seeds": [seed]}
             return write_result(f"accuracy_parts/{dataset}__{row}__s{seed}", part)
 
         if row in NO_TRAINING:  # nothing trains, so there is no learning rate to search
-            paths.append(write([], one(None, row == "frozen_probe")))
+            paths.append(write_part([], one(None, row == "frozen_probe")))
         elif seed == 0:  # the grid's rates, the runs a part holds already first; then past its edge if called for
             search = list((written or {}).get("lr_search") or [])
             while (rate := beyond_edge(search, grid)) is not None:
@@ -668,18 +670,21 @@ def run_part(args) -> list[str]:
                     print(f"{dataset}/{row}: the best rate is the outermost tried; trying {rate}", file=sys.stderr)
                 try:
                     search = search + [one(rate, True)]
-                except TrainError as err:  # diverged: the search ends at the rate before it
+                except TrainError as err:  # diverged: the search goes no further in its direction
                     print(f"{dataset}/{row} at {rate}: {err}", file=sys.stderr)
                     search = search + [{"lr": rate, "val_accuracy": 0.0, "val_macro_f1": 0.0,
                                         "failed": str(err).splitlines()[0]}]
-                if "failed" not in _best(search):  # written after every run: a cut search resumes where it was
-                    path = write(search, _best(search))
-            if "failed" in _best(search):
-                raise SystemExit(f"{dataset}/{row}: every rate tried diverged "
-                                 f"({', '.join(str(r['lr']) for r in search)}); see the messages above.")
+                # Written after every run, so that a cut search resumes where it was; no rate trained yet: no run.
+                trained = [r for r in search if "failed" not in r]
+                path = write_part(search, _best(trained) if trained else None)
             paths.append(path)
         else:  # later seeds: the rate seed 0's search chose
-            paths.append(write([], one(searched(dataset, row)["chosen_lr"], False)))
+            chosen = searched(dataset, row)["chosen_lr"]
+            if chosen is None:
+                print(f"{dataset}/{row}: every rate of seed 0's search diverged; seed {seed} does not run",
+                      file=sys.stderr)
+                continue
+            paths.append(write_part([], one(chosen, False)))
     return paths
 
 
@@ -738,8 +743,10 @@ def summarize(parts: list[dict]) -> dict:
                      "lr_search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"],
                                     **({"failed": r["failed"]} if "failed" in r else {})}
                                    for r in sorted(rows[row]["search"], key=lambda r: r["lr"])],
-                     "lr_to_try": beyond_edge(rows[row]["search"], settings[ds]["lr_grid"],
-                                              settings[ds]["lr_beyond"]),
+                     "lr_to_try": None if row in NO_TRAINING else beyond_edge(
+                         rows[row]["search"], settings[ds]["lr_grid"], settings[ds]["lr_beyond"]),
+                     "diverged": rows[row]["lr"] is None and row not in NO_TRAINING and beyond_edge(
+                         rows[row]["search"], settings[ds]["lr_grid"], settings[ds]["lr_beyond"]) is None,
                      "seeds": [r["seed"] for r in runs], "selections": [r["selection"] for r in runs]}
             for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "peak_memory", "time_per_step",
                         "total_time", "trainable_params", "lowest_block"):
@@ -767,9 +774,10 @@ def recommend(block: dict) -> dict:
     minus the frozen probe's (None without both).
     """
     rows = [r for r in block["rows"] if r["test_accuracy"] is not None and r["total_time"]]
-    present = {r["row"] for r in rows}
-    out = {"complete": set(ROWS) <= present and all(len(r["seeds"]) >= 3 and r.get("lr_to_try") is None
-                                                    for r in rows) and not block.get("stale")}
+    # A row whose every rate diverged has nothing left to run: it counts as measured, with no accuracy.
+    done = {r["row"] for r in rows if len(r["seeds"]) >= 3 and r.get("lr_to_try") is None}
+    done |= {r["row"] for r in block["rows"] if r.get("diverged")}
+    out = {"complete": set(ROWS) <= done and not block.get("stale")}
     for suffix, pool in (("", rows), ("_fine_tuned", [r for r in rows if r["row"] not in NO_TRAINING])):
         if not pool:
             out.update({"best" + suffix: None, "pick" + suffix: None, "within" + suffix: []})
@@ -799,10 +807,12 @@ def recommend_default(summary: dict, pool=None) -> dict:
     the one its seed-0 search chose on the most datasets (the lower on a tie: the safer of two rates that won
     somewhere).
 
-    Returns ``{"row", "method", "lr", "lrs", "candidates", "within_on", "complete"}``: the row, its method name,
-    the rate, the rate per dataset, the candidates, the datasets each row of the pool was within one std on, and
-    whether every dataset's table is complete (:func:`recommend`). ``row`` is None when no row of the pool ran
-    on every dataset.
+    Returns ``{"row", "method", "lr", "lrs", "candidates", "within_on", "on_every_dataset", "complete"}``: the
+    row, its method name, the rate, the rate per dataset, the candidates, the datasets each row of the pool was
+    within one std on, the rows measured on every dataset (only they can be compared), and whether every
+    dataset's table is complete (:func:`recommend`: every row of :data:`ROWS`, whatever the pool). The datasets
+    are those of ``summary``: the ones parts were run for. ``row`` is None when no row of the pool ran on every
+    dataset.
     """
     pool = tuple(ROW_METHODS) if pool is None else tuple(pool)
     by_ds = {ds: {r["row"]: r for r in block["rows"]
@@ -816,13 +826,15 @@ def recommend_default(summary: dict, pool=None) -> dict:
         for row, r in rows.items():
             if r["test_accuracy"] >= best["test_accuracy"] - (best["test_accuracy_std"] or 0.0):
                 within_on.setdefault(row, []).append(ds)
+    on_every_dataset = [row for row in pool if all(row in rows for rows in by_ds.values())]  # summable costs
     out = {"row": None, "method": None, "lr": None, "lrs": {}, "candidates": [], "within_on": within_on,
+           "on_every_dataset": on_every_dataset,
            "complete": bool(summary) and all(recommend(block)["complete"] for block in summary.values())}
-    measured = [row for row in within_on if all(row in rows for rows in by_ds.values())]  # summable costs
+    measured = [row for row in on_every_dataset if row in within_on]
     if not measured:
         return out
     most = max(len(within_on[row]) for row in measured)
-    candidates = [row for row in pool if row in measured and len(within_on[row]) == most]
+    candidates = [row for row in measured if len(within_on[row]) == most]
     cost = {row: sum(rows[row]["total_time"] for rows in by_ds.values()) for row in candidates}
     accuracy = {row: statistics.mean(rows[row]["test_accuracy"] for rows in by_ds.values()) for row in candidates}
     cheapest = min(cost.values())
@@ -862,6 +874,7 @@ def _default_lines(summary: dict) -> list[str]:
         if rec["row"] is None:
             continue
         on = ", ".join(f"{ROW_TITLES.get(row, row)} on {len(ds)}"
+                       + ("" if row in rec["on_every_dataset"] else " (not run on every dataset: not comparable)")
                        for row, ds in sorted(rec["within_on"].items(), key=lambda kv: -len(kv[1])))
         rates = ", ".join(f"{ds} {lr}" for ds, lr in rec["lrs"].items())
         lines += [f"### Across the datasets: {title}" + ("" if rec["complete"] else " (provisional)"), "",
@@ -885,7 +898,9 @@ def _pm(mean, std, digits=3, scale=1.0, seeds=2):
 def _lr_text(row: dict, settings: dict) -> str:
     """The chosen rate; "beyond the grid" when the search went past its edge, or the rate it still has to try."""
     if row["lr"] is None:
-        return "-"
+        if row.get("diverged"):
+            return "- (every rate diverged)"
+        return "-" if row.get("lr_to_try") is None else f"- (search unfinished; {row['lr_to_try']} to try)"
     if row.get("lr_to_try") is not None:
         return f"{row['lr']} (search unfinished; {row['lr_to_try']} to try)"
     return f"{row['lr']}" + (" (beyond the grid)" if row["lr"] not in settings["lr_grid"] else "")

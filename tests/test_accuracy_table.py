@@ -333,7 +333,7 @@ def test_the_default_across_datasets_is_within_one_std_on_the_most_datasets_then
     assert "Across the datasets: LaetCallback's default (provisional)" in text
 
 
-def _fake_table_run(tmp_path, monkeypatch, val, fail_at=None):
+def _fake_table_run(tmp_path, monkeypatch, val, fail_at=()):
     """accuracy.main with load_split, the model and run_one faked: run_one scores ``val[lr]`` (raising TrainError
     at ``fail_at``) and records (lr, seed) in the list returned."""
     import bench_utils
@@ -351,7 +351,7 @@ def _fake_table_run(tmp_path, monkeypatch, val, fail_at=None):
 
     def run_one(model, tokenizer, row, train, val_data, test, *, lr, seed, **kwargs):
         calls.append((lr, seed))
-        if lr == fail_at:
+        if lr in fail_at:
             raise TrainError("the loss was NaN or inf 5 steps in a row")
         return {"row": row, "lr": lr, "seed": seed, "selection": [1], "val_accuracy": val[lr], "val_macro_f1": 0.5,
                 "test_accuracy": val[lr], "time_per_step": 1.0, "wall_per_step": 1.0, "total_time": 9.0,
@@ -362,13 +362,50 @@ def _fake_table_run(tmp_path, monkeypatch, val, fail_at=None):
 
 
 def test_a_rate_beyond_the_grid_that_diverges_ends_the_search_at_the_grid(tmp_path, monkeypatch):
-    calls = _fake_table_run(tmp_path, monkeypatch, {3e-5: 0.6, 3e-4: 0.7}, fail_at=1e-3)
+    calls = _fake_table_run(tmp_path, monkeypatch, {3e-5: 0.6, 3e-4: 0.7}, fail_at=(1e-3,))
     accuracy.main(["--dataset", "rt", "--rows", "last", "--seeds", "0,1"])
     assert calls == [(3e-5, 0), (3e-4, 0), (1e-3, 0), (3e-4, 1)]  # the process went on
     part = json.loads((tmp_path / "accuracy_parts" / "rt__last__s0.json").read_text())
     assert part["chosen_lr"] == 3e-4 and "NaN" in part["lr_search"][2]["failed"]
     row = accuracy.summarize([part])["rt"]["rows"][0]
     assert row["lr_to_try"] is None and row["lr_search"][2]["failed"]
+
+
+def test_a_grid_rate_that_diverges_ends_the_search_in_its_direction_and_a_row_that_always_diverges_is_skipped(
+        tmp_path, monkeypatch):
+    # 3e-4 diverges, 3e-5 trains: 3e-5 is the best that trained, but going down from it is not called for by a
+    # divergence above it.
+    calls = _fake_table_run(tmp_path, monkeypatch, {3e-5: 0.6}, fail_at=(3e-4,))
+    accuracy.main(["--dataset", "rt", "--rows", "last", "--seeds", "0,1"])
+    assert calls == [(3e-5, 0), (3e-4, 0), (3e-5, 1)]
+    # Every rate diverges: the part says so (no run, no rate), the later seeds do not run, and the process goes on
+    # to the next row.
+    calls = _fake_table_run(tmp_path, monkeypatch, {None: 0.5}, fail_at=(3e-5, 3e-4))
+    accuracy.main(["--dataset", "rt", "--rows", "full,probe_vote", "--seeds", "0,1"])
+    assert calls == [(3e-5, 0), (3e-4, 0), (None, 0), (None, 1)]
+    part = json.loads((tmp_path / "accuracy_parts" / "rt__full__s0.json").read_text())
+    assert (part["chosen_lr"], part["runs"]) == (None, [])
+    summary = accuracy.summarize([part])
+    assert summary["rt"]["rows"][0]["diverged"] and "every rate diverged" in accuracy.markdown(summary)
+    calls.clear()
+    accuracy.main(["--dataset", "rt", "--rows", "full", "--seeds", "0,1"])
+    assert calls == []  # nothing left to run
+
+
+def test_a_table_with_every_row_at_3_seeds_is_complete():
+    """The rows that train nothing have no search: they never wait on a rate to try."""
+    rng = random.Random(4)
+    parts = [_part(row, [0, 1, 2], rng, lr=None if row in accuracy.NO_TRAINING else 1e-3)
+             for row in accuracy.ROWS]
+    for part in parts:
+        if part["row"] in accuracy.NO_TRAINING:
+            part["lr_search"] = []
+    summary = accuracy.summarize(parts)
+    assert all(r["lr_to_try"] is None for r in summary["toy"]["rows"])
+    assert accuracy.recommend(summary["toy"])["complete"]
+    assert accuracy.recommend_default(summary)["complete"]
+    parts[-1]["runs"] = parts[-1]["runs"][:2]  # one row with 2 seeds: provisional
+    assert not accuracy.recommend(accuracy.summarize(parts)["toy"])["complete"]
 
 
 def test_a_search_won_at_the_grid_edge_goes_beyond_it_on_resume_and_later_seeds_follow(tmp_path, monkeypatch):
