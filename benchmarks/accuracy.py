@@ -992,8 +992,25 @@ def plot(summary: dict, path: str, cost: str) -> str:
     return path
 
 
-def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str = "accuracy") -> dict:
-    """Build ``<name>.json`` / ``.md`` and the two plots in ``results_dir`` from the part files."""
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README_BEGIN = "<!-- accuracy table: written by `python benchmarks/accuracy.py --merge` from accuracy.md -->"
+README_END = "<!-- end of the accuracy table -->"
+
+
+def readme_with_table(readme: str, table_markdown: str) -> str:
+    """``readme`` with the text between :data:`README_BEGIN` and :data:`README_END` replaced by the table, its
+    headings one level down (the README's section is a level-2 heading). Raises ValueError without the markers."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the README has no {README_BEGIN!r} ... {README_END!r} markers for the accuracy table.")
+    table = re.sub(r"^(#+) ", r"#\1 ", table_markdown.strip("\n"), flags=re.MULTILINE)
+    return readme[:begin + len(README_BEGIN)] + "\n" + table + "\n" + readme[end:]
+
+
+def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str = "accuracy",
+          readme: str | None = README) -> dict:
+    """Build ``<name>.json`` / ``.md`` and the two plots in ``results_dir`` from the part files, and copy the
+    table into ``readme`` (None: leave it) between its markers."""
     from bench_utils import device_info
 
     from laet_fast.atomic import write_text
@@ -1022,7 +1039,11 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
                          "blocks are charged it, since they choose from its scores",
                          f"protocol {PROTOCOL}: see PROTOCOL in benchmarks/accuracy.py"]}
     write_text(os.path.join(results_dir, f"{name}.json"), json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    write_text(os.path.join(results_dir, f"{name}.md"), markdown(summary))
+    table = markdown(summary)
+    write_text(os.path.join(results_dir, f"{name}.md"), table)
+    if readme is not None:
+        with open(readme, encoding="utf-8") as handle:
+            write_text(readme, readme_with_table(handle.read(), table))
     plot(summary, os.path.join(results_dir, f"{name}_time.png"), "total_time")
     plot(summary, os.path.join(results_dir, f"{name}_memory.png"), "peak_memory")
     return summary

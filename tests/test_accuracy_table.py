@@ -130,13 +130,29 @@ def test_merge_writes_json_markdown_and_both_plots(tmp_path):
     pytest.importorskip("matplotlib")
     rng = random.Random(4)
     _write(tmp_path / "parts", [_part(row, [0, 1, 2], rng) for row in ("last", "laet", "full")])
-    accuracy.merge(str(tmp_path / "parts"), str(tmp_path / "out"), name="acc")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n## The table\n\n{accuracy.README_BEGIN}\nold\n{accuracy.README_END}\n\nAfter.\n")
+    accuracy.merge(str(tmp_path / "parts"), str(tmp_path / "out"), name="acc", readme=str(readme))
     data = json.loads((tmp_path / "out" / "acc.json").read_text())
     assert [r["row"] for r in data["datasets"]["toy"]["rows"]] == ["full", "last", "laet"]
     assert "device" in data and "date_utc" in data
     assert "| LAET |" in (tmp_path / "out" / "acc.md").read_text()
     for name in ("acc_time.png", "acc_memory.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    # The README's copy: the table between the markers, its headings one level down, the rest untouched.
+    text = readme.read_text()
+    assert text.startswith("# title\n\n## The table\n\n") and text.endswith(f"{accuracy.README_END}\n\nAfter.\n")
+    assert "old" not in text and "\n#### toy: 3 classes" in text and "| LAET |" in text
+    with pytest.raises(ValueError, match="markers"):
+        accuracy.readme_with_table("# no markers\n", "### toy\n")
+
+
+def test_the_readme_quotes_the_committed_table():
+    """README.md's accuracy section is accuracy.md as committed (``--merge`` writes both)."""
+    with open(accuracy.README, encoding="utf-8") as handle:
+        readme = handle.read()
+    with open(os.path.join(accuracy.RESULTS_DIR, "accuracy.md"), encoding="utf-8") as handle:
+        assert accuracy.readme_with_table(readme, handle.read()) == readme
 
 
 def _tiny_setup(tmp_path):
