@@ -299,10 +299,11 @@ def test_the_defaults_rule_picks_the_cheapest_row_within_one_std_of_the_best():
     block["rows"][0] = _row("frozen_probe", [0.81, 0.83, 0.85], 200.0)
     rec = accuracy.recommend(block)
     assert (rec["pick"], rec["pick_fine_tuned"]) == ("frozen_probe", "laet")
-    # Totals within TIME_TIE of the cheapest are a tie, which accuracy breaks: full at 700 s against laet's 660 s.
-    tied = {"rows": [_row("full", [0.82, 0.84, 0.86], 700.0), _row("laet", [0.82, 0.83, 0.84], 660.0)]}
+    # Totals within TIME_TIE of the cheapest are a tie, which accuracy breaks.
+    dearer = 660.0 * (1 + 0.9 * accuracy.TIME_TIE)
+    tied = {"rows": [_row("full", [0.82, 0.84, 0.86], dearer), _row("laet", [0.82, 0.83, 0.84], 660.0)]}
     assert accuracy.recommend(tied)["pick"] == "full"
-    tied["rows"][0]["total_time"] = 800.0  # 21% dearer: no longer a tie
+    tied["rows"][0]["total_time"] = 660.0 * (1 + 1.1 * accuracy.TIME_TIE)  # no longer a tie
     assert accuracy.recommend(tied)["pick"] == "laet"
     # A row with one seed makes the pick provisional, and the markdown says so.
     block["rows"].append(_row("random", [0.5], 300.0))
