@@ -740,14 +740,15 @@ def summarize(parts: list[dict]) -> dict:
         table = []
         for row in sorted(rows, key=lambda r: ROWS.index(r) if r in ROWS else len(ROWS)):
             runs = [rows[row]["runs"][s] for s in sorted(rows[row]["runs"])]
+            lr_to_try = None if row in NO_TRAINING else beyond_edge(rows[row]["search"], settings[ds]["lr_grid"],
+                                                                    settings[ds]["lr_beyond"])
             entry = {"row": row, "title": ROW_TITLES.get(row, row), "lr": rows[row]["lr"],
                      "lr_search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"],
                                     **({"failed": r["failed"]} if "failed" in r else {})}
                                    for r in sorted(rows[row]["search"], key=lambda r: r["lr"])],
-                     "lr_to_try": None if row in NO_TRAINING else beyond_edge(
-                         rows[row]["search"], settings[ds]["lr_grid"], settings[ds]["lr_beyond"]),
-                     "diverged": rows[row]["lr"] is None and row not in NO_TRAINING and beyond_edge(
-                         rows[row]["search"], settings[ds]["lr_grid"], settings[ds]["lr_beyond"]) is None,
+                     "lr_to_try": lr_to_try,
+                     # a finished search with no rate chosen: every rate diverged
+                     "diverged": rows[row]["lr"] is None and row not in NO_TRAINING and lr_to_try is None,
                      "seeds": [r["seed"] for r in runs], "selections": [r["selection"] for r in runs]}
             for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "peak_memory", "time_per_step",
                         "total_time", "trainable_params", "lowest_block"):
