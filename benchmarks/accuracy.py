@@ -79,7 +79,9 @@ LR_BEYOND = ((1e-5, 3e-6), (1e-3, 3e-3, 1e-2))
 # What a part's numbers mean: bumped whenever the way a run is measured changes, so that parts measured the old
 # way are never pooled with new ones. 2: the frozen probe on its own model copy with its features extracted every
 # seed (its test extraction left out of its total, as every row's evaluation is); the search beyond the grid's
-# edge; no report plot inside the timed steps; LoRA's wrapping and cost-aware's selection charged.
+# edge; no report plot inside the timed steps; LoRA's wrapping and cost-aware's selection charged. LoRA's
+# adapters drawn from the run's seed (``lora_init_seed`` in a run) came later without a bump: the parts before it
+# drew them from the same distribution, only not reproducibly, and the merge's notes count both.
 PROTOCOL = 2
 # Total CPU seconds within this fraction of each other are a tie for the rule for the defaults: on rt, last-k and
 # cost-aware trained the same 5 blocks at the same rates at 2.53-2.89 and 2.95-3.12 CPU s/step (up to 23% apart),
@@ -320,6 +322,8 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
     """
     import resource
 
+    import torch
+
     import laet_fast.apply as apply_module
     import laet_fast.train.export as export_module
     from laet_fast.train.batches import Batches
@@ -372,8 +376,12 @@ def run_one(base_model, tokenizer, row: str, train, val, test, *, lr: float | No
         selection = laet if row == "lora_laet" else Selection(layers=tuple(range(num_layers)), num_layers=num_layers)
         cpu = time.process_time()
         peft_config = to_peft_config(selection, r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", model=model)
+        # PEFT draws lora_A from torch's global generator, and the Trainer seeds only later: without this, the
+        # adapters' start would be whatever the process's previous run left, not this run's seed.
+        torch.manual_seed(seed)
         model = get_peft_model(model, peft_config)
         extra_cpu += time.process_time() - cpu  # wrapping the blocks is part of this row's setup
+        extra["lora_init_seed"] = seed  # parts without it drew the adapters from the process's generator
         method, kwargs = ",".join(map(str, selection.layers)), {}
     cfg = TrainConfig(method=method, quantize_frozen=quantize, **kwargs, **cfg_kwargs)
 
@@ -805,12 +813,14 @@ def recommend_default(summary: dict, pool=None) -> dict:
     :data:`CALLBACK_ROWS`: what ``LaetCallback`` trains the same way). On each dataset, the pool's rows within
     one std of the pool's best; the candidates are the rows within on every dataset (on the most datasets, when
     no row is on all). Of those, the cheapest in CPU seconds summed over the datasets, a sum within
-    :data:`TIME_TIE` of the cheapest counting as a tie that the higher mean accuracy wins. Its learning rate is
-    the one its seed-0 search chose on the most datasets (the lower on a tie: the safer of two rates that won
-    somewhere).
+    :data:`TIME_TIE` of the cheapest counting as a tie that the higher mean accuracy wins. Its learning rate:
+    of the rates its seed-0 searches trained on every dataset, the one with the best validation accuracy averaged
+    over the datasets (the lower on a tie). Validation only: the rate each dataset chose can differ (rt 3e-3,
+    tweets 3e-4 for LAET), and taking the lower of two winners would give a rate no dataset ranked best.
 
-    Returns ``{"row", "method", "lr", "lrs", "candidates", "within_on", "on_every_dataset", "complete"}``: the
-    row, its method name, the rate, the rate per dataset, the candidates, the datasets each row of the pool was
+    Returns ``{"row", "method", "lr", "lrs", "val_by_lr", "candidates", "within_on", "on_every_dataset",
+    "complete"}``: the row, its method name, the rate, the rate chosen per dataset, the mean validation accuracy
+    of each rate trained on every dataset, the candidates, the datasets each row of the pool was
     within one std on, the rows measured on every dataset (only they can be compared), and whether every
     dataset's table is complete (:func:`recommend`: every row of :data:`ROWS`, whatever the pool). The datasets
     are those of ``summary``: the ones parts were run for. ``row`` is None when no row of the pool ran on every
@@ -829,7 +839,8 @@ def recommend_default(summary: dict, pool=None) -> dict:
             if r["test_accuracy"] >= best["test_accuracy"] - (best["test_accuracy_std"] or 0.0):
                 within_on.setdefault(row, []).append(ds)
     on_every_dataset = [row for row in pool if all(row in rows for rows in by_ds.values())]  # summable costs
-    out = {"row": None, "method": None, "lr": None, "lrs": {}, "candidates": [], "within_on": within_on,
+    out = {"row": None, "method": None, "lr": None, "lrs": {}, "val_by_lr": {}, "candidates": [],
+           "within_on": within_on,
            "on_every_dataset": on_every_dataset,
            "complete": bool(summary) and all(recommend(block)["complete"] for block in summary.values())}
     measured = [row for row in on_every_dataset if row in within_on]
@@ -842,10 +853,18 @@ def recommend_default(summary: dict, pool=None) -> dict:
     cheapest = min(cost.values())
     pick = max((row for row in candidates if cost[row] <= cheapest * (1 + TIME_TIE)), key=accuracy.get)
     lrs = {ds: rows[pick]["lr"] for ds, rows in by_ds.items()}
-    counts = {lr: list(lrs.values()).count(lr) for lr in lrs.values()}
-    lr = min(lr for lr, n in counts.items() if n == max(counts.values()))
-    out.update(row=pick, method=ROW_METHODS.get(pick), lr=lr, lrs=lrs, candidates=candidates)
+    val_by_lr = _val_by_common_lr([rows[pick]["lr_search"] for rows in by_ds.values()])
+    lr = (max(sorted(val_by_lr), key=val_by_lr.get) if val_by_lr  # sorted: max keeps the lower rate on a tie
+          else min(lrs.values()))  # no rate trained on every dataset (searches that diverged): the safer winner
+    out.update(row=pick, method=ROW_METHODS.get(pick), lr=lr, lrs=lrs, val_by_lr=val_by_lr, candidates=candidates)
     return out
+
+
+def _val_by_common_lr(searches: list[list[dict]]) -> dict[float, float]:
+    """{rate: mean validation accuracy} over the rates that trained (did not diverge) in every search."""
+    trained = [{r["lr"]: r["val_accuracy"] for r in search if "failed" not in r} for search in searches]
+    common = set.intersection(*(set(t) for t in trained)) if trained else set()
+    return {lr: statistics.mean(t[lr] for t in trained) for lr in sorted(common)}
 
 
 def _recommendation_lines(block: dict) -> list[str]:
@@ -879,12 +898,14 @@ def _default_lines(summary: dict) -> list[str]:
                        + ("" if row in rec["on_every_dataset"] else " (not run on every dataset: not comparable)")
                        for row, ds in sorted(rec["within_on"].items(), key=lambda kv: -len(kv[1])))
         rates = ", ".join(f"{ds} {lr}" for ds, lr in rec["lrs"].items())
+        vals = ", ".join(f"{lr:g} {100 * val:.1f}%" for lr, val in rec["val_by_lr"].items())
         lines += [f"### Across the datasets: {title}" + ("" if rec["complete"] else " (provisional)"), "",
                   f"The rows {who} can train, within one std of the best of them, by how many of the "
                   f"{len(summary)} datasets: {on}. Of those on the most, the cheapest in CPU seconds summed over the "
                   f"datasets (within {TIME_TIE:.0%}: a tie, won by mean accuracy): "
-                  f"**{ROW_TITLES.get(rec['row'], rec['row'])}** (`{rec['method']}`), at learning rate {rec['lr']} "
-                  f"(chosen per dataset: {rates}).", ""]
+                  f"**{ROW_TITLES.get(rec['row'], rec['row'])}** (`{rec['method']}`), at learning rate {rec['lr']}: "
+                  f"of the rates its searches trained on every dataset, the best mean validation accuracy "
+                  f"({vals}; the rate each dataset chose: {rates}).", ""]
     return lines
 
 
@@ -1009,6 +1030,30 @@ def readme_with_table(readme: str, table_markdown: str) -> str:
     return readme[:begin + len(README_BEGIN)] + "\n" + table + "\n" + readme[end:]
 
 
+# Rows that train the same way, so that the same blocks at the same rate and seed are the same work twice.
+SAME_WORK = (("laet", "laet_cost"), ("last", "cost_aware"))
+
+
+def _same_work_spread(parts: list[dict]) -> str:
+    """How far apart the CPU seconds per step of the same work came out: runs of :data:`SAME_WORK`'s row pairs
+    with the same dataset, seed, rate and blocks (what load on the shared cores does to a measurement)."""
+    runs = {}
+    for part in parts:
+        for run in part["runs"] + part["lr_search"]:
+            if "failed" not in run and run.get("time_per_step"):
+                key = (part["settings"]["dataset"], run["seed"] if "seed" in run else part["seeds"][0], run["lr"],
+                       tuple(run["selection"]))
+                runs.setdefault(key, {})[part["row"]] = run["time_per_step"]
+    ratios = [(max(t[a], t[b]) / min(t[a], t[b]), key, a, b) for key, t in runs.items() for a, b in SAME_WORK
+              if a in t and b in t]
+    if not ratios:
+        return "no pair of rows trained the same blocks at the same rate and seed"
+    ratio, (ds, seed, lr, blocks), a, b = max(ratios)
+    return (f"{len(ratios)} pair(s) of runs trained the same blocks at the same rate and seed as two rows; their "
+            f"CPU s/step differed by up to {100 * (ratio - 1):.0f}% ({ds} seed {seed}, {a} and {b} at {lr:g}, blocks "
+            f"{list(blocks)}), so differences in cost smaller than that are noise")
+
+
 def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str = "accuracy",
           readme: str | None = README) -> dict:
     """Build ``<name>.json`` / ``.md`` and the two plots in ``results_dir`` from the part files, and copy the
@@ -1021,6 +1066,10 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
     summary = summarize(parts)
     loads = [run.get("load_avg") for part in parts for run in part["runs"] + part["lr_search"]]
     loads = [load for load in loads if load is not None]
+    lora_runs = [run for part in parts if part["row"].startswith("lora") for run in part["runs"] + part["lr_search"]
+                 if "failed" not in run]
+    seeded = sum("lora_init_seed" in run for run in lora_runs)
+    same_work = _same_work_spread(parts)
     if not summary:
         raise SystemExit(f"no part files in {parts_dir}; run parts first (see --help).")
     os.makedirs(results_dir, exist_ok=True)
@@ -1030,10 +1079,17 @@ def merge(parts_dir: str = PARTS_DIR, results_dir: str = RESULTS_DIR, name: str 
                "callback_default": recommend_default(summary, CALLBACK_ROWS),
                "notes": ["learning rate searched on seed 0 only (validation accuracy), then used for every seed",
                          "peak memory: RSS from the end of apply_selection to the end of the run, minus the RSS "
-                         "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included)",
+                         "before the run's model copy (fp32 copy of SmolLM2, ~0.5 GiB, included); the scoring "
+                         "that chose the blocks is before that span, so a trained row's peak is its training's. "
+                         "The frozen probe and the probe vote train nothing: their span is their scoring and "
+                         "evaluation (the probe vote's peak is what LAET's scoring alone takes)",
+                         f"LoRA rows: {seeded} of {len(lora_runs)} runs drew their adapters' start from their seed; "
+                         "the others (parts written before that fix) drew it from the generator state the "
+                         "process's previous run left, the same distribution but not reproducible from the seed",
                          "s/step and total: process CPU seconds at 1 thread (what an idle core's wall clock shows); "
                          f"the 2-core machine's 1-minute load average as runs ended: {min(loads, default=0):.1f} to "
                          f"{max(loads, default=0):.1f} (wall times, wall_per_step in the parts, grow with it)",
+                         f"the same work timed twice: {same_work}",
                          "total: scoring + any selection made before the Trainer + setup + steps; the final "
                          "evaluation is left out",
                          "last-k and random-k train at the k LAET chose on the same seed; LAET's scoring is not "
