@@ -356,6 +356,7 @@ def test_the_default_across_datasets_is_within_one_std_on_the_most_datasets_then
     rec = accuracy.recommend_default(summary)
     assert rec["within_on"] == {"full": ["a", "b"], "laet": ["a", "b"], "grad_norm": ["a"]}
     assert (rec["candidates"], rec["row"], rec["method"]) == (["full", "laet"], "laet", "laet")
+    assert rec["per_second"] == "laet" and rec["cost"] == {"full": 1400.0, "laet": 780.0}
     # The rate each dataset chose differs; of those trained on both, 3e-3 has the best mean validation accuracy
     # (0.785 against 0.735 for 1e-3 and 0.72 for 3e-4; 1e-2 ran on a only).
     assert rec["lrs"] == {"a": 3e-3, "b": 1e-3} and rec["lr"] == 3e-3
@@ -373,7 +374,11 @@ def test_the_default_across_datasets_is_within_one_std_on_the_most_datasets_then
                                                                                              "grad_norm": ["a"]})
     # Summed costs within TIME_TIE are a tie that mean accuracy breaks: full at 790 s against laet's 780 s.
     summary["a"]["rows"][0]["total_time"] = summary["b"]["rows"][0]["total_time"] = 395.0
-    assert accuracy.recommend_default(summary)["row"] == "full"
+    rec = accuracy.recommend_default(summary)
+    assert rec["row"] == "full"
+    # Accuracy per CPU second alone (no tie) takes laet, 780 s against 790 s; the markdown shows both.
+    assert rec["per_second"] == "laet"
+    assert "780 CPU s summed against 790" in "\n".join(accuracy._default_lines(summary))
     # The markdown names both defaults.
     for block in summary.values():
         block.update(settings={**SETTINGS, "majority": 0.5}, stale=[])
