@@ -110,6 +110,21 @@ def test_the_search_goes_on_past_the_edge_while_the_outermost_rate_wins():
                                 beyond) is None                                       # the ladder is spent
 
 
+def test_the_notes_name_the_widest_gap_between_two_timings_of_the_same_work():
+    def part(row, seed, lr, blocks, per_step):
+        run = {"seed": seed, "lr": lr, "selection": blocks, "time_per_step": per_step}
+        return {"settings": SETTINGS, "row": row, "seeds": [seed], "runs": [run], "lr_search": []}
+
+    parts = [part("laet", 0, 1e-3, [1, 2], 1.0), part("laet_cost", 0, 1e-3, [1, 2], 1.2),  # the same work
+             part("last", 1, 1e-3, [4, 5], 2.0), part("cost_aware", 1, 1e-3, [4, 5], 3.0),  # the same work
+             part("laet", 1, 1e-3, [1, 2], 1.0), part("laet_cost", 1, 1e-3, [2], 9.0),  # other blocks
+             part("random", 0, 1e-3, [1, 2], 9.0)]  # trains its blocks another way than LAET
+    note = accuracy._same_work_spread(parts)
+    assert note.startswith("2 pair(s)")
+    assert "up to 50% (toy seed 1, last and cost_aware at 0.001, blocks [4, 5])" in note
+    assert accuracy._same_work_spread(parts[4:]).startswith("no pair")
+
+
 def test_markdown_has_one_line_per_row_with_mean_and_std():
     rng = random.Random(3)
     parts = [_part("laet", [0, 1, 2], rng), _part("last", [0, 1, 2], rng)]
