@@ -1057,8 +1057,7 @@ def _same_work_spread(parts: list[dict]) -> str:
     for part in parts:
         for run in part["runs"] + part["lr_search"]:
             if "failed" not in run and run.get("time_per_step"):
-                key = (part["settings"]["dataset"], run["seed"] if "seed" in run else part["seeds"][0], run["lr"],
-                       tuple(run["selection"]))
+                key = (part["settings"]["dataset"], run["seed"], run["lr"], tuple(run["selection"]))
                 runs.setdefault(key, {})[part["row"]] = run["time_per_step"]
     ratios = [(max(t[a], t[b]) / min(t[a], t[b]), key, a, b) for key, t in runs.items() for a, b in SAME_WORK
               if a in t and b in t]
