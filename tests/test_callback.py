@@ -127,6 +127,24 @@ def test_only_the_selected_blocks_train_with_evaluation_between(tmp_path, quanti
     assert logged["laet/block_influence/layer_0"] == pytest.approx(callback.scores["block_influence"][0])
 
 
+def test_method_all_trains_every_block_and_nothing_else(tmp_path):
+    """``"all"`` (LaetCallback's default, the accuracy table's full fine-tuning): every block trains, the
+    embeddings, final norm and LM head stay frozen, and the optimizer holds every block and nothing else."""
+    model = tiny_model("llama", seed=0).train()
+    path = find_layers(model).path
+    before = snapshot(model)
+    callback = LaetCallback(method="all")
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenRows(),
+                                   callbacks=[callback])
+    trainer.train()
+    assert callback.selection.layers == tuple(range(len(find_layers(model))))
+    after = dict(model.named_parameters())
+    for name, old in before.items():
+        assert torch.equal(after[name], old) == (block_of(name, path) is None), name
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {id(p) for p in trainable}
+
+
 def test_reselection_joins_and_leaves(tmp_path):
     model = tiny_model("llama", seed=1).train()
     path = find_layers(model).path

@@ -140,6 +140,16 @@ def test_progress_bar_and_fingerprint(tokenizer, capsys):
     assert type(sliced) is torch.Tensor and not hasattr(sliced, "fingerprint")
 
 
+def test_progress_bar_counts_the_rows_of_a_list_of_batches(capsys):
+    """Pre-tokenized batches in a list (LAET's probe sweep passes them so) show a bar with its total."""
+    model = load_tiny("llama")
+    ids = torch.randint(0, 50, (7, 5))
+    batches = [{"input_ids": ids[:4], "attention_mask": torch.ones_like(ids[:4])},
+               {"input_ids": ids[4:], "attention_mask": torch.ones_like(ids[4:])}]
+    layer_embeddings(model, batches, progress=True)
+    assert "7/7" in capsys.readouterr().err
+
+
 def test_bad_input_gives_one_clear_error(tokenizer):
     model = load_tiny("llama")
     texts = random_texts(3, seed=2)

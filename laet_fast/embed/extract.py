@@ -203,7 +203,10 @@ def layer_embeddings(model: nn.Module, data, *, pooling: str = "mean", tokenizer
     parts = []
     call_kwargs = {"use_cache": False} if accepts_argument(model, "use_cache") else {}
     with_positions = accepts_argument(model, "position_ids")
-    bar = tqdm(total=count, unit="text", desc="layer embeddings", disable=not progress)
+    # A list of batches knows its rows up front, so the bar can show how far along the pass is.
+    rows = (sum(b["input_ids"].shape[0] for b in data if isinstance(b, dict) and "input_ids" in b)
+            if count is None and isinstance(data, (list, tuple)) else count)
+    bar = tqdm(total=rows, unit="text", desc="layer embeddings", disable=not progress)
     try:
         with _PoolingHooks(stack, chosen, pooling, norm) as hooks:
             for indices, batch in batches:
