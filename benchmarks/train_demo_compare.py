@@ -8,7 +8,8 @@ thread. Rows: accuracy and macro-F1 on the held-out split, trainable parameters,
 planner's prediction, seconds per optimizer step, the lowest trained block (where the backward pass
 stops), each as mean +- std over the seeds, plus every run.
 
-Writes ``benchmarks/results/train_demo_compare.{json,md}``. Run (CPU, about 1-2 min a run):
+Writes ``benchmarks/results/train_demo_compare.{json,md}`` (the committed one was run on the earlier demo of 400
+sentences; the demo now takes 2,500, about 4 to 7 min a run). Run (CPU):
 
     nohup python benchmarks/train_demo_compare.py --seeds 0,1,2 > /tmp/train_demo_compare.log 2>&1 &
 """

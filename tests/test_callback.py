@@ -128,8 +128,9 @@ def test_only_the_selected_blocks_train_with_evaluation_between(tmp_path, quanti
 
 
 def test_method_all_trains_every_block_and_nothing_else(tmp_path):
-    """``"all"`` (LaetCallback's default, the accuracy table's full fine-tuning): every block trains, the
-    embeddings, final norm and LM head stay frozen, and the optimizer holds every block and nothing else."""
+    """``"all"`` (the accuracy table's full fine-tuning; LaetCallback's default while the table picks it,
+    tests/test_defaults_from_table.py): every block trains, the embeddings, final norm and LM head stay frozen,
+    and the optimizer holds every block and nothing else."""
     model = tiny_model("llama", seed=0).train()
     path = find_layers(model).path
     before = snapshot(model)

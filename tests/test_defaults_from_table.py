@@ -68,5 +68,6 @@ def test_the_default_training_regime_is_the_tables():
         assert (config.batch_size, config.max_length, config.epochs, config.max_steps, config.score_batches) == (
             settings["batch_size"], settings["max_length"], settings["epochs"], settings["steps"],
             settings["score_batches"]), name
-        assert settings["probe_examples"] is None, name  # None: the Trainer's default, config.probe_examples
+        # None: the Trainer's default, which was 1000 when the parts ran (a new default would be another table).
+        assert settings["probe_examples"] is None and config.probe_examples == 1000, name
         assert round(DEMO_SUBSET * (1 - config.eval_fraction)) == settings["n_train"], name
