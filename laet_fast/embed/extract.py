@@ -195,7 +195,11 @@ def layer_embeddings(model: nn.Module, data, *, pooling: str = "mean", tokenizer
         if out is not None:
             raise ValueError("out= needs a list of texts (the example count must be known up front); collect the "
                              "pre-tokenized batches' texts, or drop out=.")
-        count, fingerprint = None, None
+        # A list of batches knows its rows up front, so the bar can show how far along the pass is (a malformed
+        # batch is left to _given_batches' error).
+        count = (sum(b["input_ids"].shape[0] for b in data if isinstance(b, dict) and "input_ids" in b)
+                 if isinstance(data, (list, tuple)) else None)
+        fingerprint = None
         batches = _given_batches(data)
     device = next(model.parameters()).device
     hidden_size = None
@@ -203,10 +207,7 @@ def layer_embeddings(model: nn.Module, data, *, pooling: str = "mean", tokenizer
     parts = []
     call_kwargs = {"use_cache": False} if accepts_argument(model, "use_cache") else {}
     with_positions = accepts_argument(model, "position_ids")
-    # A list of batches knows its rows up front, so the bar can show how far along the pass is.
-    rows = (sum(b["input_ids"].shape[0] for b in data if isinstance(b, dict) and "input_ids" in b)
-            if count is None and isinstance(data, (list, tuple)) else count)
-    bar = tqdm(total=rows, unit="text", desc="layer embeddings", disable=not progress)
+    bar = tqdm(total=count, unit="text", desc="layer embeddings", disable=not progress)
     try:
         with _PoolingHooks(stack, chosen, pooling, norm) as hooks:
             for indices, batch in batches:
